@@ -1,0 +1,1 @@
+//! The rate gate (filled in by the rate-gate work).

@@ -1,0 +1,2 @@
+//! Delivery: rate gate, retry policy, batcher.
+pub mod gate;

@@ -1,0 +1,1 @@
+//! The durable outbox (filled in by the outbox work).

@@ -1,0 +1,1 @@
+//! The local Duvo simulator (filled in by the simulator work).
