@@ -6,6 +6,8 @@
 
 pub mod deliver;
 pub mod duvo;
+pub mod mapping;
 pub mod outbox;
 pub mod secret;
 pub mod sim;
+pub mod source;

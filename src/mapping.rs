@@ -1,0 +1,1 @@
+//! Event -> case mapping (filled in by the mapping work).

@@ -1,0 +1,1 @@
+//! Request body decoding (filled in by the mapping work).

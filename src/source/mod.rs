@@ -1,0 +1,2 @@
+//! Sources: turn outside input into outbox appends.
+pub mod decode;
