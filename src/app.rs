@@ -1,0 +1,243 @@
+//! Wiring: opens the outbox, binds listeners, starts sources, the batcher
+//! and the admin server, and runs the drain on shutdown.
+//!
+//! Drain order on SIGTERM/SIGINT (bounded by `shutdown.grace_period_secs`):
+//! 1. `/readyz` turns 503 and sources stop taking input; requests already
+//!    inside finish their append (and so their acknowledgement).
+//! 2. The batcher keeps delivering until the outbox is empty or the grace
+//!    period is nearly over, then stops claiming; in-flight requests get the
+//!    rest of the period.
+//! 3. A final outbox flush; whatever is undelivered stays on disk and is
+//!    sent (with the same idempotency keys) at the next start.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, Health};
+use crate::config::{Config, SourceConfig};
+use crate::deliver::batcher::Batcher;
+use crate::deliver::gate::{RateGate, RateGateConfig};
+use crate::duvo::{ClientConfig, DuvoClient};
+use crate::outbox::{Outbox, OutboxConfig};
+use crate::source::http::HttpSource;
+use crate::source::{Source, SourceContext};
+
+/// Handle on a bridge started in-process.
+pub struct RunningBridge {
+    pub admin_addr: SocketAddr,
+    /// Bound address of each HTTP source, by source name.
+    pub http_addrs: Vec<(String, SocketAddr)>,
+    pub outbox: Outbox,
+    pub health: Health,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningBridge {
+    /// Wait for the bridge to finish (after the shutdown token is cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("bridge task panicked")?
+    }
+
+    pub fn http_addr(&self, source: &str) -> Option<SocketAddr> {
+        self.http_addrs
+            .iter()
+            .find(|(n, _)| n == source)
+            .map(|(_, a)| *a)
+    }
+}
+
+pub fn outbox_config(cfg: &Config) -> OutboxConfig {
+    OutboxConfig {
+        path: cfg.outbox.path.clone(),
+        high_water_events: cfg.outbox.high_water_events,
+        low_water_events: cfg.outbox.low_water_events,
+        high_water_bytes: cfg.outbox.high_water_bytes,
+        retention: Duration::from_secs(cfg.outbox.retention_hours * 3600),
+        ..OutboxConfig::default()
+    }
+}
+
+/// Start everything; returns once listeners are bound and the outbox is
+/// open. Cancel `shutdown` to begin the drain.
+pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<RunningBridge> {
+    let prometheus = crate::telemetry::prometheus();
+    metrics::gauge!("duvo_bridge_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let health = Health::default();
+    health.set_unready("startup", "starting");
+
+    let outbox = Outbox::open(outbox_config(&cfg))
+        .await
+        .with_context(|| format!("opening the outbox at {}", cfg.outbox.path.display()))?;
+    let api_key = cfg
+        .duvo
+        .resolve_api_key()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let client = Arc::new(
+        DuvoClient::new(ClientConfig {
+            base_url: cfg.duvo.base_url.clone(),
+            version_prefix: cfg.duvo.version_prefix.clone(),
+            api_key,
+            timeout: Duration::from_secs(cfg.duvo.timeout_secs),
+        })
+        .context("building the HTTP client")?,
+    );
+    let gate = RateGate::new(RateGateConfig {
+        rate_per_minute: cfg.duvo.rate_limit_per_minute,
+        burst: cfg.duvo.burst,
+        share: cfg.duvo.rate_share,
+        ..RateGateConfig::default()
+    });
+
+    let (admin_listener, admin_addr) = admin::bind(&cfg.admin.listen)
+        .await
+        .with_context(|| format!("admin listener on {}", cfg.admin.listen))?;
+
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    let mut http_addrs = Vec::new();
+    for s in &cfg.sources {
+        match s {
+            SourceConfig::Http(h) => {
+                let src = HttpSource::bind(h.clone()).await?;
+                http_addrs.push((h.name.clone(), src.local_addr()));
+                sources.push(Box::new(src));
+            }
+        }
+    }
+
+    let intake_stop = CancellationToken::new();
+    let batch_stop = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+    let ctx = SourceContext {
+        outbox: outbox.clone(),
+        health: health.clone(),
+        stop: intake_stop.clone(),
+        max_case_bytes: cfg.delivery.max_batch_bytes.saturating_sub(16),
+    };
+
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        prometheus,
+        health.clone(),
+        admin_stop.clone(),
+    ));
+    let source_tasks = TaskTracker::new();
+    for s in sources {
+        let name = s.name().to_string();
+        let ctx = ctx.clone();
+        source_tasks.spawn(async move {
+            if let Err(e) = s.run(ctx).await {
+                tracing::error!(source = %name, error = %e, "source stopped with an error");
+            }
+        });
+    }
+    source_tasks.close();
+    let batcher = Batcher::new(outbox.clone(), client, gate, cfg.delivery.clone());
+    let batcher_task = tokio::spawn(batcher.run(batch_stop.clone(), abort.clone()));
+    let housekeeping = tokio::spawn(housekeeping(
+        outbox.clone(),
+        health.clone(),
+        admin_stop.clone(),
+    ));
+    health.set_ready("startup");
+    tracing::info!(%admin_addr, sources = cfg.sources.len(), "duvo-bridge running");
+
+    let grace = cfg.shutdown.grace();
+    let ob = outbox.clone();
+    let h = health.clone();
+    let task = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        let deadline = Instant::now() + grace;
+        h.set_unready("draining", "shutting down");
+        intake_stop.cancel();
+        let _ = tokio::time::timeout_at(deadline, source_tasks.wait()).await;
+        // Keep delivering the backlog while the grace period allows,
+        // leaving a quarter of it (at least 1 s) for in-flight requests.
+        let claim_until = deadline - (grace / 4).max(Duration::from_secs(1)).min(grace);
+        while Instant::now() < claim_until && ob.depth() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        batch_stop.cancel();
+        let abort_at = abort.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            abort_at.cancel();
+        });
+        let _ = batcher_task.await;
+        if let Err(e) = ob.flush().await {
+            tracing::error!(error = %e, "final outbox flush failed");
+        }
+        tracing::info!(
+            undelivered = ob.depth(),
+            "drain finished; undelivered events stay in the outbox for the next start"
+        );
+        admin_stop.cancel();
+        let _ = admin_task.await;
+        housekeeping.abort();
+        Ok(())
+    });
+
+    Ok(RunningBridge {
+        admin_addr,
+        http_addrs,
+        outbox,
+        health,
+        task,
+    })
+}
+
+/// Gauges, high-water readiness and retention purge.
+async fn housekeeping(outbox: Outbox, health: Health, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_purge = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let s = outbox.stats();
+        metrics::gauge!("duvo_bridge_outbox_depth").set(s.depth as f64);
+        metrics::gauge!("duvo_bridge_outbox_bytes").set(outbox.size_on_disk() as f64);
+        let oldest = outbox
+            .ready_summary()
+            .iter()
+            .map(|r| r.oldest_received_at_ms)
+            .min();
+        let age = oldest
+            .map(|t| crate::deliver::batcher::now_ms().saturating_sub(t) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        metrics::gauge!("duvo_bridge_outbox_oldest_event_age_seconds").set(age);
+        if outbox.over_high_water() {
+            metrics::gauge!("duvo_bridge_outbox_over_high_water").set(1.0);
+            health.set_unready("outbox", "over high-water mark");
+        } else {
+            metrics::gauge!("duvo_bridge_outbox_over_high_water").set(0.0);
+            health.set_ready("outbox");
+        }
+        if last_purge.elapsed() >= Duration::from_secs(60) {
+            last_purge = Instant::now();
+            let ob = outbox.clone();
+            let now = crate::deliver::batcher::now_ms();
+            match tokio::task::spawn_blocking(move || ob.purge_expired(now)).await {
+                Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "purged expired outbox entries"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "outbox purge failed"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `duvo-bridge run`: start, wait for a signal, drain.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    crate::shutdown::cancel_on_signal(shutdown.clone());
+    let bridge = start(cfg, shutdown).await?;
+    bridge.wait().await
+}

@@ -1,0 +1,107 @@
+//! Command line: `run`, `validate`, `sim`, `demo`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, EXIT_BAD_CONFIG};
+
+#[derive(Parser, Debug)]
+#[command(name = "duvo-bridge", version, about = "Durable, rate-limited bridge from Kafka, RabbitMQ and webhooks into Duvo cases")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the bridge with a configuration file.
+    Run {
+        /// Path of the TOML configuration.
+        #[arg(long, short, env = "DUVO_BRIDGE_CONFIG")]
+        config: PathBuf,
+        /// Print the effective configuration (secrets redacted) and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Check a configuration file; print every problem; exit 64 if any.
+    Validate {
+        #[arg(long, short, env = "DUVO_BRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the local Duvo cases API simulator.
+    Sim(crate::sim::SimArgs),
+    /// The newcomer's tour: simulator + bridge in-process, a few thousand
+    /// sample orders, progress bars and a summary.
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Parse arguments and run; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("duvo-bridge")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("duvo-bridge: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match cli.command {
+        Command::Validate { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: OK", config.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                EXIT_BAD_CONFIG
+            }
+        },
+        Command::Run {
+            config,
+            print_config,
+        } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return EXIT_BAD_CONFIG;
+                }
+            };
+            if print_config {
+                print!("{}", cfg.to_redacted_toml());
+                return 0;
+            }
+            crate::telemetry::init_logging(&cfg.log);
+            match rt.block_on(crate::app::run(cfg)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "duvo-bridge stopped");
+                    eprintln!("duvo-bridge: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Sim(args) => {
+            crate::telemetry::init_logging(&Default::default());
+            match rt.block_on(crate::sim::run_cli(args)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("duvo-bridge sim: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Demo(args) => match rt.block_on(crate::demo::run(args)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("duvo-bridge demo: {e:#}");
+                1
+            }
+        },
+    }
+}

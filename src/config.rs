@@ -1,0 +1,569 @@
+//! Typed configuration (TOML), with defaults and validation that reports
+//! every problem at once.
+//!
+//! The doc comments on the fields are the user documentation: they are what
+//! `config/duvo-bridge.example.toml` explains. Every struct denies unknown
+//! fields, so a typo is an error rather than a silently ignored setting.
+//!
+//! Loading is two-phase: each section is deserialised on its own so that one
+//! bad section does not hide the errors of the others, then semantic checks
+//! (addresses, queue ids, templates, secrets present) run over the result.
+//! `duvo-bridge validate` prints every error and exits 64 (EX_USAGE).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::duvo::Priority;
+use crate::mapping::{Mapper, MappingConfig};
+use crate::secret::{ApiKey, Secret};
+
+/// Exit code for a bad configuration (sysexits EX_USAGE / EX_CONFIG family).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub duvo: DuvoConfig,
+    #[serde(default)]
+    pub outbox: OutboxSection,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+/// How to reach the Duvo API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DuvoConfig {
+    /// Scheme, host and port of the API (no version prefix).
+    pub base_url: String,
+    /// Version prefix appended to `base_url`.
+    pub version_prefix: String,
+    /// Name of the environment variable holding the API key.
+    pub api_key_env: Option<String>,
+    /// File holding the API key (e.g. a systemd credential or a mounted
+    /// Kubernetes secret). Surrounding whitespace is trimmed.
+    pub api_key_file: Option<PathBuf>,
+    /// The key itself. Discouraged (it ends up in a file readable by whoever
+    /// reads the config); prefer `api_key_env` or `api_key_file`.
+    pub api_key: Option<Secret>,
+    /// Requests per minute this bridge may send with this key (all endpoints).
+    pub rate_limit_per_minute: u32,
+    /// Share of the key's budget this replica takes when several replicas
+    /// share one key (e.g. 0.33 each for three replicas).
+    pub rate_share: f64,
+    /// Requests that may leave back to back before pacing applies.
+    pub burst: u32,
+    /// Whole-request timeout, seconds. A timeout is retried with the same
+    /// idempotency key.
+    pub timeout_secs: u64,
+}
+
+impl Default for DuvoConfig {
+    fn default() -> Self {
+        DuvoConfig {
+            base_url: "http://127.0.0.1:8088".into(),
+            version_prefix: "/v2".into(),
+            api_key_env: Some("DUVO_API_KEY".into()),
+            api_key_file: None,
+            api_key: None,
+            rate_limit_per_minute: 300,
+            rate_share: 1.0,
+            burst: 3,
+            timeout_secs: 30,
+        }
+    }
+}
+
+impl DuvoConfig {
+    /// Resolve the API key from `api_key`, `api_key_file` or `api_key_env`,
+    /// in that order.
+    pub fn resolve_api_key(&self) -> Result<ApiKey, String> {
+        if let Some(k) = &self.api_key {
+            if k.is_empty() {
+                return Err("duvo.api_key is empty".into());
+            }
+            return Ok(ApiKey::new(k.expose()));
+        }
+        if let Some(path) = &self.api_key_file {
+            return match std::fs::read_to_string(path) {
+                Ok(s) if !s.trim().is_empty() => Ok(ApiKey::new(s.trim())),
+                Ok(_) => Err(format!("duvo.api_key_file {} is empty", path.display())),
+                Err(e) => Err(format!(
+                    "duvo.api_key_file {} cannot be read: {e}",
+                    path.display()
+                )),
+            };
+        }
+        if let Some(var) = &self.api_key_env {
+            return match std::env::var(var) {
+                Ok(s) if !s.trim().is_empty() => Ok(ApiKey::new(s.trim())),
+                _ => Err(format!(
+                    "duvo.api_key_env: environment variable {var} is not set or empty"
+                )),
+            };
+        }
+        Err("duvo: no API key configured (set api_key_env, api_key_file or api_key)".into())
+    }
+}
+
+/// The durable outbox on local disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxSection {
+    /// Directory of the sled database. Must be on a persistent volume.
+    pub path: PathBuf,
+    /// Above this many undelivered events, sources stop taking new input
+    /// (HTTP answers 503 with Retry-After; brokers are paused).
+    pub high_water_events: u64,
+    /// Intake resumes below this many undelivered events.
+    pub low_water_events: u64,
+    /// Above this many bytes on disk, intake stops as for `high_water_events`.
+    pub high_water_bytes: u64,
+    /// How long delivered events are remembered so a re-sent event (same
+    /// idempotency key or event id) is recognised and not delivered twice.
+    pub retention_hours: u64,
+}
+
+impl Default for OutboxSection {
+    fn default() -> Self {
+        OutboxSection {
+            path: PathBuf::from("/var/lib/duvo-bridge"),
+            high_water_events: 1_000_000,
+            low_water_events: 800_000,
+            high_water_bytes: 8 * 1024 * 1024 * 1024,
+            retention_hours: 24,
+        }
+    }
+}
+
+/// Batching and retries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Most cases per create request (the API allows 100).
+    pub max_batch: usize,
+    /// Most bytes per create request body (the API allows 1 MiB).
+    pub max_batch_bytes: usize,
+    /// How long to wait for a fuller batch once the first event is ready.
+    pub linger_ms: u64,
+    /// First retry delay after a transient fault, milliseconds.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, milliseconds. Transient faults are retried forever.
+    pub retry_max_ms: u64,
+    /// Requests in flight at once per API key.
+    pub max_in_flight: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            max_batch: 100,
+            max_batch_bytes: 1_000_000,
+            linger_ms: 200,
+            retry_initial_ms: 250,
+            retry_max_ms: 30_000,
+            max_in_flight: 4,
+        }
+    }
+}
+
+/// Admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// Logging. `RUST_LOG` overrides `level` when set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty` for humans, `json` for log shippers.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `info,duvo_bridge::deliver=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT: stop intake, then keep delivering for at most this
+    /// long before exiting. Whatever is not delivered stays in the outbox.
+    pub grace_period_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period_secs: 20,
+        }
+    }
+}
+
+impl ShutdownConfig {
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
+}
+
+/// One intake. `type` selects the kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    Http(HttpSourceConfig),
+}
+
+impl SourceConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SourceConfig::Http(h) => &h.name,
+        }
+    }
+}
+
+/// HTTP inbound source: `POST /v1/events` (JSON object, array or NDJSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSourceConfig {
+    /// Unique name; appears in metrics and event identities.
+    pub name: String,
+    /// Address to listen on.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+    /// Duvo queue the cases go to.
+    pub queue_id: String,
+    /// Title template: `{/json/pointer}` fields, `{/ptr|fallback}`.
+    #[serde(default = "default_title")]
+    pub title: String,
+    /// Title when the template renders empty.
+    #[serde(default = "default_title_fallback")]
+    pub title_fallback: String,
+    /// Labels; values may be templates like the title.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Static priority: none, medium or high.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// JSON pointer whose value (none/medium/high) overrides `priority`.
+    #[serde(default)]
+    pub priority_field: Option<String>,
+    /// JSON pointer of a producer-supplied event id used for dedupe when
+    /// the request has no Idempotency-Key (e.g. `/event_id`).
+    #[serde(default)]
+    pub event_id_field: Option<String>,
+    /// Environment variable holding a bearer token clients must send.
+    /// Unset: no authentication (bind to localhost then).
+    #[serde(default)]
+    pub auth_token_env: Option<String>,
+    /// Largest accepted request body, bytes.
+    #[serde(default = "default_http_max_body")]
+    pub max_body_bytes: usize,
+    /// Most events in one request.
+    #[serde(default = "default_http_max_events")]
+    pub max_events_per_request: usize,
+}
+
+fn default_http_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_title() -> String {
+    "Event {/id|}".into()
+}
+fn default_title_fallback() -> String {
+    "Untitled event".into()
+}
+fn default_http_max_body() -> usize {
+    4 * 1024 * 1024
+}
+fn default_http_max_events() -> usize {
+    10_000
+}
+
+impl HttpSourceConfig {
+    pub fn mapping(&self) -> MappingConfig {
+        MappingConfig {
+            title: self.title.clone(),
+            title_fallback: self.title_fallback.clone(),
+            labels: self.labels.clone(),
+            priority: self.priority,
+            priority_field: self.priority_field.clone(),
+        }
+    }
+
+    pub fn auth_token(&self) -> Result<Option<Secret>, String> {
+        match &self.auth_token_env {
+            None => Ok(None),
+            Some(var) => match std::env::var(var) {
+                Ok(s) if !s.is_empty() => Ok(Some(Secret::new(s))),
+                _ => Err(format!(
+                    "sources.{}.auth_token_env: environment variable {var} is not set or empty",
+                    self.name
+                )),
+            },
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Config {
+    /// Read, parse and validate a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
+        Config::parse(&text)
+    }
+
+    /// Parse and validate TOML text, collecting every error.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("TOML syntax: {e}")]))?;
+        let mut errors = Vec::new();
+        let mut cfg = Config::default();
+
+        fn section<T: serde::de::DeserializeOwned + Default>(
+            table: &toml::Table,
+            name: &str,
+            errors: &mut Vec<String>,
+        ) -> T {
+            match table.get(name) {
+                None => T::default(),
+                Some(v) => match v.clone().try_into::<T>() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(format!("[{name}]: {}", one_line(&e.to_string())));
+                        T::default()
+                    }
+                },
+            }
+        }
+        for key in table.keys() {
+            if !matches!(
+                key.as_str(),
+                "duvo" | "outbox" | "delivery" | "admin" | "log" | "shutdown" | "sources"
+            ) {
+                errors.push(format!(
+                    "unknown section `{key}` (expected duvo, outbox, delivery, admin, log, shutdown, sources)"
+                ));
+            }
+        }
+        cfg.duvo = section(&table, "duvo", &mut errors);
+        cfg.outbox = section(&table, "outbox", &mut errors);
+        cfg.delivery = section(&table, "delivery", &mut errors);
+        cfg.admin = section(&table, "admin", &mut errors);
+        cfg.log = section(&table, "log", &mut errors);
+        cfg.shutdown = section(&table, "shutdown", &mut errors);
+        match table.get("sources") {
+            None => {}
+            Some(toml::Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    match item.clone().try_into::<SourceConfig>() {
+                        Ok(s) => cfg.sources.push(s),
+                        Err(e) => {
+                            let name = item
+                                .get("name")
+                                .and_then(|n| n.as_str())
+                                .map(|n| format!(" ({n})"))
+                                .unwrap_or_default();
+                            errors.push(format!("[[sources]] #{}{name}: {}", i + 1, one_line(&e.to_string())));
+                        }
+                    }
+                }
+            }
+            Some(_) => errors.push("`sources` must be an array of tables ([[sources]])".into()),
+        }
+        errors.extend(cfg.check());
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Semantic checks over a typed config; every problem is returned.
+    pub fn check(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let d = &self.duvo;
+        if !(d.base_url.starts_with("http://") || d.base_url.starts_with("https://")) {
+            errors.push(format!(
+                "duvo.base_url must start with http:// or https:// (got {:?})",
+                d.base_url
+            ));
+        }
+        if d.rate_limit_per_minute == 0 {
+            errors.push("duvo.rate_limit_per_minute must be at least 1".into());
+        }
+        if !(d.rate_share > 0.0 && d.rate_share <= 1.0) {
+            errors.push(format!("duvo.rate_share must be in (0, 1] (got {})", d.rate_share));
+        }
+        if d.burst == 0 {
+            errors.push("duvo.burst must be at least 1".into());
+        }
+        if d.timeout_secs == 0 {
+            errors.push("duvo.timeout_secs must be at least 1".into());
+        }
+        if let Err(e) = d.resolve_api_key() {
+            errors.push(e);
+        }
+        let o = &self.outbox;
+        if o.low_water_events >= o.high_water_events {
+            errors.push(format!(
+                "outbox.low_water_events ({}) must be below high_water_events ({})",
+                o.low_water_events, o.high_water_events
+            ));
+        }
+        if o.path.as_os_str().is_empty() {
+            errors.push("outbox.path must not be empty".into());
+        }
+        let dl = &self.delivery;
+        if dl.max_batch == 0 || dl.max_batch > crate::duvo::MAX_CASES_PER_REQUEST {
+            errors.push(format!(
+                "delivery.max_batch must be within 1..={} (got {})",
+                crate::duvo::MAX_CASES_PER_REQUEST,
+                dl.max_batch
+            ));
+        }
+        if dl.max_batch_bytes < 1024 || dl.max_batch_bytes > crate::duvo::MAX_BODY_BYTES {
+            errors.push(format!(
+                "delivery.max_batch_bytes must be within 1024..={} (got {})",
+                crate::duvo::MAX_BODY_BYTES,
+                dl.max_batch_bytes
+            ));
+        }
+        if dl.retry_initial_ms == 0 || dl.retry_max_ms < dl.retry_initial_ms {
+            errors.push("delivery.retry_initial_ms must be >= 1 and <= retry_max_ms".into());
+        }
+        if dl.max_in_flight == 0 {
+            errors.push("delivery.max_in_flight must be at least 1".into());
+        }
+        let mut listens: Vec<(String, String)> = Vec::new();
+        match self.admin.listen.parse::<SocketAddr>() {
+            Ok(_) => listens.push(("admin.listen".into(), self.admin.listen.clone())),
+            Err(_) => errors.push(format!(
+                "admin.listen {:?} is not an address like 127.0.0.1:9090",
+                self.admin.listen
+            )),
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            errors.push(format!("log.level {:?}: {e}", self.log.level));
+        }
+        if self.sources.is_empty() {
+            errors.push("no [[sources]] configured: the bridge would have nothing to do".into());
+        }
+        let mut names = BTreeSet::new();
+        for s in &self.sources {
+            if !names.insert(s.name().to_string()) {
+                errors.push(format!("sources: name {:?} is used twice", s.name()));
+            }
+            match s {
+                SourceConfig::Http(h) => {
+                    let at = format!("sources.{}", h.name);
+                    if h.name.is_empty()
+                        || !h
+                            .name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    {
+                        errors.push(format!(
+                            "{at}.name must be non-empty and use only letters, digits, '-' and '_'"
+                        ));
+                    }
+                    if h.listen.parse::<SocketAddr>().is_err() {
+                        errors.push(format!("{at}.listen {:?} is not an address", h.listen));
+                    } else {
+                        listens.push((format!("{at}.listen"), h.listen.clone()));
+                    }
+                    if Uuid::parse_str(&h.queue_id).is_err() {
+                        errors.push(format!("{at}.queue_id {:?} is not a UUID", h.queue_id));
+                    }
+                    if let Err(errs) = Mapper::new(&h.mapping()) {
+                        for e in errs {
+                            errors.push(format!("{at}.{e}"));
+                        }
+                    }
+                    if let Some(p) = &h.event_id_field
+                        && !p.starts_with('/')
+                    {
+                        errors.push(format!(
+                            "{at}.event_id_field {p:?} must be a JSON pointer starting with '/'"
+                        ));
+                    }
+                    if let Err(e) = h.auth_token() {
+                        errors.push(e);
+                    }
+                    if h.max_body_bytes < 1024 {
+                        errors.push(format!("{at}.max_body_bytes must be at least 1024"));
+                    }
+                    if h.max_events_per_request == 0 {
+                        errors.push(format!("{at}.max_events_per_request must be at least 1"));
+                    }
+                }
+            }
+        }
+        for (i, (a, addr)) in listens.iter().enumerate() {
+            for (b, other) in &listens[i + 1..] {
+                if addr == other && !addr.ends_with(":0") {
+                    errors.push(format!("{a} and {b} both listen on {addr}"));
+                }
+            }
+        }
+        errors
+    }
+
+    /// The configuration as TOML with secrets redacted (`--print-config`).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

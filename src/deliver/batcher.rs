@@ -1,0 +1,387 @@
+//! The batcher: turns ready outbox events into create requests and settles
+//! them, under the rate gate, with retries that never duplicate a case.
+//!
+//! One dispatcher loop per API key picks the queue whose oldest ready event
+//! has waited longest (among queues with a full batch or past `linger_ms`),
+//! waits for a rate-gate permit, and only *then* claims the batch from the
+//! outbox, so the batch holds everything that arrived while we waited for
+//! the permit. The claim is persisted (with its Idempotency-Key) before the
+//! request leaves; sending and retrying happens in a task per batch, at most
+//! `max_in_flight` at once.
+//!
+//! Outcomes:
+//! - 2xx: events settle as delivered with their case ids (request order).
+//! - 400/413/422: the batch is split in halves (new keys: the server
+//!   committed nothing) until the bad event is alone; it is dead-lettered
+//!   with the API's error and the rest are delivered.
+//! - 429, 5xx, timeouts, connection errors, unreadable 2xx: retried forever
+//!   with the *same* key and body, after exponential backoff with jitter;
+//!   the gate holds every sender back until a retry-after deadline.
+//! - 401/403/404/409: nothing we can fix by splitting; retried with backoff
+//!   (capped) while logging loudly, so a rotated key or a missing queue
+//!   does not dead-letter a whole backlog.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::config::DeliveryConfig;
+use crate::deliver::gate::{Permit, RateGate, RequestClass, ServerFeedback};
+use crate::deliver::retry::RetryPolicy;
+use crate::duvo::{ApiError, CreateCasesRequest, DuvoClient};
+use crate::outbox::{Batch, Outbox};
+
+/// What to do with a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The content is refused: split or dead-letter.
+    Invalid,
+    /// Try the same request again later.
+    Retry,
+}
+
+fn classify(e: &ApiError) -> Verdict {
+    match e.status().map(|s| s.as_u16()) {
+        Some(400) | Some(413) | Some(422) => Verdict::Invalid,
+        _ => Verdict::Retry,
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Serialise a batch as the create body. Deterministic, so a retry after a
+/// restart sends byte-identical content under the same key.
+pub fn encode_batch(batch: &Batch) -> Bytes {
+    let req = CreateCasesRequest::batch(batch.events.iter().map(|(_, c)| c.clone()).collect());
+    Bytes::from(serde_json::to_vec(&req).expect("request types always serialise"))
+}
+
+/// Delivery for one API key.
+#[derive(Clone)]
+pub struct Batcher {
+    outbox: Outbox,
+    client: Arc<DuvoClient>,
+    gate: RateGate,
+    cfg: DeliveryConfig,
+    retry: RetryPolicy,
+}
+
+impl Batcher {
+    pub fn new(outbox: Outbox, client: Arc<DuvoClient>, gate: RateGate, cfg: DeliveryConfig) -> Self {
+        let retry = RetryPolicy {
+            initial: Duration::from_millis(cfg.retry_initial_ms),
+            max: Duration::from_millis(cfg.retry_max_ms),
+            ..RetryPolicy::default()
+        };
+        Batcher {
+            outbox,
+            client,
+            gate,
+            cfg,
+            retry,
+        }
+    }
+
+    /// Run until `stop` is cancelled (no new batches are claimed after
+    /// that), then wait for in-flight batches until `abort` is cancelled.
+    /// Whatever is still in flight at `abort` stays persisted as a batch and
+    /// is re-sent with the same key at the next start.
+    pub async fn run(self, stop: CancellationToken, abort: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(self.cfg.max_in_flight));
+
+        match self.outbox.unsettled_batches() {
+            Ok(batches) => {
+                if !batches.is_empty() {
+                    tracing::info!(
+                        batches = batches.len(),
+                        "re-sending batches persisted before the last stop (same idempotency keys)"
+                    );
+                }
+                for b in batches {
+                    let slot = tokio::select! {
+                        s = slots.clone().acquire_owned() => s.expect("semaphore never closed"),
+                        _ = stop.cancelled() => break,
+                    };
+                    let me = self.clone();
+                    let abort = abort.clone();
+                    tracker.spawn(async move {
+                        me.deliver(b, None, abort).await;
+                        drop(slot);
+                    });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read unsettled batches"),
+        }
+
+        while !stop.is_cancelled() {
+            let slot = tokio::select! {
+                s = slots.clone().acquire_owned() => s.expect("semaphore never closed"),
+                _ = stop.cancelled() => break,
+            };
+            let Some(queue) = self.next_queue(&stop).await else {
+                break;
+            };
+            let permit = tokio::select! {
+                p = self.gate.acquire(RequestClass::Create) => p,
+                _ = stop.cancelled() => break,
+            };
+            let batch = match self
+                .outbox
+                .claim_batch(queue, self.cfg.max_batch, self.cfg.max_batch_bytes)
+                .await
+            {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, %queue, "cannot claim a batch; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            let abort = abort.clone();
+            tracker.spawn(async move {
+                me.deliver(batch, Some(permit), abort).await;
+                drop(slot);
+            });
+        }
+        tracker.close();
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = abort.cancelled() => {
+                tracing::warn!("grace period over: leaving in-flight batches persisted for the next start");
+            }
+        }
+    }
+
+    /// Wait for a queue worth sending: a full batch, or an oldest event that
+    /// has lingered long enough. Oldest first across queues, for fairness.
+    async fn next_queue(&self, stop: &CancellationToken) -> Option<Uuid> {
+        let linger = self.cfg.linger_ms;
+        loop {
+            let now = now_ms();
+            let mut best: Option<(u64, Uuid)> = None;
+            let mut next_due: Option<u64> = None;
+            for s in self.outbox.ready_summary() {
+                if s.count == 0 {
+                    continue;
+                }
+                let due = s.oldest_received_at_ms.saturating_add(linger);
+                if s.count >= self.cfg.max_batch || due <= now {
+                    if best.is_none_or(|(t, _)| s.oldest_received_at_ms < t) {
+                        best = Some((s.oldest_received_at_ms, s.queue_id));
+                    }
+                } else {
+                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                }
+            }
+            if let Some((_, q)) = best {
+                return Some(q);
+            }
+            // Bounded wait: a wakeup lost between the summary and the wait
+            // costs at most one linger period.
+            let wait = next_due
+                .map(|d| Duration::from_millis(d.saturating_sub(now).max(1)))
+                .unwrap_or(Duration::from_millis(linger.max(50)));
+            tokio::select! {
+                _ = self.outbox.ready_notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Deliver one claimed batch to a definite outcome (or until `abort`).
+    async fn deliver(&self, batch: Batch, first_permit: Option<Permit>, abort: CancellationToken) {
+        let mut permit = first_permit;
+        let mut stack = vec![batch];
+        while let Some(b) = stack.pop() {
+            let body = encode_batch(&b);
+            let mut schedule = self.retry.new_schedule();
+            loop {
+                let p = match permit.take() {
+                    Some(p) => p,
+                    None => tokio::select! {
+                        p = self.gate.acquire(RequestClass::Create) => p,
+                        _ = abort.cancelled() => return,
+                    },
+                };
+                let attempt = self.outbox.record_attempt(b.id).unwrap_or(0);
+                let started = std::time::Instant::now();
+                let res = tokio::select! {
+                    r = self.client.create_cases_raw(b.queue_id, body.clone(), Some(&b.idempotency_key)) => r,
+                    _ = abort.cancelled() => return,
+                };
+                metrics::histogram!("duvo_bridge_api_request_seconds", "endpoint" => "create_cases")
+                    .record(started.elapsed().as_secs_f64());
+                match res {
+                    Ok(resp) => {
+                        let mut fb = ServerFeedback::from_info(&resp.rate, SystemTime::now());
+                        fb.status = Some(resp.status.as_u16());
+                        p.observe(&fb);
+                        count_request(&resp.status.as_u16().to_string());
+                        let ids: Vec<Uuid> = resp.body.added_cases.iter().map(|c| c.id).collect();
+                        if ids.len() != b.events.len() {
+                            tracing::error!(
+                                batch = b.id,
+                                sent = b.events.len(),
+                                answered = ids.len(),
+                                "API answered a different number of cases than sent; retrying the same request"
+                            );
+                            self.pause(&mut schedule, &abort).await;
+                            continue;
+                        }
+                        self.settle(&b, &ids, &abort).await;
+                        break;
+                    }
+                    Err(e) => {
+                        match e.rate() {
+                            Some(rate) => {
+                                let mut fb = ServerFeedback::from_info(rate, SystemTime::now());
+                                fb.status = e.status().map(|s| s.as_u16());
+                                p.observe(&fb);
+                            }
+                            None => drop(p),
+                        }
+                        let outcome = e
+                            .status()
+                            .map(|s| s.as_u16().to_string())
+                            .unwrap_or_else(|| "transport_error".into());
+                        count_request(&outcome);
+                        if e.status().map(|s| s.as_u16()) == Some(429) {
+                            metrics::counter!("duvo_bridge_api_rate_limited_total").increment(1);
+                        }
+                        match classify(&e) {
+                            Verdict::Invalid => {
+                                self.isolate(&b, &e, &mut stack, &abort).await;
+                                break;
+                            }
+                            Verdict::Retry => {
+                                let level_error = matches!(
+                                    e.status().map(|s| s.as_u16()),
+                                    Some(401 | 403 | 404 | 409)
+                                );
+                                if level_error {
+                                    tracing::error!(batch = b.id, attempt, error = %e, queue = %b.queue_id,
+                                        "Duvo refused the request for a reason splitting cannot fix; retrying with backoff");
+                                } else {
+                                    tracing::warn!(batch = b.id, attempt, error = %e, "transient failure; retrying with the same idempotency key");
+                                }
+                                if e.status().map(|s| s.as_u16()) != Some(429) {
+                                    self.pause(&mut schedule, &abort).await;
+                                }
+                                if abort.is_cancelled() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn pause(&self, schedule: &mut crate::deliver::retry::RetrySchedule, abort: &CancellationToken) {
+        let d = schedule.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = abort.cancelled() => {}
+        }
+    }
+
+    /// A refused batch: split it, or dead-letter a lone event.
+    async fn isolate(&self, b: &Batch, e: &ApiError, stack: &mut Vec<Batch>, abort: &CancellationToken) {
+        if b.events.len() > 1 {
+            loop {
+                match self.outbox.split_batch(b).await {
+                    Ok((left, right)) => {
+                        metrics::counter!("duvo_bridge_batch_splits_total").increment(1);
+                        tracing::warn!(batch = b.id, size = b.events.len(), error = %e,
+                            "batch refused as invalid; splitting to isolate the bad event(s)");
+                        stack.push(right);
+                        stack.push(left);
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, batch = b.id, "cannot split batch; retrying in 1 s");
+                        if sleep_or_abort(Duration::from_secs(1), abort).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let (status, error, message) = match e {
+            ApiError::Status { status, body, .. } => (status.as_u16(), body.error.clone(), body.message.clone()),
+            other => (other.status().map(|s| s.as_u16()).unwrap_or(0), "error".into(), other.to_string()),
+        };
+        loop {
+            match self.outbox.reject(b, status, &error, &message).await {
+                Ok(()) => {
+                    metrics::counter!("duvo_bridge_dead_letters_total").increment(1);
+                    tracing::warn!(event = %b.events[0].0, status, error = %error, message = %message,
+                        "event refused by the API; kept in the dead-letter tree");
+                    return;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, batch = b.id, "cannot dead-letter event; retrying in 1 s");
+                    if sleep_or_abort(Duration::from_secs(1), abort).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn settle(&self, b: &Batch, ids: &[Uuid], abort: &CancellationToken) {
+        loop {
+            match self.outbox.settle_delivered(b, ids).await {
+                Ok(()) => {
+                    metrics::counter!("duvo_bridge_batches_sent_total").increment(1);
+                    metrics::counter!("duvo_bridge_cases_created_total").increment(ids.len() as u64);
+                    metrics::histogram!("duvo_bridge_batch_size").record(ids.len() as f64);
+                    let now = now_ms();
+                    let h = metrics::histogram!("duvo_bridge_end_to_end_seconds");
+                    for (id, _) in &b.events {
+                        if let Ok(Some(v)) = self.outbox.get(*id) {
+                            h.record(now.saturating_sub(v.received_at_ms) as f64 / 1000.0);
+                        }
+                    }
+                    return;
+                }
+                Err(err) => {
+                    // The cases exist; if we die here the batch is re-sent
+                    // with the same key and the server replays the answer.
+                    tracing::error!(error = %err, batch = b.id, "cannot settle delivered batch; retrying in 1 s");
+                    if sleep_or_abort(Duration::from_secs(1), abort).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn count_request(outcome: &str) {
+    metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "create_cases", "outcome" => outcome.to_string())
+        .increment(1);
+}
+
+/// Sleep; true when aborted instead.
+async fn sleep_or_abort(d: Duration, abort: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = abort.cancelled() => true,
+    }
+}

@@ -1,0 +1,368 @@
+//! HTTP inbound source: `POST /v1/events` and `GET /v1/events/{id}`.
+//!
+//! A request is answered 202 only after every event in it is durably in the
+//! outbox, so a client that got a 202 may forget the events. A client that
+//! got anything else (or nothing: timeout, reset) must retry; sending the
+//! same request with the same `Idempotency-Key` answers the same event ids
+//! and stores nothing twice (identity = source + key + position). Without a
+//! key, a configured `event_id_field` gives each event its own identity.
+//!
+//! Bad input never half-succeeds: malformed JSON, invalid UTF-8, a
+//! non-object element, an oversize body or event are refused as a whole
+//! with a JSON error naming where the problem is, and nothing is stored.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::json;
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+use super::decode::{BodyFormat, decode_events};
+use super::{Source, SourceContext, SourceError};
+use crate::config::HttpSourceConfig;
+use crate::mapping::Mapper;
+use crate::outbox::{AppendOutcome, EventId, NewEvent};
+use crate::secret::Secret;
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// Seconds a client is asked to wait when the outbox is full.
+const RETRY_AFTER_FULL_SECS: u64 = 5;
+
+pub struct HttpSource {
+    cfg: HttpSourceConfig,
+    listener: TcpListener,
+    addr: SocketAddr,
+    mapper: Arc<Mapper>,
+    queue_id: Uuid,
+    token: Option<Secret>,
+}
+
+impl HttpSource {
+    /// Bind the listener now, so a port conflict fails start-up (and port 0
+    /// gives the real port before anything runs).
+    pub async fn bind(cfg: HttpSourceConfig) -> Result<HttpSource, SourceError> {
+        let conf_err = |message: String| SourceError::Config {
+            source_name: cfg.name.clone(),
+            message,
+        };
+        let mapper = Mapper::new(&cfg.mapping()).map_err(|errs| {
+            conf_err(
+                errs.iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        let queue_id = Uuid::parse_str(&cfg.queue_id)
+            .map_err(|_| conf_err(format!("queue_id {:?} is not a UUID", cfg.queue_id)))?;
+        let token = cfg.auth_token().map_err(conf_err)?;
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|err| SourceError::Bind {
+                source_name: cfg.name.clone(),
+                addr: cfg.listen.clone(),
+                err,
+            })?;
+        let addr = listener.local_addr().map_err(|err| SourceError::Bind {
+            source_name: cfg.name.clone(),
+            addr: cfg.listen.clone(),
+            err,
+        })?;
+        Ok(HttpSource {
+            cfg,
+            listener,
+            addr,
+            mapper: Arc::new(mapper),
+            queue_id,
+            token,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    name: Arc<str>,
+    cfg: Arc<HttpSourceConfig>,
+    mapper: Arc<Mapper>,
+    queue_id: Uuid,
+    token: Option<Secret>,
+    ctx: SourceContext,
+}
+
+impl Source for HttpSource {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, anyhow::Result<()>> {
+        async move {
+            let HttpSource {
+                cfg,
+                listener,
+                addr,
+                mapper,
+                queue_id,
+                token,
+            } = *self;
+            let health_key = format!("source:{}", cfg.name);
+            ctx.health.set_ready(&health_key);
+            tracing::info!(source = %cfg.name, %addr, queue = %queue_id, "HTTP source listening");
+            let state = HttpState {
+                name: Arc::from(cfg.name.as_str()),
+                mapper,
+                queue_id,
+                token,
+                ctx: ctx.clone(),
+                cfg: Arc::new(cfg),
+            };
+            let limit = state.cfg.max_body_bytes;
+            let app = router(state).layer(DefaultBodyLimit::max(limit));
+            let stop = ctx.stop.clone();
+            // Graceful: stop accepting, let requests in progress finish
+            // their append (and so their acknowledgement).
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await?;
+            ctx.health.set_unready(&health_key, "stopped");
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/v1/events/{id}", get(get_event))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(json!({ "error": kind, "message": message.into() })),
+    )
+        .into_response()
+}
+
+fn count_rejected(source: &str, reason: &'static str) {
+    metrics::counter!("duvo_bridge_events_rejected_total", "source" => source.to_string(), "reason" => reason)
+        .increment(1);
+}
+
+fn authorized(state: &HttpState, headers: &HeaderMap) -> bool {
+    let Some(expected) = &state.token else {
+        return true;
+    };
+    let Some(got) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(got.trim().as_bytes(), expected.expose().as_bytes())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn post_events(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let src = &*state.name;
+    if !authorized(&state, &headers) {
+        count_rejected(src, "unauthorized");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
+    }
+    if state.ctx.stop.is_cancelled() {
+        count_rejected(src, "shutting_down");
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the bridge is draining; retry against another replica or later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, RETRY_AFTER_FULL_SECS.into());
+        return r;
+    }
+    if state.ctx.outbox.over_high_water() {
+        count_rejected(src, "outbox_full");
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outbox_full",
+            "the outbox is over its high-water mark; retry later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, RETRY_AFTER_FULL_SECS.into());
+        return r;
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            count_rejected(src, "too_large");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!(
+                    "request body is larger than {} bytes",
+                    state.cfg.max_body_bytes
+                ),
+            );
+        }
+        Err(rej) => {
+            count_rejected(src, "unreadable");
+            return error(rej.status(), "unreadable_body", rej.body_text());
+        }
+    };
+    let idem_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(s) if !s.is_empty() && s.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(s.to_string()),
+            _ => {
+                count_rejected(src, "bad_idempotency_key");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_idempotency_key",
+                    format!(
+                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+                    ),
+                );
+            }
+        },
+    };
+    let format = BodyFormat::from_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let events = match decode_events(&body, format, state.cfg.max_events_per_request) {
+        Ok(ev) => ev,
+        Err(e) => {
+            count_rejected(src, "malformed");
+            return (StatusCode::BAD_REQUEST, axum::Json(e.to_json())).into_response();
+        }
+    };
+    metrics::counter!("duvo_bridge_events_received_total", "source" => src.to_string())
+        .increment(events.len() as u64);
+
+    let received_at_ms = crate::deliver::batcher::now_ms();
+    let mut batch = Vec::with_capacity(events.len());
+    for (i, ev) in events.iter().enumerate() {
+        let case = state.mapper.map(ev);
+        let size = serde_json::to_vec(&case).map(|v| v.len()).unwrap_or(0);
+        if size > state.ctx.max_case_bytes {
+            count_rejected(src, "event_too_large");
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                axum::Json(json!({
+                    "error": "event_too_large",
+                    "message": format!("event #{i} maps to a case of {size} bytes; the API accepts at most {} per request", state.ctx.max_case_bytes),
+                    "index": i,
+                })),
+            )
+                .into_response();
+        }
+        let identity = match &idem_key {
+            Some(k) => Some(format!("http:{src}:key:{k}:{i}")),
+            None => state
+                .cfg
+                .event_id_field
+                .as_deref()
+                .and_then(|p| ev.pointer(p))
+                .and_then(|v| match v {
+                    serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .map(|id| format!("http:{src}:id:{id}")),
+        };
+        batch.push(NewEvent {
+            source: src.to_string(),
+            identity,
+            queue_id: state.queue_id,
+            case,
+            received_at_ms,
+        });
+    }
+    match state.ctx.outbox.append(batch).await {
+        Ok(outcomes) => {
+            let stored = outcomes
+                .iter()
+                .filter(|o| matches!(o, AppendOutcome::Stored(_)))
+                .count();
+            let dups = outcomes.len() - stored;
+            metrics::counter!("duvo_bridge_events_stored_total", "source" => src.to_string())
+                .increment(stored as u64);
+            if dups > 0 {
+                metrics::counter!("duvo_bridge_events_duplicate_total", "source" => src.to_string())
+                    .increment(dups as u64);
+            }
+            let ids: Vec<String> = outcomes.iter().map(|o| o.id().to_string()).collect();
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "ids": ids, "stored": stored, "duplicates": dups })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(source = src, error = %e, "outbox append failed; nothing acknowledged");
+            count_rejected(src, "outbox_error");
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outbox_error",
+                "the event store failed; nothing was stored, retry",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, RETRY_AFTER_FULL_SECS.into());
+            r
+        }
+    }
+}
+
+async fn get_event(State(state): State<HttpState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if !authorized(&state, &headers) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
+    }
+    let Ok(id) = id.parse::<EventId>() else {
+        return error(StatusCode::BAD_REQUEST, "invalid_id", "event ids are decimal numbers");
+    };
+    match state.ctx.outbox.get(id) {
+        Ok(Some(view)) => (StatusCode::OK, axum::Json(view)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such event (unknown, or delivered longer ago than the retention period)",
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "outbox_error", e.to_string()),
+    }
+}

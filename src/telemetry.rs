@@ -1,0 +1,186 @@
+//! Logs and metrics setup, and the catalogue of metric names.
+//!
+//! Every metric the bridge emits is described here once (name, unit, help)
+//! so `/metrics` carries HELP/TYPE lines that `promtool check metrics`
+//! accepts, and so the deploy/ dashboards and alerts have one list to follow.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Install the global tracing subscriber. `RUST_LOG` wins over the config.
+/// Safe to call more than once (later calls are no-ops), which in-process
+/// tests and the demo rely on.
+pub fn init_logging(cfg: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cfg.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the process-wide Prometheus recorder once and return its handle.
+pub fn prometheus() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Suffix("_size".into()),
+                        &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                    )
+                })
+                .expect("bucket lists are non-empty");
+            let handle = match builder.install_recorder() {
+                Ok(h) => h,
+                // Another recorder is installed (a test harness): keep a
+                // detached one so /metrics still renders something valid.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            describe_all();
+            handle
+        })
+        .clone()
+}
+
+fn describe_all() {
+    // Sources
+    describe_counter!(
+        "duvo_bridge_events_received_total",
+        "Events received by a source, before validation."
+    );
+    describe_counter!(
+        "duvo_bridge_events_stored_total",
+        "Events durably stored in the outbox (acknowledged to the source)."
+    );
+    describe_counter!(
+        "duvo_bridge_events_duplicate_total",
+        "Events recognised as already stored (same source identity) and not stored again."
+    );
+    describe_counter!(
+        "duvo_bridge_events_rejected_total",
+        "Events or requests refused at intake, by reason."
+    );
+    // Outbox
+    describe_gauge!(
+        "duvo_bridge_outbox_depth",
+        "Events in the outbox not yet delivered or dead-lettered."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_bytes",
+        Unit::Bytes,
+        "Size of the outbox database on disk."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_oldest_event_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest event waiting for delivery."
+    );
+    describe_histogram!(
+        "duvo_bridge_outbox_flush_seconds",
+        Unit::Seconds,
+        "Duration of one outbox fsync (group commit)."
+    );
+    describe_histogram!(
+        "duvo_bridge_outbox_flush_batch_size",
+        "Appenders served by one outbox fsync."
+    );
+    describe_counter!(
+        "duvo_bridge_outbox_appended_total",
+        "Events appended to the outbox."
+    );
+    describe_counter!(
+        "duvo_bridge_outbox_duplicates_total",
+        "Appends that matched an existing identity."
+    );
+    describe_counter!(
+        "duvo_bridge_outbox_corrupt_records_total",
+        "Outbox records whose checksum did not match."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_over_high_water",
+        "1 while intake is paused because the outbox is over its high-water mark."
+    );
+    describe_counter!(
+        "duvo_bridge_dead_letters_total",
+        "Events the API refused for good, kept in the dead-letter tree."
+    );
+    // Delivery
+    describe_counter!(
+        "duvo_bridge_batches_sent_total",
+        "Create requests that succeeded."
+    );
+    describe_counter!(
+        "duvo_bridge_cases_created_total",
+        "Cases created in Duvo."
+    );
+    describe_counter!(
+        "duvo_bridge_api_requests_total",
+        "Requests to the Duvo API by endpoint and outcome (HTTP status or transport error)."
+    );
+    describe_counter!(
+        "duvo_bridge_api_rate_limited_total",
+        "429 answers from the Duvo API."
+    );
+    describe_counter!(
+        "duvo_bridge_batch_splits_total",
+        "Batches split in two to isolate an invalid event."
+    );
+    describe_histogram!(
+        "duvo_bridge_api_request_seconds",
+        Unit::Seconds,
+        "Duration of Duvo API requests."
+    );
+    describe_histogram!(
+        "duvo_bridge_batch_size",
+        "Cases per create request."
+    );
+    describe_histogram!(
+        "duvo_bridge_end_to_end_seconds",
+        Unit::Seconds,
+        "From receipt at a source to case created in Duvo."
+    );
+    describe_counter!(
+        "duvo_bridge_retry_after_waits_total",
+        "Times a retry-after deadline held requests back."
+    );
+    describe_histogram!(
+        "duvo_bridge_rate_gate_wait_seconds",
+        Unit::Seconds,
+        "Time spent waiting at the rate gate, by reason."
+    );
+    describe_gauge!(
+        "duvo_bridge_rate_gate_effective_rpm",
+        "Requests per minute the rate gate currently paces at."
+    );
+    describe_counter!(
+        "duvo_bridge_api_deprecation_notices_total",
+        "Responses carrying a Deprecation or Sunset header."
+    );
+    describe_gauge!(
+        "duvo_bridge_ready",
+        "1 when the bridge is ready to take input."
+    );
+    describe_gauge!(
+        "duvo_bridge_build_info",
+        "Build information; the value is always 1."
+    );
+}
