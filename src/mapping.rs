@@ -65,8 +65,8 @@ pub struct MappingConfig {
     pub title_fallback: String,
     /// Labels to attach, key -> value. Values use the same template syntax as
     /// `title`, so they can be static (`"team": "billing"`) or taken from the
-    /// event (`"region": "{/region}"`). A label whose value renders empty is
-    /// left out. Default: none.
+    /// event (`"region": "{/region}"`). A label whose value renders empty
+    /// (or only whitespace) is left out. Default: none.
     pub labels: BTreeMap<String, String>,
     /// Priority of every case (`none`, `medium` or `high`). Default: not sent,
     /// so the API's default (`none`) applies.
@@ -92,7 +92,7 @@ impl Default for MappingConfig {
 /// One problem in a [`MappingConfig`], located by config field (`title`,
 /// `labels.region`, ...) so the operator can find it without guessing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("mapping.{field}: {kind}")]
+#[error("{field}: {kind}")]
 pub struct MappingError {
     /// Config field path, e.g. `title`, `labels.region`, `priority_field`.
     pub field: String,
@@ -199,7 +199,7 @@ impl Mapper {
     /// event, so reports and humans working the case see exactly what came
     /// in). The title is trimmed and cut to [`MAX_TITLE_CHARS`] characters
     /// (never splitting a character, ending in `…` when cut); an empty title
-    /// becomes `title_fallback`. Labels whose value renders empty are
+    /// becomes `title_fallback`. Labels whose value renders empty (or blank) are
     /// skipped. Never fails: missing fields fall back.
     pub fn map(&self, event: &Value) -> NewCase {
         let title = self.title.render(Some(event));
@@ -233,7 +233,7 @@ impl Mapper {
             .iter()
             .filter_map(|(key, template)| {
                 let value = template.render(event);
-                (!value.is_empty()).then(|| Label {
+                (!value.trim().is_empty()).then(|| Label {
                     key: key.clone(),
                     value,
                 })
@@ -649,12 +649,12 @@ mod tests {
         );
         assert_eq!(
             errs[0].to_string(),
-            "mapping.title: invalid JSON pointer \"order_id\" at column 1: \
+            "title: invalid JSON pointer \"order_id\" at column 1: \
              must start with '/' (did you mean \"/order_id\"?)"
         );
         assert_eq!(
             errs[8].to_string(),
-            "mapping.labels.region: unclosed '{' at column 1 (write '{{' for a literal brace)"
+            "labels.region: unclosed '{' at column 1 (write '{{' for a literal brace)"
         );
     }
 
@@ -679,6 +679,7 @@ mod tests {
                 ("region".into(), "{/geo/region}".into()),
                 ("shop".into(), "shop-{/shop_id|unknown}".into()),
                 ("empty".into(), "{/missing}".into()),
+                ("blank".into(), " {/blank} ".into()),
             ]),
             ..MappingConfig::default()
         })
@@ -688,7 +689,7 @@ mod tests {
             key: k.into(),
             value: v.into(),
         };
-        // BTreeMap order: deterministic, sorted by key; "empty" is skipped.
+        // BTreeMap order: deterministic, sorted by key; "empty" and "blank" are skipped.
         assert_eq!(
             case.labels,
             vec![

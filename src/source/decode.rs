@@ -598,7 +598,7 @@ mod tests {
 
     #[test]
     fn too_many_events_reports_true_count() {
-        let array = format!("[{}]", vec!["{\"a\":1}"; 5].join(","));
+        let array = format!("[{}]", ["{\"a\":1}"; 5].join(","));
         assert_eq!(
             decode_events(array.as_bytes(), BodyFormat::Json, 3).unwrap_err(),
             DecodeError::TooManyEvents { count: 5, max: 3 }
