@@ -75,10 +75,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let outbox = Outbox::open(outbox_config(&cfg))
         .await
         .with_context(|| format!("opening the outbox at {}", cfg.outbox.path.display()))?;
-    let api_key = cfg
-        .duvo
-        .resolve_api_key()
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let api_key = cfg.duvo.resolve_api_key().map_err(|e| anyhow::anyhow!(e))?;
     let client = Arc::new(
         DuvoClient::new(ClientConfig {
             base_url: cfg.duvo.base_url.clone(),

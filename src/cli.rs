@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, EXIT_BAD_CONFIG};
 
 #[derive(Parser, Debug)]
-#[command(name = "duvo-bridge", version, about = "Durable, rate-limited bridge from Kafka, RabbitMQ and webhooks into Duvo cases")]
+#[command(
+    name = "duvo-bridge",
+    version,
+    about = "Durable, rate-limited bridge from Kafka, RabbitMQ and webhooks into Duvo cases"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

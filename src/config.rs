@@ -409,7 +409,11 @@ impl Config {
                                 .and_then(|n| n.as_str())
                                 .map(|n| format!(" ({n})"))
                                 .unwrap_or_default();
-                            errors.push(format!("[[sources]] #{}{name}: {}", i + 1, one_line(&e.to_string())));
+                            errors.push(format!(
+                                "[[sources]] #{}{name}: {}",
+                                i + 1,
+                                one_line(&e.to_string())
+                            ));
                         }
                     }
                 }
@@ -438,7 +442,10 @@ impl Config {
             errors.push("duvo.rate_limit_per_minute must be at least 1".into());
         }
         if !(d.rate_share > 0.0 && d.rate_share <= 1.0) {
-            errors.push(format!("duvo.rate_share must be in (0, 1] (got {})", d.rate_share));
+            errors.push(format!(
+                "duvo.rate_share must be in (0, 1] (got {})",
+                d.rate_share
+            ));
         }
         if d.burst == 0 {
             errors.push("duvo.burst must be at least 1".into());

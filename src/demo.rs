@@ -109,12 +109,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .context("starting the bridge")?;
     let http = bridge.http_addr("oms").context("demo source is bound")?;
     println!("duvo-bridge demo");
-    println!("  simulator   {}  (queue {})", sim.base_url(), sim.queues()[0]);
-    println!("  bridge      http://{http}/v1/events");
     println!(
-        "  metrics     http://{}/metrics",
-        bridge.admin_addr
+        "  simulator   {}  (queue {})",
+        sim.base_url(),
+        sim.queues()[0]
     );
+    println!("  bridge      http://{http}/v1/events");
+    println!("  metrics     http://{}/metrics", bridge.admin_addr);
     println!("  outbox      {}", dir.path().display());
     println!(
         "  submitting  {} orders in arrays of 200, every {}th marked to fail; API limit {} req/min",
@@ -122,9 +123,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8));
-    let style = ProgressStyle::with_template("{prefix:>10} [{bar:40.cyan/blue}] {pos:>6}/{len:6} {msg}")
-        .expect("static template")
-        .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("{prefix:>10} [{bar:40.cyan/blue}] {pos:>6}/{len:6} {msg}")
+            .expect("static template")
+            .progress_chars("=> ");
     let n = args.orders as u64;
     let bar = |name: &str| {
         let b = mp.add(ProgressBar::new(n));
@@ -140,8 +142,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // retrying on 503 as a well-behaved client would.
     let client = reqwest::Client::new();
     let url = format!("http://{http}/v1/events");
-    let orders: Vec<serde_json::Value> = (0..args.orders).map(|i| sample_order(i, args.fail_every)).collect();
-    let expected_fail = orders.iter().filter(|o| o.get("simulate").is_some()).count();
+    let orders: Vec<serde_json::Value> = (0..args.orders)
+        .map(|i| sample_order(i, args.fail_every))
+        .collect();
+    let expected_fail = orders
+        .iter()
+        .filter(|o| o.get("simulate").is_some())
+        .count();
     let producer = {
         let stored_bar = stored_bar.clone();
         tokio::spawn(async move {
@@ -228,7 +235,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("Summary");
     println!("  {:<34} {:>10}", "orders submitted (202)", accepted);
     println!("  {:<34} {:>10}", "cases created in Duvo", st.cases_created);
-    println!("  {:<34} {:>10}", "distinct orders among cases", distinct.len());
+    println!(
+        "  {:<34} {:>10}",
+        "distinct orders among cases",
+        distinct.len()
+    );
     println!(
         "  {:<34} {:>10}",
         "completed",
@@ -242,12 +253,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  {:<34} {:>10}", "API requests (all)", st.requests);
     println!("  {:<34} {:>10}", "create requests", st.create_requests);
     println!("  {:<34} {:>10.1}", "cases per create request", per_req);
-    println!("  {:<34} {:>10}", "429 answers (rate-limit waits)", gate_waits);
+    println!(
+        "  {:<34} {:>10}",
+        "429 answers (rate-limit waits)", gate_waits
+    );
     println!("  {:<34} {:>10}", "early retries", st.early_retries);
     println!("  {:<34} {:>9.1}s", "elapsed", elapsed.as_secs_f64());
     sim.shutdown().await;
     if timed_out {
-        anyhow::bail!("timed out after {} s before every case finished", args.timeout_secs);
+        anyhow::bail!(
+            "timed out after {} s before every case finished",
+            args.timeout_secs
+        );
     }
     if st.cases_created as usize != accepted || distinct.len() != accepted {
         anyhow::bail!(

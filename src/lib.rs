@@ -4,10 +4,17 @@
 //! `main.rs` is a thin shell over [`cli::run`]; everything else lives here so
 //! tests and the demo can start any part in-process.
 
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
 pub mod deliver;
+pub mod demo;
 pub mod duvo;
 pub mod mapping;
 pub mod outbox;
 pub mod secret;
+pub mod shutdown;
 pub mod sim;
 pub mod source;
+pub mod telemetry;

@@ -128,10 +128,7 @@ fn describe_all() {
         "duvo_bridge_batches_sent_total",
         "Create requests that succeeded."
     );
-    describe_counter!(
-        "duvo_bridge_cases_created_total",
-        "Cases created in Duvo."
-    );
+    describe_counter!("duvo_bridge_cases_created_total", "Cases created in Duvo.");
     describe_counter!(
         "duvo_bridge_api_requests_total",
         "Requests to the Duvo API by endpoint and outcome (HTTP status or transport error)."
@@ -149,10 +146,7 @@ fn describe_all() {
         Unit::Seconds,
         "Duration of Duvo API requests."
     );
-    describe_histogram!(
-        "duvo_bridge_batch_size",
-        "Cases per create request."
-    );
+    describe_histogram!("duvo_bridge_batch_size", "Cases per create request.");
     describe_histogram!(
         "duvo_bridge_end_to_end_seconds",
         Unit::Seconds,

@@ -140,9 +140,15 @@ title = "Order {{/order_id}}"
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
         bridge.child.kill().unwrap(); // SIGKILL
         bridge.child.wait().unwrap();
-        eprintln!("killed bridge #{kill}; cases so far {}", sim.stats().cases_created);
+        eprintln!(
+            "killed bridge #{kill}; cases so far {}",
+            sim.stats().cases_created
+        );
         bridge = spawn_bridge(&config, &key, &log);
-        assert!(wait_ready(admin).await, "bridge ready after restart #{kill}");
+        assert!(
+            wait_ready(admin).await,
+            "bridge ready after restart #{kill}"
+        );
     }
     let acknowledged = poster.await.unwrap();
     assert_eq!(acknowledged, CHUNKS * PER);

@@ -28,10 +28,19 @@ async fn delivers_every_event_exactly_once_in_full_batches() {
         assert_eq!(r.status(), 202);
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["stored"], 200);
-        ids.extend(v["ids"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()));
+        ids.extend(
+            v["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string()),
+        );
     }
     assert!(
-        wait_until(Duration::from_secs(30), || async { sim.stats().cases_created >= 1000 }).await,
+        wait_until(Duration::from_secs(30), || async {
+            sim.stats().cases_created >= 1000
+        })
+        .await,
         "all cases created"
     );
     let per = cases_per_order(&sim);
@@ -39,7 +48,11 @@ async fn delivers_every_event_exactly_once_in_full_batches() {
     assert!(per.values().all(|&n| n == 1), "every order exactly once");
     let st = sim.stats();
     assert_eq!(st.cases_created, 1000);
-    assert!(st.create_requests <= 12, "about one request per 100 cases, got {}", st.create_requests);
+    assert!(
+        st.create_requests <= 12,
+        "about one request per 100 cases, got {}",
+        st.create_requests
+    );
     assert_eq!(st.early_retries, 0);
 
     // The event state is visible through the source.
@@ -47,7 +60,11 @@ async fn delivers_every_event_exactly_once_in_full_batches() {
     assert!(
         wait_until(Duration::from_secs(5), || async {
             matches!(
-                bridge.outbox.get(duvo_bridge::outbox::EventId(first)).unwrap().map(|v| v.state),
+                bridge
+                    .outbox
+                    .get(duvo_bridge::outbox::EventId(first))
+                    .unwrap()
+                    .map(|v| v.state),
                 Some(EventState::Delivered { .. })
             )
         })
@@ -77,12 +94,25 @@ async fn retried_request_with_same_idempotency_key_answers_same_ids() {
     let addr = bridge.http_addr("oms").unwrap();
     let client = reqwest::Client::new();
     let body = json!(orders(0..50));
-    let a: serde_json::Value = post_events(&client, addr, &body, Some("k1")).await.json().await.unwrap();
-    let b: serde_json::Value = post_events(&client, addr, &body, Some("k1")).await.json().await.unwrap();
+    let a: serde_json::Value = post_events(&client, addr, &body, Some("k1"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let b: serde_json::Value = post_events(&client, addr, &body, Some("k1"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(a["ids"], b["ids"]);
     assert_eq!(b["stored"], 0);
     assert_eq!(b["duplicates"], 50);
-    assert!(wait_until(Duration::from_secs(20), || async { sim.stats().cases_created >= 50 }).await);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            sim.stats().cases_created >= 50
+        })
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sim.stats().cases_created, 50);
     stop.cancel();
@@ -130,7 +160,9 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
     let r = client
         .post(&url)
         .header("content-type", "application/json")
-        .body(vec![b'{', b'"', b'a', b'"', b':', b'"', 0xff, 0xfe, b'"', b'}'])
+        .body(vec![
+            b'{', b'"', b'a', b'"', b':', b'"', 0xff, 0xfe, b'"', b'}',
+        ])
         .send()
         .await
         .unwrap();
@@ -151,7 +183,13 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
 
     // An event too large to ever fit a create request: 413, naming it.
     let big = "y".repeat(1_100_000);
-    let r = post_events(&client, addr, &json!([{"order_id": "ok"}, {"blob": big}]), None).await;
+    let r = post_events(
+        &client,
+        addr,
+        &json!([{"order_id": "ok"}, {"blob": big}]),
+        None,
+    )
+    .await;
     assert_eq!(r.status(), 413);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["index"], 1);
@@ -183,7 +221,12 @@ async fn poison_event_is_dead_lettered_and_the_rest_delivered() {
     assert_eq!(r.status(), 202);
     let v: serde_json::Value = r.json().await.unwrap();
     let poison_id: u64 = v["ids"][37].as_str().unwrap().parse().unwrap();
-    assert!(wait_until(Duration::from_secs(20), || async { sim.stats().cases_created >= 99 }).await);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            sim.stats().cases_created >= 99
+        })
+        .await
+    );
     assert!(
         wait_until(Duration::from_secs(5), || async {
             bridge.outbox.dead_letters().map(|d| d.len()).unwrap_or(0) == 1
@@ -193,7 +236,11 @@ async fn poison_event_is_dead_lettered_and_the_rest_delivered() {
     let per = cases_per_order(&sim);
     assert_eq!(per.len(), 99);
     assert!(!per.contains_key("ORD-000037"));
-    let view = bridge.outbox.get(duvo_bridge::outbox::EventId(poison_id)).unwrap().unwrap();
+    let view = bridge
+        .outbox
+        .get(duvo_bridge::outbox::EventId(poison_id))
+        .unwrap()
+        .unwrap();
     match view.state {
         EventState::Rejected { status, .. } => assert_eq!(status, 400),
         other => panic!("poison event should be rejected, is {other:?}"),
@@ -213,13 +260,25 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
     let addr = bridge.http_addr("oms").unwrap();
     let client = reqwest::Client::new();
 
-    sim.set_faults(FaultsPatch { outage: Some(true), ..Default::default() });
+    sim.set_faults(FaultsPatch {
+        outage: Some(true),
+        ..Default::default()
+    });
     for chunk in 0..3 {
         let body = json!(orders(chunk * 200..(chunk + 1) * 200));
-        assert_eq!(post_events(&client, addr, &body, Some(&format!("o-{chunk}"))).await.status(), 202);
+        assert_eq!(
+            post_events(&client, addr, &body, Some(&format!("o-{chunk}")))
+                .await
+                .status(),
+            202
+        );
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(sim.stats().cases_created, 0, "nothing created during the outage");
+    assert_eq!(
+        sim.stats().cases_created,
+        0,
+        "nothing created during the outage"
+    );
 
     // Flaky instead of down: half the requests fail, a third of the
     // successful creates lose their answer.
@@ -232,10 +291,18 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
     });
     for chunk in 3..6 {
         let body = json!(orders(chunk * 200..(chunk + 1) * 200));
-        assert_eq!(post_events(&client, addr, &body, Some(&format!("o-{chunk}"))).await.status(), 202);
+        assert_eq!(
+            post_events(&client, addr, &body, Some(&format!("o-{chunk}")))
+                .await
+                .status(),
+            202
+        );
     }
     assert!(
-        wait_until(Duration::from_secs(60), || async { sim.stats().cases_created >= 1200 }).await,
+        wait_until(Duration::from_secs(60), || async {
+            sim.stats().cases_created >= 1200
+        })
+        .await,
         "recovered: {:?}",
         sim.stats()
     );
@@ -244,10 +311,18 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
         drop_after_commit_ratio: Some(0.0),
         ..Default::default()
     });
-    assert!(wait_until(Duration::from_secs(10), || async { bridge.outbox.depth() == 0 }).await);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            bridge.outbox.depth() == 0
+        })
+        .await
+    );
     let per = cases_per_order(&sim);
     assert_eq!(per.len(), 1200);
-    assert!(per.values().all(|&n| n == 1), "no duplicate case despite dropped answers");
+    assert!(
+        per.values().all(|&n| n == 1),
+        "no duplicate case despite dropped answers"
+    );
     let st = sim.stats();
     assert!(st.idempotent_replays > 0 || st.dropped_after_commit == 0);
     assert_eq!(st.early_retries, 0);
@@ -272,9 +347,17 @@ async fn server_allowing_less_than_configured_sees_no_early_retry() {
     let addr = bridge.http_addr("oms").unwrap();
     let client = reqwest::Client::new();
     let body = json!(orders(0..300));
-    assert_eq!(post_events(&client, addr, &body, Some("storm")).await.status(), 202);
+    assert_eq!(
+        post_events(&client, addr, &body, Some("storm"))
+            .await
+            .status(),
+        202
+    );
     assert!(
-        wait_until(Duration::from_secs(60), || async { sim.stats().cases_created >= 300 }).await,
+        wait_until(Duration::from_secs(60), || async {
+            sim.stats().cases_created >= 300
+        })
+        .await,
         "{:?}",
         sim.stats()
     );
@@ -292,25 +375,58 @@ async fn shutdown_drains_and_a_restart_delivers_the_rest() {
     let stop = CancellationToken::new();
     let mut cfg = bridge_config(&sim, dir.path());
     cfg.shutdown.grace_period_secs = 1;
-    let bridge = duvo_bridge::app::start(cfg.clone(), stop.clone()).await.unwrap();
+    let bridge = duvo_bridge::app::start(cfg.clone(), stop.clone())
+        .await
+        .unwrap();
     let addr = bridge.http_addr("oms").unwrap();
     let client = reqwest::Client::new();
     // Hold delivery back so the drain has work left.
-    sim.set_faults(FaultsPatch { outage: Some(true), ..Default::default() });
+    sim.set_faults(FaultsPatch {
+        outage: Some(true),
+        ..Default::default()
+    });
     let body = json!(orders(0..400));
-    assert_eq!(post_events(&client, addr, &body, Some("drain")).await.status(), 202);
+    assert_eq!(
+        post_events(&client, addr, &body, Some("drain"))
+            .await
+            .status(),
+        202
+    );
     let t0 = std::time::Instant::now();
     stop.cancel();
     bridge.wait().await.unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(5), "drain bounded by the grace period");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "drain bounded by the grace period"
+    );
     // The source no longer accepts input.
-    assert!(client.post(format!("http://{addr}/v1/events")).json(&json!({})).send().await.is_err());
+    assert!(
+        client
+            .post(format!("http://{addr}/v1/events"))
+            .json(&json!({}))
+            .send()
+            .await
+            .is_err()
+    );
 
-    sim.set_faults(FaultsPatch { outage: Some(false), ..Default::default() });
+    sim.set_faults(FaultsPatch {
+        outage: Some(false),
+        ..Default::default()
+    });
     let stop = CancellationToken::new();
     let bridge = duvo_bridge::app::start(cfg, stop.clone()).await.unwrap();
-    assert!(wait_until(Duration::from_secs(20), || async { sim.stats().cases_created >= 400 }).await);
-    assert!(wait_until(Duration::from_secs(5), || async { bridge.outbox.depth() == 0 }).await);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            sim.stats().cases_created >= 400
+        })
+        .await
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            bridge.outbox.depth() == 0
+        })
+        .await
+    );
     assert_eq!(cases_per_order(&sim).len(), 400);
     stop.cancel();
     bridge.wait().await.unwrap();
@@ -319,7 +435,10 @@ async fn shutdown_drains_and_a_restart_delivers_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_over_high_water_answers_503_with_retry_after() {
     let sim = start_sim(sim_config()).await;
-    sim.set_faults(FaultsPatch { outage: Some(true), ..Default::default() });
+    sim.set_faults(FaultsPatch {
+        outage: Some(true),
+        ..Default::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let mut cfg = bridge_config(&sim, dir.path());
@@ -328,7 +447,12 @@ async fn outbox_over_high_water_answers_503_with_retry_after() {
     let bridge = duvo_bridge::app::start(cfg, stop.clone()).await.unwrap();
     let addr = bridge.http_addr("oms").unwrap();
     let client = reqwest::Client::new();
-    assert_eq!(post_events(&client, addr, &json!(orders(0..150)), None).await.status(), 202);
+    assert_eq!(
+        post_events(&client, addr, &json!(orders(0..150)), None)
+            .await
+            .status(),
+        202
+    );
     let r = post_events(&client, addr, &json!(orders(150..160)), None).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("retry-after").is_some());
@@ -342,9 +466,22 @@ async fn outbox_over_high_water_answers_503_with_retry_after() {
         })
         .await
     );
-    sim.set_faults(FaultsPatch { outage: Some(false), ..Default::default() });
-    assert!(wait_until(Duration::from_secs(20), || async { !bridge.outbox.over_high_water() }).await);
-    assert_eq!(post_events(&client, addr, &json!(orders(150..160)), None).await.status(), 202);
+    sim.set_faults(FaultsPatch {
+        outage: Some(false),
+        ..Default::default()
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            !bridge.outbox.over_high_water()
+        })
+        .await
+    );
+    assert_eq!(
+        post_events(&client, addr, &json!(orders(150..160)), None)
+            .await
+            .status(),
+        202
+    );
     stop.cancel();
     bridge.wait().await.unwrap();
 }

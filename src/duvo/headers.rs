@@ -31,7 +31,7 @@ impl RateLimitInfo {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|s| parse_first_number(s))
+                .and_then(parse_first_number)
         };
         let limit = num("x-ratelimit-limit").or_else(|| num("ratelimit-limit"));
         let remaining = num("x-ratelimit-remaining").or_else(|| num("ratelimit-remaining"));

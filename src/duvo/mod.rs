@@ -51,7 +51,9 @@ pub enum ApiError {
     #[error("Duvo API answered {status}: {} ({})", body.error, body.message)]
     Status {
         status: StatusCode,
-        body: ErrorBody,
+        /// Boxed: error bodies can be large and this error travels in every
+        /// `Result` of the client.
+        body: Box<ErrorBody>,
         rate: RateLimitInfo,
     },
     /// Timeout, refused or reset connection, or a response cut short: the
@@ -265,15 +267,17 @@ impl DuvoClient {
                 }),
             }
         } else {
-            let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
-                error: status
-                    .canonical_reason()
-                    .unwrap_or("unknown")
-                    .to_lowercase()
-                    .replace(' ', "_"),
-                message: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
-                ..ErrorBody::default()
-            });
+            let body = Box::new(
+                serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
+                    error: status
+                        .canonical_reason()
+                        .unwrap_or("unknown")
+                        .to_lowercase()
+                        .replace(' ', "_"),
+                    message: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+                    ..ErrorBody::default()
+                }),
+            );
             Err(ApiError::Status { status, body, rate })
         }
     }

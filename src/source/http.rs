@@ -345,7 +345,11 @@ async fn post_events(
     }
 }
 
-async fn get_event(State(state): State<HttpState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn get_event(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if !authorized(&state, &headers) {
         return error(
             StatusCode::UNAUTHORIZED,
@@ -354,7 +358,11 @@ async fn get_event(State(state): State<HttpState>, headers: HeaderMap, Path(id):
         );
     }
     let Ok(id) = id.parse::<EventId>() else {
-        return error(StatusCode::BAD_REQUEST, "invalid_id", "event ids are decimal numbers");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "event ids are decimal numbers",
+        );
     };
     match state.ctx.outbox.get(id) {
         Ok(Some(view)) => (StatusCode::OK, axum::Json(view)).into_response(),
@@ -363,6 +371,10 @@ async fn get_event(State(state): State<HttpState>, headers: HeaderMap, Path(id):
             "not_found",
             "no such event (unknown, or delivered longer ago than the retention period)",
         ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "outbox_error", e.to_string()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "outbox_error",
+            e.to_string(),
+        ),
     }
 }

@@ -22,7 +22,9 @@ pub fn sim_config() -> SimConfig {
 }
 
 pub async fn start_sim(cfg: SimConfig) -> SimHandle {
-    duvo_bridge::sim::start(cfg).await.expect("simulator starts")
+    duvo_bridge::sim::start(cfg)
+        .await
+        .expect("simulator starts")
 }
 
 /// A bridge config with one HTTP source `oms` on an ephemeral port.
@@ -100,9 +102,7 @@ pub async fn post_events(
     body: &serde_json::Value,
     idem: Option<&str>,
 ) -> reqwest::Response {
-    let mut rb = client
-        .post(format!("http://{addr}/v1/events"))
-        .json(body);
+    let mut rb = client.post(format!("http://{addr}/v1/events")).json(body);
     if let Some(k) = idem {
         rb = rb.header("Idempotency-Key", k);
     }
