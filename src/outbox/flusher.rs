@@ -1,0 +1,183 @@
+//! Group commit: one task owns every fsync.
+//!
+//! sled 0.34's `flush_async` deadlocks when called concurrently, and one
+//! fsync per append caps throughput at the disk's fsync rate. So writers
+//! never flush themselves: they register with the [`FlushShared`] queue and
+//! wait, and a single flusher task runs blocking `db.flush()` on the blocking
+//! pool and then wakes everyone it covered.
+//!
+//! Happens-before argument: a writer first writes to sled, then takes the
+//! queue lock and records `target = started + 1`. The flusher takes the same
+//! lock, bumps `started` and only then calls `flush()`. So flush number
+//! `target` starts after the writer's write, and sled's flush makes every
+//! write issued before it durable. The writer returns once
+//! `completed >= target`. Writers arriving while a flush runs wait for the
+//! next one, which serves all of them with one fsync.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use tokio::sync::{Notify, watch};
+
+use super::Inner;
+use super::types::OutboxError;
+
+#[derive(Debug, Default)]
+struct FlushQueue {
+    /// Number of flushes started so far (generation of the latest).
+    started: u64,
+    /// Writers registered since the last flush started.
+    waiters: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+struct FlushDone {
+    /// Generation of the latest finished flush.
+    completed: u64,
+    /// Generation of the latest successful flush.
+    last_ok: u64,
+    last_error: Option<Arc<str>>,
+    /// The flusher task ended; nobody will flush any more.
+    stopped: bool,
+}
+
+/// State shared between writers and the flusher task.
+#[derive(Debug)]
+pub(crate) struct FlushShared {
+    queue: Mutex<FlushQueue>,
+    wake: Notify,
+    done: watch::Sender<FlushDone>,
+    shutdown: AtomicBool,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) bytes_on_disk: AtomicU64,
+}
+
+impl FlushShared {
+    pub(crate) fn new(bytes_on_disk: u64) -> Self {
+        FlushShared {
+            queue: Mutex::new(FlushQueue::default()),
+            wake: Notify::new(),
+            done: watch::channel(FlushDone::default()).0,
+            shutdown: AtomicBool::new(false),
+            flushes: AtomicU64::new(0),
+            bytes_on_disk: AtomicU64::new(bytes_on_disk),
+        }
+    }
+
+    /// Wait until a flush that started after this call has completed: every
+    /// sled write the caller issued before calling is then on disk.
+    /// Cancel-safe: dropping the future only stops waiting.
+    pub(crate) async fn wait_durable(&self) -> Result<(), OutboxError> {
+        let target = {
+            let mut q = self
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            q.waiters += 1;
+            q.started + 1
+        };
+        let mut rx = self.done.subscribe();
+        self.wake.notify_one();
+        let done = rx
+            .wait_for(|d| d.completed >= target || d.stopped)
+            .await
+            .map_err(|_| OutboxError::FlusherStopped)?
+            .clone();
+        if done.last_ok >= target {
+            Ok(())
+        } else if done.completed >= target {
+            Err(OutboxError::Flush(
+                done.last_error
+                    .as_deref()
+                    .unwrap_or("unknown flush error")
+                    .to_string(),
+            ))
+        } else {
+            Err(OutboxError::FlusherStopped)
+        }
+    }
+
+    /// Ask the flusher to exit (the last outbox handle is gone).
+    pub(crate) fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+}
+
+/// Marks the flusher stopped however its task ends (exit, abort at runtime
+/// shutdown), so no writer waits forever.
+struct StopGuard(Arc<FlushShared>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        self.0.done.send_modify(|d| d.stopped = true);
+    }
+}
+
+/// The flusher task. Holds only a `Weak` to the outbox so that dropping the
+/// last handle closes the database (and releases sled's file lock) at once,
+/// except while a flush is running, which keeps it alive until it returns.
+pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
+    let _guard = StopGuard(shared.clone());
+    loop {
+        shared.wake.notified().await;
+        if shared.shutdown.load(Ordering::Acquire) {
+            break;
+        }
+        let (generation, served) = {
+            let mut q = shared
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if q.waiters == 0 {
+                // A stale wake-up: whoever asked was served by an earlier flush.
+                continue;
+            }
+            q.started += 1;
+            (q.started, std::mem::take(&mut q.waiters))
+        };
+        let Some(inner) = inner.upgrade() else {
+            break;
+        };
+        let joined = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let result = inner.db.flush();
+            let elapsed = start.elapsed();
+            let bytes = inner.db.size_on_disk();
+            // Drop the handle here, before the waiters are woken, so a
+            // caller that drops the outbox right after its append returned
+            // really closes the database.
+            drop(inner);
+            (result, elapsed, bytes)
+        })
+        .await;
+        let outcome: Result<(), String> = match joined {
+            Ok((result, elapsed, bytes)) => {
+                metrics::histogram!("duvo_bridge_outbox_flush_seconds")
+                    .record(elapsed.as_secs_f64());
+                metrics::histogram!("duvo_bridge_outbox_flush_batch_size").record(served as f64);
+                shared.flushes.fetch_add(1, Ordering::Relaxed);
+                match bytes {
+                    Ok(b) => {
+                        shared.bytes_on_disk.store(b, Ordering::Relaxed);
+                        metrics::gauge!("duvo_bridge_outbox_bytes").set(b as f64);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read outbox size on disk"),
+                }
+                result.map(|_| ()).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(format!("flush task failed: {e}")),
+        };
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, generation, "outbox flush failed");
+        }
+        shared.done.send_modify(|d| {
+            d.completed = generation;
+            match &outcome {
+                Ok(()) => d.last_ok = generation,
+                Err(e) => d.last_error = Some(Arc::from(e.as_str())),
+            }
+        });
+    }
+}
