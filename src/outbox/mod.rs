@@ -911,3 +911,68 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         bytes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duvo::NewCase;
+
+    fn ev(queue_id: Uuid, title: &str) -> NewEvent {
+        NewEvent {
+            source: "oms".into(),
+            identity: None,
+            queue_id,
+            case: NewCase {
+                title: title.into(),
+                data: None,
+                labels: Vec::new(),
+                priority: None,
+            },
+            received_at_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn corruption_after_open_sets_the_event_aside_on_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("db")))
+            .await
+            .unwrap();
+        let q = Uuid::new_v4();
+        let out = outbox
+            .append(vec![ev(q, "a"), ev(q, "b"), ev(q, "c")])
+            .await
+            .unwrap();
+        let ids: Vec<EventId> = out.iter().map(AppendOutcome::id).collect();
+        // Garbage written behind the outbox's back.
+        outbox
+            .inner
+            .events
+            .insert(event_key(ids[1].0), &b"\x01garbage"[..])
+            .unwrap();
+        assert!(matches!(
+            outbox.claim_batch(q, 100, 1 << 20).await,
+            Err(OutboxError::Corrupt { .. })
+        ));
+        // The corrupt event is set aside; the others are claimable again, in order.
+        let stats = outbox.stats();
+        assert_eq!((stats.ready, stats.batched, stats.corrupt), (2, 0, 1));
+        let batch = outbox.claim_batch(q, 100, 1 << 20).await.unwrap().unwrap();
+        assert_eq!(batch.event_ids(), vec![ids[0], ids[2]]);
+        assert!(matches!(
+            outbox.get(ids[1]),
+            Err(OutboxError::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn flush_wakes_waiters_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("db")))
+            .await
+            .unwrap();
+        outbox.flush().await.unwrap();
+        outbox.flush().await.unwrap();
+        assert_eq!(outbox.stats().flushes, 2);
+    }
+}
