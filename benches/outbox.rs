@@ -165,7 +165,7 @@ fn main() {
         );
     };
     row("(a) bare sled insert+flush, 1 writer", n, d, Some(n));
-    for writers in [16] {
+    for writers in [4, 16] {
         let (n, d) = bare_concurrent(&rt, writers);
         row(
             &format!("(b) bare sled insert+flush, {writers} writers"),

@@ -16,12 +16,15 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
 use super::Inner;
 use super::types::OutboxError;
+
+/// Minimum interval between two reads of the database size.
+const SIZE_REFRESH_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default)]
 struct FlushQueue {
@@ -120,6 +123,7 @@ impl Drop for StopGuard {
 /// except while a flush is running, which keeps it alive until it returns.
 pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
     let _guard = StopGuard(shared.clone());
+    let mut last_size_refresh: Option<Instant> = None;
     loop {
         shared.wake.notified().await;
         if shared.shutdown.load(Ordering::Acquire) {
@@ -140,11 +144,17 @@ pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
         let Some(inner) = inner.upgrade() else {
             break;
         };
+        // Reading the size walks the directory: worth it at most a few
+        // times a second, not on every fsync of a busy outbox.
+        let refresh_size = last_size_refresh.is_none_or(|t| t.elapsed() >= SIZE_REFRESH_EVERY);
+        if refresh_size {
+            last_size_refresh = Some(Instant::now());
+        }
         let joined = tokio::task::spawn_blocking(move || {
             let start = Instant::now();
             let result = inner.db.flush();
             let elapsed = start.elapsed();
-            let bytes = inner.db.size_on_disk();
+            let bytes = refresh_size.then(|| inner.db.size_on_disk());
             // Drop the handle here, before the waiters are woken, so a
             // caller that drops the outbox right after its append returned
             // really closes the database.
@@ -159,11 +169,12 @@ pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
                 metrics::histogram!("duvo_bridge_outbox_flush_batch_size").record(served as f64);
                 shared.flushes.fetch_add(1, Ordering::Relaxed);
                 match bytes {
-                    Ok(b) => {
+                    None => {}
+                    Some(Ok(b)) => {
                         shared.bytes_on_disk.store(b, Ordering::Relaxed);
                         metrics::gauge!("duvo_bridge_outbox_bytes").set(b as f64);
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot read outbox size on disk"),
+                    Some(Err(e)) => tracing::warn!(error = %e, "cannot read outbox size on disk"),
                 }
                 result.map(|_| ()).map_err(|e| e.to_string())
             }

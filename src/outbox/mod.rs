@@ -689,7 +689,7 @@ impl Outbox {
         lock(&self.inner.index).depth()
     }
 
-    /// Size of the database files, as of the last flush (reading it means
+    /// Size of the database files, refreshed by the flusher at most every 200 ms (reading it means
     /// walking the directory, so the flusher refreshes it, not every caller).
     pub fn size_on_disk(&self) -> u64 {
         self.inner.flush.bytes_on_disk.load(Ordering::Relaxed)

@@ -186,7 +186,7 @@ pub struct OutboxStats {
     pub ready: u64,
     /// Events in persisted, unsettled batches.
     pub batched: u64,
-    /// `size_on_disk` as of the last flush.
+    /// `size_on_disk`, refreshed by the flusher (at most every 200 ms).
     pub bytes_on_disk: u64,
     /// fsyncs performed by the flusher since open.
     pub flushes: u64,
