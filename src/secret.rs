@@ -98,7 +98,10 @@ mod tests {
         assert!(!format!("{k}").contains("supersecret"));
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?}"), REDACTED);
-        assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{REDACTED}\""));
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            format!("\"{REDACTED}\"")
+        );
         assert_eq!(k.fingerprint().len(), 8);
         assert_eq!(k.expose(), "dv_supersecretvalue1234567890abcdef");
     }

@@ -281,6 +281,10 @@ impl Outbox {
     /// If an event turns out corrupt, it is set aside (logged, counted, left
     /// on disk), the others go back to the ready list and `Corrupt` is
     /// returned; the next claim proceeds without it.
+    ///
+    /// If the final flush fails, the batch is already written (and will be
+    /// durable with the next successful flush): it is not lost, it shows up
+    /// in [`Outbox::unsettled_batches`] and must be sent from there.
     pub async fn claim_batch(
         &self,
         queue_id: Uuid,
