@@ -7,18 +7,19 @@
 //! pool and then wakes everyone it covered.
 //!
 //! Happens-before argument: a writer first writes to sled, then takes the
-//! queue lock and records `target = started + 1`. The flusher takes the same
-//! lock, bumps `started` and only then calls `flush()`. So flush number
-//! `target` starts after the writer's write, and sled's flush makes every
-//! write issued before it durable. The writer returns once
-//! `completed >= target`. Writers arriving while a flush runs wait for the
-//! next one, which serves all of them with one fsync.
+//! queue lock and pushes a one-shot answer channel. The flusher takes the
+//! same lock, takes every queued channel (bumping the generation `started`)
+//! and only then calls `flush()`. So the flush that answers a writer started
+//! after the writer's write, and sled's flush makes every write issued before
+//! it durable. Writers arriving while a flush runs are queued for the next
+//! one, which serves all of them with one fsync; each writer is woken
+//! exactly once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot};
 
 use super::Inner;
 use super::types::OutboxError;
@@ -26,21 +27,16 @@ use super::types::OutboxError;
 /// Minimum interval between two reads of the database size.
 const SIZE_REFRESH_EVERY: Duration = Duration::from_millis(200);
 
+/// What a waiter hears: the flush covering its writes succeeded, or why not.
+type FlushResult = Result<(), Arc<str>>;
+
 #[derive(Debug, Default)]
 struct FlushQueue {
     /// Number of flushes started so far (generation of the latest).
     started: u64,
-    /// Writers registered since the last flush started.
-    waiters: u64,
-}
-
-#[derive(Debug, Clone, Default)]
-struct FlushDone {
-    /// Generation of the latest finished flush.
-    completed: u64,
-    /// Generation of the latest successful flush.
-    last_ok: u64,
-    last_error: Option<Arc<str>>,
+    /// Writers registered since the last flush started; each is answered
+    /// exactly once, by the next flush (no thundering herd on every fsync).
+    waiters: Vec<oneshot::Sender<FlushResult>>,
     /// The flusher task ended; nobody will flush any more.
     stopped: bool,
 }
@@ -50,7 +46,6 @@ struct FlushDone {
 pub(crate) struct FlushShared {
     queue: Mutex<FlushQueue>,
     wake: Notify,
-    done: watch::Sender<FlushDone>,
     shutdown: AtomicBool,
     pub(crate) flushes: AtomicU64,
     pub(crate) bytes_on_disk: AtomicU64,
@@ -61,43 +56,36 @@ impl FlushShared {
         FlushShared {
             queue: Mutex::new(FlushQueue::default()),
             wake: Notify::new(),
-            done: watch::channel(FlushDone::default()).0,
             shutdown: AtomicBool::new(false),
             flushes: AtomicU64::new(0),
             bytes_on_disk: AtomicU64::new(bytes_on_disk),
         }
     }
 
+    fn queue(&self) -> std::sync::MutexGuard<'_, FlushQueue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Wait until a flush that started after this call has completed: every
     /// sled write the caller issued before calling is then on disk.
     /// Cancel-safe: dropping the future only stops waiting.
     pub(crate) async fn wait_durable(&self) -> Result<(), OutboxError> {
-        let target = {
-            let mut q = self
-                .queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            q.waiters += 1;
-            q.started + 1
-        };
-        let mut rx = self.done.subscribe();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.queue();
+            if q.stopped {
+                return Err(OutboxError::FlusherStopped);
+            }
+            q.waiters.push(tx);
+        }
         self.wake.notify_one();
-        let done = rx
-            .wait_for(|d| d.completed >= target || d.stopped)
-            .await
-            .map_err(|_| OutboxError::FlusherStopped)?
-            .clone();
-        if done.last_ok >= target {
-            Ok(())
-        } else if done.completed >= target {
-            Err(OutboxError::Flush(
-                done.last_error
-                    .as_deref()
-                    .unwrap_or("unknown flush error")
-                    .to_string(),
-            ))
-        } else {
-            Err(OutboxError::FlusherStopped)
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(OutboxError::Flush(e.to_string())),
+            // The flusher dropped us without an answer: it stopped.
+            Err(_) => Err(OutboxError::FlusherStopped),
         }
     }
 
@@ -109,12 +97,14 @@ impl FlushShared {
 }
 
 /// Marks the flusher stopped however its task ends (exit, abort at runtime
-/// shutdown), so no writer waits forever.
+/// shutdown) and drops the queued waiters, so no writer waits forever.
 struct StopGuard(Arc<FlushShared>);
 
 impl Drop for StopGuard {
     fn drop(&mut self) {
-        self.0.done.send_modify(|d| d.stopped = true);
+        let mut q = self.0.queue();
+        q.stopped = true;
+        q.waiters.clear();
     }
 }
 
@@ -129,19 +119,18 @@ pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
         if shared.shutdown.load(Ordering::Acquire) {
             break;
         }
-        let (generation, served) = {
-            let mut q = shared
-                .queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if q.waiters == 0 {
+        let (generation, waiters) = {
+            let mut q = shared.queue();
+            if q.waiters.is_empty() {
                 // A stale wake-up: whoever asked was served by an earlier flush.
                 continue;
             }
             q.started += 1;
             (q.started, std::mem::take(&mut q.waiters))
         };
+        let served = waiters.len();
         let Some(inner) = inner.upgrade() else {
+            // Unreachable while waiters hold a handle; the guard answers them.
             break;
         };
         // Reading the size walks the directory: worth it at most a few
@@ -183,12 +172,10 @@ pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
         if let Err(e) = &outcome {
             tracing::error!(error = %e, generation, "outbox flush failed");
         }
-        shared.done.send_modify(|d| {
-            d.completed = generation;
-            match &outcome {
-                Ok(()) => d.last_ok = generation,
-                Err(e) => d.last_error = Some(Arc::from(e.as_str())),
-            }
-        });
+        let answer: FlushResult = outcome.map_err(|e| Arc::from(e.as_str()));
+        for waiter in waiters {
+            // A waiter that gave up (cancelled) is simply gone.
+            let _ = waiter.send(answer.clone());
+        }
     }
 }
