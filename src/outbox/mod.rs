@@ -1,1 +1,982 @@
-//! The durable outbox (filled in by the outbox work).
+//! The durable outbox: a sled database between the sources and the batcher.
+//!
+//! The promise it keeps: **a source acknowledges an event only after it is
+//! durably on disk; nothing acknowledged is ever lost; no case is created
+//! twice.** Concretely:
+//!
+//! - [`Outbox::append`] returns only after an fsync that covers the write
+//!   (group commit, see [`flusher`]). Duplicate identities are answered with
+//!   the first event's id and store nothing.
+//! - [`Outbox::claim_batch`] persists the batch (and its idempotency key)
+//!   and flushes *before* handing it out, so a re-send after a crash uses
+//!   the same key and the API does not create the cases again.
+//! - [`Outbox::settle_delivered`], [`Outbox::split_batch`] and
+//!   [`Outbox::reject`] change events and batch records in one atomic sled
+//!   batch (or transaction) and wait for the flush.
+//! - Settled events keep a small tombstone (and their identity) for
+//!   `retention`, so dedupe and `get` keep working; [`Outbox::purge_expired`]
+//!   removes them afterwards.
+//!
+//! The on-disk layout is described in [`record`].
+
+mod flusher;
+mod index;
+pub mod record;
+mod types;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sled::Transactional;
+use sled::transaction::ConflictableTransactionResult;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+pub use types::{
+    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, NewEvent, OutboxConfig,
+    OutboxError, OutboxStats, ReadySummary,
+};
+
+use flusher::FlushShared;
+use index::{ReadyEntry, ReadyIndex};
+use record::{
+    BATCH_PREFIX, BatchRecord, DEAD_LETTERS_TREE, EVENT_PREFIX, EVENTS_TREE, EventRecord,
+    batch_key, case_body_size, decode, encode, event_key, expiry_key, expiry_key_id, identity_key,
+    key_u64,
+};
+
+/// Keys per sled batch when purging, so one purge never builds a huge batch.
+const PURGE_CHUNK: usize = 512;
+
+/// Handle to the outbox; cheap to clone, all clones share one database.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.inner.cfg.path)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+pub(crate) struct Inner {
+    cfg: OutboxConfig,
+    pub(crate) db: sled::Db,
+    events: sled::Tree,
+    dead: sled::Tree,
+    flush: Arc<FlushShared>,
+    /// Serialises appends so the identity check and the insert are atomic
+    /// with respect to other appends, and ids enter the ready index in order.
+    write_lock: Mutex<()>,
+    /// Serialises changes to existing batch records (settle, split, reject,
+    /// attempts), so a batch cannot be settled twice.
+    batch_lock: Mutex<()>,
+    index: Mutex<ReadyIndex>,
+    ready_notify: Notify,
+    appended: AtomicU64,
+    duplicates: AtomicU64,
+    corrupt: AtomicU64,
+    over_high: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.flush.shutdown();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves no half-done state in
+    // memory that matters more than availability: disk is the truth.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything `open` computes on the blocking pool.
+struct Opened {
+    db: sled::Db,
+    events: sled::Tree,
+    dead: sled::Tree,
+    index: ReadyIndex,
+    corrupt: u64,
+    bytes: u64,
+}
+
+impl Outbox {
+    /// Open (or create) the database, recover the in-memory indexes from a
+    /// full scan (ready events per queue, batched counts) and spawn the
+    /// flusher on the current tokio runtime.
+    ///
+    /// Corrupt records found during recovery are logged and counted, and
+    /// left out of the indexes; they stay on disk for inspection and do not
+    /// prevent the outbox from opening.
+    pub async fn open(cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
+        let blocking_cfg = cfg.clone();
+        let opened = tokio::task::spawn_blocking(move || open_blocking(&blocking_cfg))
+            .await
+            .map_err(|e| OutboxError::Task(e.to_string()))??;
+        let flush = Arc::new(FlushShared::new(opened.bytes));
+        let inner = Arc::new(Inner {
+            cfg,
+            db: opened.db,
+            events: opened.events,
+            dead: opened.dead,
+            flush: flush.clone(),
+            write_lock: Mutex::new(()),
+            batch_lock: Mutex::new(()),
+            index: Mutex::new(opened.index),
+            ready_notify: Notify::new(),
+            appended: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            corrupt: AtomicU64::new(opened.corrupt),
+            over_high: AtomicBool::new(false),
+        });
+        tokio::spawn(flusher::run(flush, Arc::downgrade(&inner)));
+        let outbox = Outbox { inner };
+        outbox.publish_depth();
+        metrics::gauge!("duvo_bridge_outbox_bytes").set(opened.bytes as f64);
+        if outbox.depth() > 0 {
+            outbox.wake_batcher();
+        }
+        Ok(outbox)
+    }
+
+    /// Append events. Returns only after a flush covering them returned, so
+    /// the caller may acknowledge them to its source.
+    ///
+    /// An event whose identity is already known (stored earlier, within
+    /// retention, or earlier in the same call) is answered with
+    /// `Duplicate(first id)` and nothing is stored. Even then the call waits
+    /// for a flush: the first event may come from a concurrent append that
+    /// is not durable yet. Outcomes are in input order.
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<AppendOutcome>, OutboxError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Encode outside the lock: it is the CPU-heavy part.
+        let mut prepared = Vec::with_capacity(events.len());
+        for ev in events {
+            let size = case_body_size(&ev.case)?;
+            let rec = EventRecord {
+                source: ev.source,
+                identity: ev.identity,
+                queue_id: ev.queue_id,
+                received_at_ms: ev.received_at_ms,
+                title: ev.case.title.clone(),
+                state: EventState::Stored,
+                case: Some(ev.case),
+                settled_at_ms: None,
+            };
+            let bytes = encode(&rec)?;
+            prepared.push((rec.identity, rec.queue_id, rec.received_at_ms, size, bytes));
+        }
+
+        let inner = &self.inner;
+        let mut outcomes = Vec::with_capacity(prepared.len());
+        let (stored, duplicates) = {
+            let _w = lock(&inner.write_lock);
+            let mut batch = sled::Batch::default();
+            let mut seen: HashMap<String, EventId> = HashMap::new();
+            let mut entries: Vec<(Uuid, ReadyEntry)> = Vec::new();
+            let mut duplicates = 0u64;
+            for (identity, queue_id, received_at_ms, size, bytes) in prepared {
+                if let Some(identity) = &identity {
+                    if let Some(first) = seen.get(identity) {
+                        outcomes.push(AppendOutcome::Duplicate(*first));
+                        duplicates += 1;
+                        continue;
+                    }
+                    let key = identity_key(identity);
+                    if let Some(raw) = inner.events.get(&key)? {
+                        let first: u64 = self.decode_logged(&key, &raw)?;
+                        outcomes.push(AppendOutcome::Duplicate(EventId(first)));
+                        duplicates += 1;
+                        continue;
+                    }
+                }
+                let id = inner.db.generate_id()?;
+                batch.insert(&event_key(id)[..], bytes);
+                if let Some(identity) = identity {
+                    batch.insert(identity_key(&identity), encode(&id)?);
+                    seen.insert(identity, EventId(id));
+                }
+                entries.push((
+                    queue_id,
+                    ReadyEntry {
+                        id,
+                        size,
+                        received_at_ms,
+                    },
+                ));
+                outcomes.push(AppendOutcome::Stored(EventId(id)));
+            }
+            let stored = entries.len() as u64;
+            if stored > 0 {
+                inner.events.apply_batch(batch)?;
+                let mut ix = lock(&inner.index);
+                for (queue_id, entry) in entries {
+                    ix.push(queue_id, entry);
+                }
+            }
+            (stored, duplicates)
+        };
+        inner.appended.fetch_add(stored, Ordering::Relaxed);
+        inner.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        metrics::counter!("duvo_bridge_outbox_appended_total").increment(stored);
+        metrics::counter!("duvo_bridge_outbox_duplicates_total").increment(duplicates);
+        self.publish_depth();
+
+        inner.flush.wait_durable().await?;
+        if stored > 0 {
+            self.wake_batcher();
+        }
+        Ok(outcomes)
+    }
+
+    /// What the outbox knows about an event; `None` if unknown or purged.
+    pub fn get(&self, id: EventId) -> Result<Option<EventView>, OutboxError> {
+        Ok(self.read_event(id.0)?.map(|rec| EventView {
+            id,
+            source: rec.source,
+            queue_id: rec.queue_id,
+            state: rec.state,
+            received_at_ms: rec.received_at_ms,
+            title: rec.title,
+        }))
+    }
+
+    /// Wait until something may be ready to batch (an append or a recovery
+    /// found ready events). Cancel-safe. May wake spuriously; a wake-up that
+    /// happens while nobody waits is kept for the next call, so a batcher
+    /// that checks `ready_summary` and then waits cannot miss an append.
+    pub async fn ready_notified(&self) {
+        self.inner.ready_notify.notified().await;
+    }
+
+    /// Queues with ready events, oldest first.
+    pub fn ready_summary(&self) -> Vec<ReadySummary> {
+        lock(&self.inner.index).summary()
+    }
+
+    /// Take up to `max_cases` ready events of `queue_id` (oldest first) whose
+    /// `{"cases":[...]}` body fits `max_body_bytes`, persist them as a batch
+    /// with a fresh idempotency key, flush, and return it. `None` if the
+    /// queue has nothing ready.
+    ///
+    /// A single event larger than `max_body_bytes` is still returned alone:
+    /// the API answers 413 and the caller rejects it.
+    ///
+    /// If an event turns out corrupt, it is set aside (logged, counted, left
+    /// on disk), the others go back to the ready list and `Corrupt` is
+    /// returned; the next claim proceeds without it.
+    ///
+    /// If the final flush fails, the batch is already written (and will be
+    /// durable with the next successful flush): it is not lost, it shows up
+    /// in [`Outbox::unsettled_batches`] and must be sent from there.
+    pub async fn claim_batch(
+        &self,
+        queue_id: Uuid,
+        max_cases: usize,
+        max_body_bytes: usize,
+    ) -> Result<Option<Batch>, OutboxError> {
+        if max_cases == 0 {
+            return Err(OutboxError::Invalid("max_cases must be at least 1".into()));
+        }
+        let inner = &self.inner;
+        let taken = lock(&inner.index).take(queue_id, max_cases, max_body_bytes);
+        if taken.is_empty() {
+            return Ok(None);
+        }
+
+        let batch = match self.persist_claim(queue_id, &taken) {
+            Ok(batch) => batch,
+            Err((err, bad)) => {
+                let mut ix = lock(&inner.index);
+                let back: Vec<ReadyEntry> = taken
+                    .iter()
+                    .copied()
+                    .filter(|e| Some(e.id) != bad)
+                    .collect();
+                ix.put_back(queue_id, back);
+                if bad.is_some() {
+                    // Set aside: neither ready nor batched any more.
+                    ix.batched = ix.batched.saturating_sub(1);
+                }
+                drop(ix);
+                self.publish_depth();
+                return Err(err);
+            }
+        };
+        inner.flush.wait_durable().await?;
+        Ok(Some(batch))
+    }
+
+    /// Read the taken events, write the batch record and their `Batched`
+    /// state in one atomic sled batch. On failure returns the id of a corrupt
+    /// or missing event, if that was the cause.
+    fn persist_claim(
+        &self,
+        queue_id: Uuid,
+        taken: &[ReadyEntry],
+    ) -> Result<Batch, (OutboxError, Option<u64>)> {
+        let inner = &self.inner;
+        let batch_id = inner.db.generate_id().map_err(|e| (e.into(), None))?;
+        let mut sb = sled::Batch::default();
+        let mut events = Vec::with_capacity(taken.len());
+        for entry in taken {
+            let mut rec = match self.read_event(entry.id) {
+                Ok(Some(rec)) => rec,
+                Ok(None) => {
+                    let err = OutboxError::Missing(format!("events/e/{}", entry.id));
+                    tracing::error!(
+                        event_id = entry.id,
+                        "ready event missing from disk; set aside"
+                    );
+                    return Err((err, Some(entry.id)));
+                }
+                Err(e @ OutboxError::Corrupt { .. }) => return Err((e, Some(entry.id))),
+                Err(e) => return Err((e, None)),
+            };
+            let Some(case) = rec.case.clone() else {
+                tracing::error!(event_id = entry.id, "ready event has no payload; set aside");
+                return Err((
+                    OutboxError::Missing(format!("payload of events/e/{}", entry.id)),
+                    Some(entry.id),
+                ));
+            };
+            rec.state = EventState::Batched { batch_id };
+            sb.insert(
+                &event_key(entry.id)[..],
+                encode(&rec).map_err(|e| (e, None))?,
+            );
+            events.push((EventId(entry.id), case));
+        }
+        let rec = BatchRecord {
+            idempotency_key: Uuid::new_v4().to_string(),
+            queue_id,
+            event_ids: taken.iter().map(|e| e.id).collect(),
+            created_at_ms: now_ms(),
+            attempts: 0,
+        };
+        sb.insert(
+            &batch_key(batch_id)[..],
+            encode(&rec).map_err(|e| (e, None))?,
+        );
+        inner.events.apply_batch(sb).map_err(|e| (e.into(), None))?;
+        Ok(Batch {
+            id: batch_id,
+            idempotency_key: rec.idempotency_key,
+            queue_id,
+            events,
+            created_at_ms: rec.created_at_ms,
+            attempts: 0,
+        })
+    }
+
+    /// Batches persisted but not settled, oldest first. After a restart they
+    /// must be re-sent with their original idempotency key.
+    ///
+    /// A batch with a corrupt record (or corrupt event) is logged, counted
+    /// and skipped so that one bad record cannot block the re-send of all
+    /// others; it stays on disk.
+    pub fn unsettled_batches(&self) -> Result<Vec<Batch>, OutboxError> {
+        let mut out = Vec::new();
+        for item in self.inner.events.scan_prefix([BATCH_PREFIX]) {
+            let (key, value) = item?;
+            let Some(batch_id) = key_u64(&key) else {
+                continue;
+            };
+            let rec: BatchRecord = match self.decode_logged(&key, &value) {
+                Ok(rec) => rec,
+                Err(OutboxError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            match self.load_batch(batch_id, rec) {
+                Ok(batch) => out.push(batch),
+                Err(e @ (OutboxError::Corrupt { .. } | OutboxError::Missing(_))) => {
+                    tracing::error!(batch_id, error = %e, "unsettled batch unreadable; skipped");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    fn load_batch(&self, batch_id: u64, rec: BatchRecord) -> Result<Batch, OutboxError> {
+        let mut events = Vec::with_capacity(rec.event_ids.len());
+        for id in &rec.event_ids {
+            let ev = self
+                .read_event(*id)?
+                .ok_or_else(|| OutboxError::Missing(format!("events/e/{id}")))?;
+            let case = ev
+                .case
+                .ok_or_else(|| OutboxError::Missing(format!("payload of events/e/{id}")))?;
+            events.push((EventId(*id), case));
+        }
+        Ok(Batch {
+            id: batch_id,
+            idempotency_key: rec.idempotency_key,
+            queue_id: rec.queue_id,
+            events,
+            created_at_ms: rec.created_at_ms,
+            attempts: rec.attempts,
+        })
+    }
+
+    /// Bump and persist a batch's attempt counter (survives a restart so
+    /// backoff and metrics continue); returns the new count. Not flushed:
+    /// losing one increment in a crash is harmless.
+    pub fn record_attempt(&self, batch_id: u64) -> Result<u32, OutboxError> {
+        let _b = lock(&self.inner.batch_lock);
+        let mut rec = self
+            .read_batch(batch_id)?
+            .ok_or(OutboxError::UnknownBatch(batch_id))?;
+        rec.attempts = rec.attempts.saturating_add(1);
+        self.inner
+            .events
+            .insert(&batch_key(batch_id)[..], encode(&rec)?)?;
+        Ok(rec.attempts)
+    }
+
+    /// The batch was accepted: its events become `Delivered` with the case
+    /// ids in batch order, the payloads are dropped (a tombstone stays for
+    /// `retention`) and the batch record is removed. Waits for the flush.
+    pub async fn settle_delivered(
+        &self,
+        batch: &Batch,
+        case_ids: &[Uuid],
+    ) -> Result<(), OutboxError> {
+        if case_ids.len() != batch.events.len() {
+            return Err(OutboxError::Invalid(format!(
+                "batch {} has {} events but {} case ids were given",
+                batch.id,
+                batch.events.len(),
+                case_ids.len()
+            )));
+        }
+        let now = now_ms();
+        {
+            let _b = lock(&self.inner.batch_lock);
+            let rec = self.checked_batch(batch)?;
+            let mut sb = sled::Batch::default();
+            for (id, case_id) in rec.event_ids.iter().zip(case_ids) {
+                let mut ev = self.read_existing_event(*id)?;
+                ev.state = EventState::Delivered {
+                    case_id: *case_id,
+                    delivered_at_ms: now,
+                };
+                ev.case = None;
+                ev.settled_at_ms = Some(now);
+                sb.insert(&event_key(*id)[..], encode(&ev)?);
+                sb.insert(&expiry_key(now, *id)[..], encode(&())?);
+            }
+            sb.remove(&batch_key(batch.id)[..]);
+            self.inner.events.apply_batch(sb)?;
+            let mut ix = lock(&self.inner.index);
+            ix.batched = ix.batched.saturating_sub(rec.event_ids.len() as u64);
+        }
+        self.publish_depth();
+        self.inner.flush.wait_durable().await
+    }
+
+    /// The API refused the batch as invalid (400/413), so the server
+    /// committed nothing: replace it by two halves with new idempotency keys,
+    /// atomically, and return them (first half first). A batch of one event
+    /// cannot be split: use [`Outbox::reject`].
+    pub async fn split_batch(&self, batch: &Batch) -> Result<(Batch, Batch), OutboxError> {
+        if batch.events.len() < 2 {
+            return Err(OutboxError::Invalid(format!(
+                "batch {} has {} event(s) and cannot be split; reject it instead",
+                batch.id,
+                batch.events.len()
+            )));
+        }
+        let halves = {
+            let _b = lock(&self.inner.batch_lock);
+            let rec = self.checked_batch(batch)?;
+            let mid = rec.event_ids.len().div_ceil(2);
+            let now = now_ms();
+            let mut sb = sled::Batch::default();
+            let mut halves = Vec::with_capacity(2);
+            for ids in [&rec.event_ids[..mid], &rec.event_ids[mid..]] {
+                let new_id = self.inner.db.generate_id()?;
+                let mut events = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let mut ev = self.read_existing_event(*id)?;
+                    let case = ev
+                        .case
+                        .clone()
+                        .ok_or_else(|| OutboxError::Missing(format!("payload of events/e/{id}")))?;
+                    ev.state = EventState::Batched { batch_id: new_id };
+                    sb.insert(&event_key(*id)[..], encode(&ev)?);
+                    events.push((EventId(*id), case));
+                }
+                let half = BatchRecord {
+                    idempotency_key: Uuid::new_v4().to_string(),
+                    queue_id: rec.queue_id,
+                    event_ids: ids.to_vec(),
+                    created_at_ms: now,
+                    attempts: 0,
+                };
+                sb.insert(&batch_key(new_id)[..], encode(&half)?);
+                halves.push(Batch {
+                    id: new_id,
+                    idempotency_key: half.idempotency_key,
+                    queue_id: rec.queue_id,
+                    events,
+                    created_at_ms: now,
+                    attempts: 0,
+                });
+            }
+            sb.remove(&batch_key(batch.id)[..]);
+            self.inner.events.apply_batch(sb)?;
+            halves
+        };
+        self.inner.flush.wait_durable().await?;
+        let mut it = halves.into_iter();
+        match (it.next(), it.next()) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(OutboxError::Invalid(
+                "split produced fewer than two halves".into(),
+            )),
+        }
+    }
+
+    /// A batch of exactly one event was refused for good: the event becomes
+    /// `Rejected`, a copy with the error goes to the dead letters, and the
+    /// batch is removed, all in one transaction. Waits for the flush.
+    pub async fn reject(
+        &self,
+        batch: &Batch,
+        status: u16,
+        error: &str,
+        message: &str,
+    ) -> Result<(), OutboxError> {
+        if batch.events.len() != 1 {
+            return Err(OutboxError::Invalid(format!(
+                "only a batch of one event can be rejected; batch {} has {}",
+                batch.id,
+                batch.events.len()
+            )));
+        }
+        let now = now_ms();
+        {
+            let _b = lock(&self.inner.batch_lock);
+            let rec = self.checked_batch(batch)?;
+            let id = rec.event_ids[0];
+            let mut ev = self.read_existing_event(id)?;
+            let case = ev
+                .case
+                .take()
+                .ok_or_else(|| OutboxError::Missing(format!("payload of events/e/{id}")))?;
+            let dead = DeadLetter {
+                id: EventId(id),
+                source: ev.source.clone(),
+                identity: ev.identity.clone(),
+                queue_id: ev.queue_id,
+                case,
+                status,
+                error: error.to_string(),
+                message: message.to_string(),
+                received_at_ms: ev.received_at_ms,
+                rejected_at_ms: now,
+            };
+            ev.state = EventState::Rejected {
+                status,
+                error: error.to_string(),
+                message: message.to_string(),
+            };
+            ev.settled_at_ms = Some(now);
+            let ev_bytes = encode(&ev)?;
+            let dead_bytes = encode(&dead)?;
+            let expiry_bytes = encode(&())?;
+            let (ek, xk, bk) = (event_key(id), expiry_key(now, id), batch_key(batch.id));
+            let dk = id.to_be_bytes();
+            (&self.inner.events, &self.inner.dead).transaction(
+                |(events, dead)| -> ConflictableTransactionResult<(), OutboxError> {
+                    events.insert(&ek[..], ev_bytes.as_slice())?;
+                    events.insert(&xk[..], expiry_bytes.as_slice())?;
+                    events.remove(&bk[..])?;
+                    dead.insert(&dk[..], dead_bytes.as_slice())?;
+                    Ok(())
+                },
+            )?;
+            let mut ix = lock(&self.inner.index);
+            ix.batched = ix.batched.saturating_sub(1);
+        }
+        self.publish_depth();
+        self.inner.flush.wait_durable().await
+    }
+
+    /// All dead letters, in event id order. Corrupt entries are logged,
+    /// counted and skipped (they stay on disk).
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, OutboxError> {
+        let mut out = Vec::new();
+        for item in self.inner.dead.iter() {
+            let (key, value) = item?;
+            match self.decode_logged(&key, &value) {
+                Ok(d) => out.push(d),
+                Err(OutboxError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove tombstones (and their identities) of events settled more than
+    /// `retention` before `now_ms`; returns how many events were removed.
+    /// Reads only the expired range of the expiry index.
+    pub fn purge_expired(&self, now_ms: u64) -> Result<usize, OutboxError> {
+        let inner = &self.inner;
+        let retention_ms = u64::try_from(inner.cfg.retention.as_millis()).unwrap_or(u64::MAX);
+        let Some(cutoff) = now_ms.checked_sub(retention_ms) else {
+            return Ok(0);
+        };
+        let range = expiry_key(0, 0)..=expiry_key(cutoff, u64::MAX);
+        let mut removed = 0usize;
+        let mut sb = sled::Batch::default();
+        let mut pending = 0usize;
+        for item in inner.events.range(range) {
+            let (key, _) = item?;
+            sb.remove(key.clone());
+            pending += 1;
+            if let Some(id) = expiry_key_id(&key) {
+                match self.read_event(id) {
+                    Ok(Some(ev)) if ev.state.is_settled() => {
+                        sb.remove(&event_key(id)[..]);
+                        if let Some(identity) = &ev.identity {
+                            let ik = identity_key(identity);
+                            // Only if the identity still points at this event.
+                            if let Some(raw) = inner.events.get(&ik)? {
+                                if let Ok(owner) = self.decode_logged::<u64>(&ik, &raw) {
+                                    if owner == id {
+                                        sb.remove(ik);
+                                    }
+                                }
+                            }
+                        }
+                        removed += 1;
+                    }
+                    Ok(_) => {}
+                    Err(OutboxError::Corrupt { .. }) => {
+                        // Keep the corrupt record for inspection; drop only
+                        // its expiry entry so purge does not trip on it again.
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if pending >= PURGE_CHUNK {
+                inner.events.apply_batch(std::mem::take(&mut sb))?;
+                pending = 0;
+            }
+        }
+        if pending > 0 {
+            inner.events.apply_batch(sb)?;
+        }
+        Ok(removed)
+    }
+
+    /// Events not yet delivered or rejected (stored + batched): the backlog.
+    pub fn depth(&self) -> u64 {
+        lock(&self.inner.index).depth()
+    }
+
+    /// Size of the database files, refreshed by the flusher at most every 200 ms (reading it means
+    /// walking the directory, so the flusher refreshes it, not every caller).
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.flush.bytes_on_disk.load(Ordering::Relaxed)
+    }
+
+    /// True once the backlog is above `high_water_events` or the database
+    /// above `high_water_bytes`; stays true until the backlog is below
+    /// `low_water_events` (hysteresis, so sources do not flap between paused
+    /// and running at the threshold).
+    pub fn over_high_water(&self) -> bool {
+        let cfg = &self.inner.cfg;
+        let depth = self.depth();
+        let over = depth > cfg.high_water_events || self.size_on_disk() > cfg.high_water_bytes;
+        let flag = &self.inner.over_high;
+        if over {
+            flag.store(true, Ordering::Relaxed);
+            true
+        } else if flag.load(Ordering::Relaxed) && depth >= cfg.low_water_events {
+            true
+        } else {
+            flag.store(false, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Force a flush and wait for it (shutdown, tests).
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        self.inner.flush.wait_durable().await
+    }
+
+    /// Counters, without touching the disk.
+    pub fn stats(&self) -> OutboxStats {
+        let (depth, ready, batched) = {
+            let ix = lock(&self.inner.index);
+            (ix.depth(), ix.ready, ix.batched)
+        };
+        OutboxStats {
+            depth,
+            ready,
+            batched,
+            bytes_on_disk: self.size_on_disk(),
+            flushes: self.inner.flush.flushes.load(Ordering::Relaxed),
+            appended: self.inner.appended.load(Ordering::Relaxed),
+            duplicates: self.inner.duplicates.load(Ordering::Relaxed),
+            corrupt: self.inner.corrupt.load(Ordering::Relaxed),
+        }
+    }
+
+    // ---- helpers ----
+
+    fn wake_batcher(&self) {
+        // Wake everyone waiting now, and leave a permit for a batcher that is
+        // between its check and its wait.
+        self.inner.ready_notify.notify_waiters();
+        self.inner.ready_notify.notify_one();
+    }
+
+    fn publish_depth(&self) {
+        metrics::gauge!("duvo_bridge_outbox_depth").set(self.depth() as f64);
+    }
+
+    /// Decode a record; on corruption log it and count it before returning
+    /// the error.
+    fn decode_logged<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+        bytes: &[u8],
+    ) -> Result<T, OutboxError> {
+        decode(key, bytes).inspect_err(|e| {
+            if let OutboxError::Corrupt { key, reason } = e {
+                self.inner.corrupt.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("duvo_bridge_outbox_corrupt_records_total").increment(1);
+                tracing::error!(%key, %reason, "corrupt outbox record");
+            }
+        })
+    }
+
+    fn read_event(&self, id: u64) -> Result<Option<EventRecord>, OutboxError> {
+        let key = event_key(id);
+        match self.inner.events.get(key)? {
+            Some(raw) => self.decode_logged(&key, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn read_existing_event(&self, id: u64) -> Result<EventRecord, OutboxError> {
+        self.read_event(id)?
+            .ok_or_else(|| OutboxError::Missing(format!("events/e/{id}")))
+    }
+
+    fn read_batch(&self, batch_id: u64) -> Result<Option<BatchRecord>, OutboxError> {
+        let key = batch_key(batch_id);
+        match self.inner.events.get(key)? {
+            Some(raw) => self.decode_logged(&key, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The persisted record of `batch`, which must exist and list the same
+    /// events (a stale or forged `Batch` must not settle other events).
+    fn checked_batch(&self, batch: &Batch) -> Result<BatchRecord, OutboxError> {
+        let rec = self
+            .read_batch(batch.id)?
+            .ok_or(OutboxError::UnknownBatch(batch.id))?;
+        let ids: Vec<u64> = batch.events.iter().map(|(id, _)| id.0).collect();
+        if rec.event_ids != ids {
+            return Err(OutboxError::Invalid(format!(
+                "batch {} does not match its persisted record",
+                batch.id
+            )));
+        }
+        Ok(rec)
+    }
+}
+
+/// Open sled and rebuild the indexes (blocking: runs on the blocking pool).
+fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
+    let db = sled::Config::new()
+        .path(&cfg.path)
+        .cache_capacity(cfg.cache_capacity_bytes)
+        // We flush explicitly (group commit); sled's own periodic flusher
+        // would only add fsyncs nobody waits for.
+        .flush_every_ms(None)
+        .mode(sled::Mode::HighThroughput)
+        .open()?;
+    let events = db.open_tree(EVENTS_TREE)?;
+    let dead = db.open_tree(DEAD_LETTERS_TREE)?;
+    let mut corrupt = 0u64;
+    let mut note_corrupt = |e: &OutboxError| {
+        corrupt += 1;
+        metrics::counter!("duvo_bridge_outbox_corrupt_records_total").increment(1);
+        tracing::error!(error = %e, "corrupt outbox record found during recovery; left on disk");
+    };
+
+    // Batches first, so events pointing at a batch that does not exist
+    // (which the atomic writes should make impossible) can be detected.
+    let mut batches: HashSet<u64> = HashSet::new();
+    for item in events.scan_prefix([BATCH_PREFIX]) {
+        let (key, value) = item?;
+        let Some(batch_id) = key_u64(&key) else {
+            continue;
+        };
+        // A corrupt batch record still counts as existing: its events stay
+        // batched rather than being re-sent under a new key.
+        batches.insert(batch_id);
+        if let Err(e) = decode::<BatchRecord>(&key, &value) {
+            note_corrupt(&e);
+        }
+    }
+
+    let mut index = ReadyIndex::default();
+    let mut orphans = sled::Batch::default();
+    let mut orphan_count = 0u64;
+    for item in events.scan_prefix([EVENT_PREFIX]) {
+        let (key, value) = item?;
+        let Some(id) = key_u64(&key) else {
+            continue;
+        };
+        let mut rec: EventRecord = match decode(&key, &value) {
+            Ok(rec) => rec,
+            Err(e) => {
+                note_corrupt(&e);
+                continue;
+            }
+        };
+        match &rec.state {
+            EventState::Stored => {}
+            EventState::Batched { batch_id } if batches.contains(batch_id) => {
+                index.batched += 1;
+                continue;
+            }
+            EventState::Batched { batch_id } => {
+                tracing::warn!(
+                    event_id = id,
+                    batch_id,
+                    "event in a missing batch; made ready again"
+                );
+                rec.state = EventState::Stored;
+                orphans.insert(key.clone(), encode(&rec)?);
+                orphan_count += 1;
+            }
+            EventState::Delivered { .. } | EventState::Rejected { .. } => continue,
+        }
+        let Some(case) = &rec.case else {
+            note_corrupt(&OutboxError::Corrupt {
+                key: record::describe_key(&key),
+                reason: "pending event without payload".into(),
+            });
+            continue;
+        };
+        index.push(
+            rec.queue_id,
+            ReadyEntry {
+                id,
+                size: case_body_size(case)?,
+                received_at_ms: rec.received_at_ms,
+            },
+        );
+    }
+    if orphan_count > 0 {
+        events.apply_batch(orphans)?;
+        db.flush()?;
+    }
+    let bytes = db.size_on_disk().unwrap_or(0);
+    tracing::info!(
+        path = %cfg.path.display(),
+        ready = index.ready,
+        batched = index.batched,
+        corrupt,
+        bytes,
+        "outbox opened"
+    );
+    Ok(Opened {
+        db,
+        events,
+        dead,
+        index,
+        corrupt,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duvo::NewCase;
+
+    fn ev(queue_id: Uuid, title: &str) -> NewEvent {
+        NewEvent {
+            source: "oms".into(),
+            identity: None,
+            queue_id,
+            case: NewCase {
+                title: title.into(),
+                data: None,
+                labels: Vec::new(),
+                priority: None,
+            },
+            received_at_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn corruption_after_open_sets_the_event_aside_on_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("db")))
+            .await
+            .unwrap();
+        let q = Uuid::new_v4();
+        let out = outbox
+            .append(vec![ev(q, "a"), ev(q, "b"), ev(q, "c")])
+            .await
+            .unwrap();
+        let ids: Vec<EventId> = out.iter().map(AppendOutcome::id).collect();
+        // Garbage written behind the outbox's back.
+        outbox
+            .inner
+            .events
+            .insert(event_key(ids[1].0), &b"\x01garbage"[..])
+            .unwrap();
+        assert!(matches!(
+            outbox.claim_batch(q, 100, 1 << 20).await,
+            Err(OutboxError::Corrupt { .. })
+        ));
+        // The corrupt event is set aside; the others are claimable again, in order.
+        let stats = outbox.stats();
+        assert_eq!((stats.ready, stats.batched, stats.corrupt), (2, 0, 1));
+        let batch = outbox.claim_batch(q, 100, 1 << 20).await.unwrap().unwrap();
+        assert_eq!(batch.event_ids(), vec![ids[0], ids[2]]);
+        assert!(matches!(
+            outbox.get(ids[1]),
+            Err(OutboxError::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn flush_wakes_waiters_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("db")))
+            .await
+            .unwrap();
+        outbox.flush().await.unwrap();
+        outbox.flush().await.unwrap();
+        assert_eq!(outbox.stats().flushes, 2);
+    }
+}

@@ -1,0 +1,193 @@
+//! Outbox throughput against bare sled, same process, same disk, same run.
+//!
+//! (a) bare sled: insert + `db.flush()` per event, one writer (the baseline:
+//!     what a naive "fsync per event" store achieves);
+//! (b) bare sled: N concurrent writers, each insert + flush on the blocking pool;
+//! (c) `Outbox::append` of 1 event with N concurrent appenders (1, 16, 128):
+//!     group commit shares one fsync among all waiting appenders;
+//! (d) `Outbox::append` of batches of 200 events, one appender.
+//!
+//! Each case runs for a fixed wall-clock budget in a fresh temp dir and
+//! prints events/s and the ratio against (a). Run with
+//! `cargo bench --bench outbox` (optionally `OUTBOX_BENCH_SECS=5`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use duvo_bridge::duvo::NewCase;
+use duvo_bridge::outbox::{NewEvent, Outbox, OutboxConfig};
+use uuid::Uuid;
+
+fn budget() -> Duration {
+    let secs = std::env::var("OUTBOX_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(2.0);
+    Duration::from_secs_f64(secs)
+}
+
+fn payload(i: u64) -> Vec<u8> {
+    // Roughly the size of an encoded outbox record with a small case.
+    format!(
+        "{{\"source\":\"oms\",\"title\":\"Order ORD-{i}\",\"data\":\"{{\\\"order_id\\\":\\\"ORD-{i}\\\",\\\"amount\\\":1234}}\"}}"
+    )
+    .into_bytes()
+}
+
+fn event(queue_id: Uuid, i: u64) -> NewEvent {
+    NewEvent {
+        source: "oms".into(),
+        identity: Some(format!("bench:{i}")),
+        queue_id,
+        case: NewCase {
+            title: format!("Order ORD-{i}"),
+            data: Some(format!("{{\"order_id\":\"ORD-{i}\",\"amount\":1234}}")),
+            labels: Vec::new(),
+            priority: None,
+        },
+        received_at_ms: 0,
+    }
+}
+
+fn sled_db(dir: &tempfile::TempDir) -> sled::Db {
+    sled::Config::new()
+        .path(dir.path().join("db"))
+        .flush_every_ms(None)
+        .open()
+        .expect("open sled")
+}
+
+fn bare_single() -> (u64, Duration) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = sled_db(&dir);
+    let budget = budget();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < budget {
+        db.insert(n.to_be_bytes(), payload(n)).expect("insert");
+        db.flush().expect("flush");
+        n += 1;
+    }
+    (n, start.elapsed())
+}
+
+fn bare_concurrent(rt: &tokio::runtime::Runtime, writers: usize) -> (u64, Duration) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = sled_db(&dir);
+    let budget = budget();
+    let counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..writers {
+            let (db, counter, stop) = (db.clone(), counter.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = counter.fetch_add(1, Ordering::Relaxed);
+                    let db = db.clone();
+                    tokio::task::spawn_blocking(move || {
+                        db.insert(i.to_be_bytes(), payload(i)).expect("insert");
+                        db.flush().expect("flush");
+                    })
+                    .await
+                    .expect("join");
+                }
+            }));
+        }
+        tokio::time::sleep(budget).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.expect("join");
+        }
+    });
+    (counter.load(Ordering::Relaxed), start.elapsed())
+}
+
+fn outbox_append(
+    rt: &tokio::runtime::Runtime,
+    appenders: usize,
+    per_call: u64,
+) -> (u64, Duration, u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let budget = budget();
+    rt.block_on(async {
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("outbox")))
+            .await
+            .expect("open outbox");
+        let queue = Uuid::new_v4();
+        let counter = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..appenders {
+            let (outbox, counter, stop) = (outbox.clone(), counter.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let first = counter.fetch_add(per_call, Ordering::Relaxed);
+                    let events = (first..first + per_call).map(|i| event(queue, i)).collect();
+                    outbox.append(events).await.expect("append");
+                }
+            }));
+        }
+        tokio::time::sleep(budget).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.expect("join");
+        }
+        let elapsed = start.elapsed();
+        let stats = outbox.stats();
+        (stats.appended, elapsed, stats.flushes)
+    })
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!("outbox benchmark, {:?} per case", budget());
+    println!(
+        "{:<48} {:>10} {:>12} {:>8} {:>9}",
+        "case", "events", "events/s", "x (a)", "fsyncs"
+    );
+
+    let (n, d) = bare_single();
+    let base = n as f64 / d.as_secs_f64();
+    let row = |name: &str, n: u64, d: Duration, fsyncs: Option<u64>| {
+        let rate = n as f64 / d.as_secs_f64();
+        let fsyncs = fsyncs.map_or_else(|| "-".to_string(), |f| f.to_string());
+        println!(
+            "{name:<48} {n:>10} {rate:>12.0} {:>8.2} {fsyncs:>9}",
+            rate / base
+        );
+    };
+    row("(a) bare sled insert+flush, 1 writer", n, d, Some(n));
+    for writers in [4, 16] {
+        let (n, d) = bare_concurrent(&rt, writers);
+        row(
+            &format!("(b) bare sled insert+flush, {writers} writers"),
+            n,
+            d,
+            Some(n),
+        );
+    }
+    for appenders in [1, 16, 128] {
+        let (n, d, f) = outbox_append(&rt, appenders, 1);
+        row(
+            &format!("(c) Outbox::append 1 event, {appenders} appenders"),
+            n,
+            d,
+            Some(f),
+        );
+    }
+    let (n, d, f) = outbox_append(&rt, 1, 200);
+    row(
+        "(d) Outbox::append batches of 200, 1 appender",
+        n,
+        d,
+        Some(f),
+    );
+}

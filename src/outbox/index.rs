@@ -1,0 +1,157 @@
+//! In-memory index of ready events, rebuilt from disk at open.
+//!
+//! `claim_batch` must not scan the tree (with a million stored events that
+//! would be seconds per claim), so we keep, per queue, the ready events in id
+//! order with the size of their serialised case. Only ids, sizes and times
+//! are kept (24 bytes per event), never payloads.
+
+use std::collections::{HashMap, VecDeque};
+
+use uuid::Uuid;
+
+use super::record::batch_body_size;
+use super::types::ReadySummary;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadyEntry {
+    pub id: u64,
+    /// Serialised size of the case inside a `{"cases":[...]}` body.
+    pub size: u64,
+    pub received_at_ms: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ReadyIndex {
+    queues: HashMap<Uuid, VecDeque<ReadyEntry>>,
+    /// Stored events (sum of all queue lengths).
+    pub ready: u64,
+    /// Events in persisted, unsettled batches.
+    pub batched: u64,
+}
+
+impl ReadyIndex {
+    pub fn depth(&self) -> u64 {
+        self.ready + self.batched
+    }
+
+    /// Add a ready event, keeping id order (appends arrive in id order, so
+    /// this is a push at the back except when claimed events are returned).
+    pub fn push(&mut self, queue_id: Uuid, entry: ReadyEntry) {
+        let q = self.queues.entry(queue_id).or_default();
+        match q.back() {
+            Some(last) if last.id > entry.id => {
+                let at = q.partition_point(|e| e.id < entry.id);
+                q.insert(at, entry);
+            }
+            _ => q.push_back(entry),
+        }
+        self.ready += 1;
+    }
+
+    /// Take the oldest ready events of a queue: at most `max_cases`, and as
+    /// many as fit a `{"cases":[...]}` body of `max_body_bytes`, but always
+    /// at least one (an oversized event goes alone, the API answers 413 and
+    /// the caller rejects it). Taken events count as batched.
+    pub fn take(
+        &mut self,
+        queue_id: Uuid,
+        max_cases: usize,
+        max_body_bytes: usize,
+    ) -> Vec<ReadyEntry> {
+        let Some(q) = self.queues.get_mut(&queue_id) else {
+            return Vec::new();
+        };
+        let mut taken: Vec<ReadyEntry> = Vec::new();
+        let mut bytes = 0u64;
+        while taken.len() < max_cases {
+            let Some(next) = q.front() else { break };
+            let would_be = batch_body_size(taken.len() as u64 + 1, bytes + next.size);
+            if !taken.is_empty() && would_be > max_body_bytes as u64 {
+                break;
+            }
+            bytes += next.size;
+            if let Some(e) = q.pop_front() {
+                taken.push(e);
+            }
+        }
+        if q.is_empty() {
+            self.queues.remove(&queue_id);
+        }
+        let n = taken.len() as u64;
+        self.ready -= n;
+        self.batched += n;
+        taken
+    }
+
+    /// Undo a `take` (the batch could not be persisted).
+    pub fn put_back(&mut self, queue_id: Uuid, entries: impl IntoIterator<Item = ReadyEntry>) {
+        for e in entries {
+            self.batched = self.batched.saturating_sub(1);
+            self.push(queue_id, e);
+        }
+    }
+
+    pub fn summary(&self) -> Vec<ReadySummary> {
+        let mut out: Vec<ReadySummary> = self
+            .queues
+            .iter()
+            .filter_map(|(queue_id, q)| {
+                q.front().map(|first| ReadySummary {
+                    queue_id: *queue_id,
+                    count: q.len() as u64,
+                    oldest_received_at_ms: first.received_at_ms,
+                })
+            })
+            .collect();
+        out.sort_by_key(|s| (s.oldest_received_at_ms, s.queue_id));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(id: u64, size: u64) -> ReadyEntry {
+        ReadyEntry {
+            id,
+            size,
+            received_at_ms: id * 10,
+        }
+    }
+
+    #[test]
+    fn take_is_oldest_first_and_bounded() {
+        let q = Uuid::new_v4();
+        let mut ix = ReadyIndex::default();
+        for id in [1, 2, 3, 4, 5] {
+            ix.push(q, e(id, 10));
+        }
+        let t = ix.take(q, 2, usize::MAX);
+        assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!((ix.ready, ix.batched, ix.depth()), (3, 2, 5));
+        // 12 + 10 + 10 + 1 = 33 fits two; a third needs 44.
+        let t = ix.take(q, 10, 43);
+        assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4]);
+        ix.put_back(q, t);
+        assert_eq!(ix.summary()[0].oldest_received_at_ms, 30);
+        assert_eq!(ix.summary()[0].count, 3);
+    }
+
+    #[test]
+    fn oversized_event_goes_alone_and_put_back_keeps_order() {
+        let q = Uuid::new_v4();
+        let mut ix = ReadyIndex::default();
+        ix.push(q, e(1, 1000));
+        ix.push(q, e(2, 1));
+        let t = ix.take(q, 10, 100);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].id, 1);
+        ix.put_back(q, t);
+        ix.push(q, e(3, 1));
+        let t = ix.take(q, 10, usize::MAX);
+        assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(ix.summary().is_empty());
+        assert!(ix.take(q, 10, 100).is_empty());
+    }
+}

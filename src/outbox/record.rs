@@ -1,0 +1,267 @@
+//! On-disk layout and record encoding.
+//!
+//! Everything about one event lives in ONE sled tree ([`EVENTS_TREE`]) so an
+//! append (record + identity) or a state change (events + batch record) is a
+//! single atomic `apply_batch` on one tree. Key spaces are told apart by a
+//! one-byte prefix:
+//!
+//! | key                                   | value                          |
+//! |---------------------------------------|--------------------------------|
+//! | `e` + event id (u64 BE)               | [`EventRecord`]                |
+//! | `i` + identity (UTF-8)                | event id (u64)                 |
+//! | `b` + batch id (u64 BE)               | [`BatchRecord`]                |
+//! | `t` + settled_at_ms (u64 BE) + id     | empty record (expiry index)    |
+//!
+//! The `t` keys sort by settle time, so `purge_expired` reads only the
+//! expired range instead of scanning every event.
+//!
+//! Dead letters live in their own tree ([`DEAD_LETTERS_TREE`], key = event
+//! id u64 BE, value = [`DeadLetter`](super::DeadLetter)).
+//!
+//! Every value is framed as `[version u8][crc32 of payload, u32 LE][payload]`
+//! with a serde_json payload. The checksum is verified on every read, so a
+//! torn or bit-flipped value surfaces as `OutboxError::Corrupt` instead of
+//! as a wrong case sent to the API.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use uuid::Uuid;
+
+use super::types::{EventState, OutboxError};
+use crate::duvo::NewCase;
+
+/// Tree holding events, identities, batches and the expiry index.
+pub const EVENTS_TREE: &str = "events";
+/// Tree holding dead letters.
+pub const DEAD_LETTERS_TREE: &str = "dead_letters";
+
+/// Current record format version (first byte of every value).
+pub const RECORD_VERSION: u8 = 1;
+const HEADER_LEN: usize = 5;
+
+pub(crate) const EVENT_PREFIX: u8 = b'e';
+pub(crate) const IDENTITY_PREFIX: u8 = b'i';
+pub(crate) const BATCH_PREFIX: u8 = b'b';
+pub(crate) const EXPIRY_PREFIX: u8 = b't';
+
+/// Key of an event record in [`EVENTS_TREE`] (public so tools and tests can
+/// inspect the raw database).
+pub fn event_key(id: u64) -> [u8; 9] {
+    prefixed_u64(EVENT_PREFIX, id)
+}
+
+/// Key of a batch record in [`EVENTS_TREE`].
+pub fn batch_key(id: u64) -> [u8; 9] {
+    prefixed_u64(BATCH_PREFIX, id)
+}
+
+/// Key of an identity in [`EVENTS_TREE`].
+pub fn identity_key(identity: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + identity.len());
+    k.push(IDENTITY_PREFIX);
+    k.extend_from_slice(identity.as_bytes());
+    k
+}
+
+pub(crate) fn expiry_key(settled_at_ms: u64, id: u64) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = EXPIRY_PREFIX;
+    k[1..9].copy_from_slice(&settled_at_ms.to_be_bytes());
+    k[9..17].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Event id of an expiry key, if well formed.
+pub(crate) fn expiry_key_id(key: &[u8]) -> Option<u64> {
+    if key.len() != 17 || key[0] != EXPIRY_PREFIX {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[9..17]);
+    Some(u64::from_be_bytes(b))
+}
+
+/// The u64 after a one-byte prefix, if the key is exactly that.
+pub(crate) fn key_u64(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[1..9]);
+    Some(u64::from_be_bytes(b))
+}
+
+fn prefixed_u64(prefix: u8, v: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&v.to_be_bytes());
+    k
+}
+
+/// Readable form of a raw key for errors and logs.
+pub fn describe_key(key: &[u8]) -> String {
+    match key.first() {
+        Some(&EVENT_PREFIX) if key.len() == 9 => format!("events/e/{}", key_u64(key).unwrap_or(0)),
+        Some(&BATCH_PREFIX) if key.len() == 9 => format!("events/b/{}", key_u64(key).unwrap_or(0)),
+        Some(&IDENTITY_PREFIX) => format!("events/i/{}", String::from_utf8_lossy(&key[1..])),
+        Some(&EXPIRY_PREFIX) => format!("events/t/{:02x?}", &key[1..]),
+        _ => format!("{key:02x?}"),
+    }
+}
+
+/// Frame a payload: version byte, crc32, serde_json bytes.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, OutboxError> {
+    let payload = serde_json::to_vec(value)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Verify the frame and decode the payload; any mismatch is `Corrupt`.
+pub(crate) fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, OutboxError> {
+    let corrupt = |reason: String| OutboxError::Corrupt {
+        key: describe_key(key),
+        reason,
+    };
+    if bytes.len() < HEADER_LEN {
+        return Err(corrupt(format!("record too short ({} bytes)", bytes.len())));
+    }
+    if bytes[0] != RECORD_VERSION {
+        return Err(corrupt(format!("unknown record version {}", bytes[0])));
+    }
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(&bytes[1..HEADER_LEN]);
+    let stored = u32::from_le_bytes(crc);
+    let payload = &bytes[HEADER_LEN..];
+    let actual = crc32fast::hash(payload);
+    if stored != actual {
+        return Err(corrupt(format!(
+            "checksum mismatch (stored {stored:08x}, computed {actual:08x})"
+        )));
+    }
+    serde_json::from_slice(payload).map_err(|e| corrupt(format!("undecodable payload: {e}")))
+}
+
+/// The whole state of one event.
+///
+/// While the event is pending, `case` holds the payload; once settled the
+/// payload is dropped and the record shrinks to a tombstone (title, state,
+/// times) kept for `retention` so dedupe and `get` keep working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct EventRecord {
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    pub queue_id: Uuid,
+    pub received_at_ms: u64,
+    pub title: String,
+    pub state: EventState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case: Option<NewCase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled_at_ms: Option<u64>,
+}
+
+/// A persisted batch: ids only, the payloads stay in the event records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct BatchRecord {
+    pub idempotency_key: String,
+    pub queue_id: Uuid,
+    pub event_ids: Vec<u64>,
+    pub created_at_ms: u64,
+    pub attempts: u32,
+}
+
+/// Size in bytes of a case as serialised inside a `{"cases":[...]}` body.
+pub(crate) fn case_body_size(case: &NewCase) -> Result<u64, OutboxError> {
+    Ok(serde_json::to_vec(case)?.len() as u64)
+}
+
+/// Size of `{"cases":[c1,c2,...]}` given the number of cases and the sum of
+/// their serialised sizes: 12 bytes of envelope plus the commas.
+pub(crate) fn batch_body_size(count: u64, cases_bytes: u64) -> u64 {
+    if count == 0 {
+        return 12;
+    }
+    12 + cases_bytes + (count - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duvo::{CreateCasesRequest, Label, Priority};
+
+    fn case(title: &str) -> NewCase {
+        NewCase {
+            title: title.to_string(),
+            data: Some("{\"k\":\"v \\\" é\"}".to_string()),
+            labels: vec![Label {
+                key: "a".into(),
+                value: "b".into(),
+            }],
+            priority: Some(Priority::High),
+        }
+    }
+
+    #[test]
+    fn body_size_matches_serde_json() {
+        for n in 1..5 {
+            let cases: Vec<NewCase> = (0..n).map(|i| case(&format!("t{i}"))).collect();
+            let sum: u64 = cases.iter().map(|c| case_body_size(c).unwrap()).sum();
+            let body = serde_json::to_vec(&CreateCasesRequest::batch(cases)).unwrap();
+            assert_eq!(batch_body_size(n, sum), body.len() as u64);
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_corruption() {
+        let key = event_key(7);
+        let bytes = encode(&case("x")).unwrap();
+        assert_eq!(bytes[0], RECORD_VERSION);
+        let back: NewCase = decode(&key, &bytes).unwrap();
+        assert_eq!(back, case("x"));
+
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 0x01;
+        match decode::<NewCase>(&key, &flipped) {
+            Err(OutboxError::Corrupt { key, reason }) => {
+                assert_eq!(key, "events/e/7");
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(matches!(
+            decode::<NewCase>(&key, b"ab"),
+            Err(OutboxError::Corrupt { .. })
+        ));
+        let mut wrong_version = bytes;
+        wrong_version[0] = 9;
+        assert!(matches!(
+            decode::<NewCase>(&key, &wrong_version),
+            Err(OutboxError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn keys_order_and_parse() {
+        assert!(event_key(1) < event_key(256));
+        assert_eq!(key_u64(&batch_key(42)), Some(42));
+        let k = expiry_key(1000, 5);
+        assert_eq!(expiry_key_id(&k), Some(5));
+        assert!(expiry_key(999, 9) < expiry_key(1000, 1));
+        assert_eq!(
+            describe_key(&identity_key("kafka:t:0:1")),
+            "events/i/kafka:t:0:1"
+        );
+    }
+
+    #[test]
+    fn event_state_serde_is_snake_case_tagged() {
+        let s = serde_json::to_value(EventState::Batched { batch_id: 3 }).unwrap();
+        assert_eq!(s, serde_json::json!({"state": "batched", "batch_id": 3}));
+        let s = serde_json::to_value(EventState::Stored).unwrap();
+        assert_eq!(s, serde_json::json!({"state": "stored"}));
+    }
+}

@@ -1,0 +1,280 @@
+//! Public data types of the outbox: ids, events, states, batches, config,
+//! statistics and the module's error type.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+use crate::duvo::NewCase;
+
+/// Identifier of an event in the outbox.
+///
+/// Allocated with sled's `generate_id`, so ids grow monotonically across
+/// restarts: id order is arrival order, which is what "oldest first" uses.
+/// Serialised as a decimal *string* because JavaScript-side consumers of the
+/// admin API and of reports cannot represent every u64 as a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(pub u64);
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for EventId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<u64>().map(EventId)
+    }
+}
+
+impl Serialize for EventId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An event as a source hands it to the outbox, already mapped to a case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Source name, e.g. `oms`.
+    pub source: String,
+    /// Dedupe identity, e.g. `http:oms:<idem-key>:3` or `kafka:t:0:123`.
+    /// Events without an identity are never deduplicated.
+    pub identity: Option<String>,
+    /// Target Duvo queue.
+    pub queue_id: Uuid,
+    /// The case to create.
+    pub case: NewCase,
+    /// Unix ms at which the source received the event (end-to-end latency).
+    pub received_at_ms: u64,
+}
+
+/// Lifecycle of an event in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum EventState {
+    /// Durable, waiting for a batch.
+    Stored,
+    /// In a persisted batch, maybe in flight.
+    Batched { batch_id: u64 },
+    /// The case was created.
+    Delivered { case_id: Uuid, delivered_at_ms: u64 },
+    /// The API refused it for good; a copy is in the dead letters.
+    Rejected {
+        status: u16,
+        error: String,
+        message: String,
+    },
+}
+
+impl EventState {
+    /// Delivered or rejected: nothing more will happen to the event.
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self,
+            EventState::Delivered { .. } | EventState::Rejected { .. }
+        )
+    }
+}
+
+/// What `Outbox::get` shows about an event (no payload: it is dropped once
+/// the event is settled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventView {
+    pub id: EventId,
+    pub source: String,
+    pub queue_id: Uuid,
+    pub state: EventState,
+    pub received_at_ms: u64,
+    pub title: String,
+}
+
+/// A persisted batch: up to `max_cases` events of one queue sent in one
+/// request under one idempotency key.
+///
+/// The key is fixed when the batch is persisted and never changes, so a
+/// re-send after a timeout or a restart cannot create the cases twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub id: u64,
+    pub idempotency_key: String,
+    pub queue_id: Uuid,
+    pub events: Vec<(EventId, NewCase)>,
+    pub created_at_ms: u64,
+    pub attempts: u32,
+}
+
+impl Batch {
+    /// The cases in batch order, ready for `CreateCasesRequest::batch`.
+    pub fn cases(&self) -> Vec<NewCase> {
+        self.events.iter().map(|(_, c)| c.clone()).collect()
+    }
+
+    /// The event ids in batch order.
+    pub fn event_ids(&self) -> Vec<EventId> {
+        self.events.iter().map(|(id, _)| *id).collect()
+    }
+}
+
+/// Result of appending one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Newly stored under this id.
+    Stored(EventId),
+    /// The identity was already known (within retention): nothing stored,
+    /// this is the id of the first event with that identity.
+    Duplicate(EventId),
+}
+
+impl AppendOutcome {
+    pub fn id(&self) -> EventId {
+        match self {
+            AppendOutcome::Stored(id) | AppendOutcome::Duplicate(id) => *id,
+        }
+    }
+
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, AppendOutcome::Duplicate(_))
+    }
+}
+
+/// One queue's ready (stored, not yet batched) events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadySummary {
+    pub queue_id: Uuid,
+    pub count: u64,
+    /// `received_at_ms` of the oldest ready event (lowest id).
+    pub oldest_received_at_ms: u64,
+}
+
+/// An event the API refused for good, with everything needed to inspect or
+/// replay it by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: EventId,
+    pub source: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    pub queue_id: Uuid,
+    pub case: NewCase,
+    pub status: u16,
+    pub error: String,
+    pub message: String,
+    pub received_at_ms: u64,
+    pub rejected_at_ms: u64,
+}
+
+/// Point-in-time counters, cheap to read (no disk access).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxStats {
+    /// Stored + batched events (the backlog).
+    pub depth: u64,
+    /// Stored events waiting for a batch.
+    pub ready: u64,
+    /// Events in persisted, unsettled batches.
+    pub batched: u64,
+    /// `size_on_disk`, refreshed by the flusher (at most every 200 ms).
+    pub bytes_on_disk: u64,
+    /// fsyncs performed by the flusher since open.
+    pub flushes: u64,
+    /// Events stored since open.
+    pub appended: u64,
+    /// Appends answered with `Duplicate` since open.
+    pub duplicates: u64,
+    /// Corrupt records detected since open (each detection counts).
+    pub corrupt: u64,
+}
+
+/// Outbox configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxConfig {
+    /// Directory of the sled database.
+    pub path: PathBuf,
+    /// Backlog (events) above which `over_high_water` turns true.
+    pub high_water_events: u64,
+    /// Backlog (events) below which `over_high_water` turns false again.
+    pub low_water_events: u64,
+    /// Size on disk above which `over_high_water` turns true.
+    pub high_water_bytes: u64,
+    /// How long delivered/rejected tombstones and their identities are kept,
+    /// i.e. the dedupe window for sources that redeliver.
+    pub retention: Duration,
+    /// sled page cache size.
+    pub cache_capacity_bytes: u64,
+}
+
+impl OutboxConfig {
+    /// Defaults for everything but the path.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        OutboxConfig {
+            path: path.into(),
+            high_water_events: 1_000_000,
+            low_water_events: 800_000,
+            high_water_bytes: 8 * 1024 * 1024 * 1024,
+            retention: Duration::from_secs(24 * 3600),
+            cache_capacity_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig::new("outbox")
+    }
+}
+
+/// Why an outbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// sled reported an I/O or internal error.
+    #[error("outbox storage error: {0}")]
+    Storage(#[from] sled::Error),
+    /// A record failed its checksum or did not decode. The record is left in
+    /// place for inspection; it is never silently dropped.
+    #[error("corrupt outbox record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    /// The flusher's fsync failed: the writes it should have covered are not
+    /// known to be durable.
+    #[error("outbox flush failed: {0}")]
+    Flush(String),
+    /// The flusher task is gone (runtime shutting down).
+    #[error("outbox flusher stopped")]
+    FlusherStopped,
+    /// No such batch on disk (already settled or split, or never persisted).
+    #[error("unknown batch {0}")]
+    UnknownBatch(u64),
+    /// A record the indexes point at is missing from disk.
+    #[error("outbox record {0} is missing")]
+    Missing(String),
+    /// The caller passed something the operation cannot do.
+    #[error("invalid outbox request: {0}")]
+    Invalid(String),
+    /// A blocking task (open, recovery) panicked or was cancelled.
+    #[error("outbox background task failed: {0}")]
+    Task(String),
+    /// Encoding a record failed (should not happen for our types).
+    #[error("cannot encode outbox record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl From<sled::transaction::TransactionError<OutboxError>> for OutboxError {
+    fn from(e: sled::transaction::TransactionError<OutboxError>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Abort(e) => e,
+            sled::transaction::TransactionError::Storage(e) => OutboxError::Storage(e),
+        }
+    }
+}
