@@ -324,59 +324,94 @@ fn ceil_secs(t: SystemTime) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-struct SimReport {
-    /// Accepted requests per server window that lay entirely in the run.
-    full_windows: Vec<u64>,
-    rejected_after_first_feedback: u64,
-    rejected_total: u64,
-    limit: u64,
+/// One party using the key in a simulation.
+enum Party {
+    /// A replica: its own gate, driven by `senders` concurrent loops.
+    Replica { cfg: RateGateConfig, senders: usize },
+    /// Someone outside our control using the same key at a steady rate
+    /// (another tool, a human with curl); it ignores rate-limit headers.
+    External { per_minute: u32 },
 }
 
-/// Run `senders` concurrent request loops through one gate against the
-/// simulated server for `minutes`, with a 40 ms round trip.
-async fn run_against_fixed_window(
-    cfg: RateGateConfig,
+struct SimReport {
+    /// Accepted requests (all parties) per server window that lay entirely
+    /// inside the run.
+    full_windows: Vec<u64>,
+    /// Per replica: 429s for requests sent after that replica's first feedback.
+    rejected_after_first_feedback: Vec<u64>,
+    /// 429s for everyone, external parties included.
+    rejected_total: u64,
     limit: u64,
-    phase: Duration,
-    senders: usize,
-    minutes: u64,
-) -> (SimReport, RateGate) {
-    let gate = RateGate::new(cfg);
+    gates: Vec<RateGate>,
+}
+
+/// Run the parties against the simulated server for `minutes`, with a 40 ms
+/// round trip for every request.
+async fn simulate(limit: u64, phase: Duration, minutes: u64, parties: Vec<Party>) -> SimReport {
     let start = Instant::now();
     // A wall clock with a fractional second, so whole-second rounding bites.
     let wall0 = UNIX_EPOCH + Duration::from_nanos(1_800_000_000_370_000_000);
-    let server = Arc::new(Mutex::new(FixedWindowServer::new(limit, phase, start, wall0)));
-    let first_feedback: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-    let rejected_after = Arc::new(Mutex::new(0u64));
+    let server = Arc::new(Mutex::new(FixedWindowServer::new(
+        limit, phase, start, wall0,
+    )));
     let until = start + SECS(60 * minutes);
 
+    let mut gates = Vec::new();
+    let mut rejected_counters = Vec::new();
     let mut tasks = Vec::new();
-    for _ in 0..senders {
-        let (gate, server) = (gate.clone(), server.clone());
-        let (first_feedback, rejected_after) = (first_feedback.clone(), rejected_after.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let permit = gate.acquire(RequestClass::Create).await;
-                let sent = Instant::now();
-                if sent >= until {
-                    return;
+    for party in parties {
+        match party {
+            Party::Replica { cfg, senders } => {
+                let gate = RateGate::new(cfg);
+                let first_feedback: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+                let rejected_after = Arc::new(Mutex::new(0u64));
+                for _ in 0..senders {
+                    let (gate, server) = (gate.clone(), server.clone());
+                    let (first_feedback, rejected_after) =
+                        (first_feedback.clone(), rejected_after.clone());
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            let permit = gate.acquire(RequestClass::Create).await;
+                            if Instant::now() >= until {
+                                return;
+                            }
+                            let informed = first_feedback.lock().expect("lock").is_some();
+                            sleep(MS(20)).await;
+                            let (status, info) =
+                                server.lock().expect("lock").handle(Instant::now());
+                            if status == 429 && informed {
+                                *rejected_after.lock().expect("lock") += 1;
+                            }
+                            sleep(MS(20)).await;
+                            let now = Instant::now();
+                            let wall = wall0 + (now - start);
+                            first_feedback.lock().expect("lock").get_or_insert(now);
+                            permit.observe(
+                                &ServerFeedback::from_info(&info, wall).with_status(status),
+                            );
+                        }
+                    }));
                 }
-                let informed = first_feedback.lock().expect("lock").is_some();
-                sleep(MS(20)).await;
-                let (status, info) = server.lock().expect("lock").handle(Instant::now());
-                if status == 429 && informed {
-                    *rejected_after.lock().expect("lock") += 1;
-                }
-                sleep(MS(20)).await;
-                let now = Instant::now();
-                let wall = wall0 + (now - start);
-                first_feedback.lock().expect("lock").get_or_insert(now);
-                permit.observe(&ServerFeedback::from_info(&info, wall).with_status(status));
+                gates.push(gate);
+                rejected_counters.push(rejected_after);
             }
-        }));
+            Party::External { per_minute } => {
+                let server = server.clone();
+                let every = Duration::from_secs_f64(60.0 / f64::from(per_minute));
+                tasks.push(tokio::spawn(async move {
+                    // Out of step with everyone else, too.
+                    let mut next = start + MS(370);
+                    while next < until {
+                        sleep_until(next).await;
+                        server.lock().expect("lock").handle(Instant::now());
+                        next += every;
+                    }
+                }));
+            }
+        }
     }
     for t in tasks {
-        t.await.expect("sender task");
+        t.await.expect("party task");
     }
     let server = server.lock().expect("lock");
     let full_windows = server
@@ -388,18 +423,29 @@ async fn run_against_fixed_window(
         })
         .map(|(_, n)| *n)
         .collect();
-    let report = SimReport {
+    SimReport {
         full_windows,
-        rejected_after_first_feedback: *rejected_after.lock().expect("lock"),
+        rejected_after_first_feedback: rejected_counters
+            .iter()
+            .map(|c| *c.lock().expect("lock"))
+            .collect(),
         rejected_total: server.rejected,
         limit,
-    };
-    (report, gate)
+        gates,
+    }
 }
 
 fn assert_no_429_and_full_use(r: &SimReport) {
-    assert_eq!(r.rejected_after_first_feedback, 0, "server had to answer 429");
-    assert!(r.full_windows.len() >= 4, "too few full windows: {:?}", r.full_windows);
+    assert!(
+        r.rejected_after_first_feedback.iter().all(|n| *n == 0),
+        "server had to answer 429 to a replica: {:?}",
+        r.rejected_after_first_feedback
+    );
+    assert!(
+        r.full_windows.len() >= 4,
+        "too few full windows: {:?}",
+        r.full_windows
+    );
     let floor = (r.limit as f64 * 0.95).ceil() as u64;
     for n in &r.full_windows {
         assert!(
@@ -409,27 +455,34 @@ fn assert_no_429_and_full_use(r: &SimReport) {
             r.full_windows
         );
     }
+    for g in &r.gates {
+        assert_eq!(g.stats().throttled_responses, 0, "{:?}", g.stats());
+    }
+}
+
+fn replica(rate_per_minute: u32, senders: usize) -> Party {
+    Party::Replica {
+        cfg: RateGateConfig {
+            rate_per_minute,
+            ..RateGateConfig::default()
+        },
+        senders,
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn out_of_phase_server_rate_equal_to_limit() {
-    let cfg = RateGateConfig::default();
-    let (r, gate) = run_against_fixed_window(cfg, 300, MS(17_300), 3, 6).await;
+    let r = simulate(300, MS(17_300), 6, vec![replica(300, 3)]).await;
     assert_no_429_and_full_use(&r);
     assert_eq!(r.rejected_total, 0);
-    assert_eq!(gate.stats().throttled_responses, 0);
 }
 
 #[tokio::test(start_paused = true)]
 async fn out_of_phase_server_rate_above_limit() {
-    let cfg = RateGateConfig {
-        rate_per_minute: 600,
-        ..RateGateConfig::default()
-    };
-    let (r, gate) = run_against_fixed_window(cfg, 240, MS(41_730), 3, 6).await;
+    let r = simulate(240, MS(41_730), 6, vec![replica(600, 3)]).await;
     assert_no_429_and_full_use(&r);
     // Adapted to the server's limit.
-    let s = gate.stats();
+    let s = r.gates[0].stats();
     assert_eq!(s.server_limit, Some(240));
     assert!((s.effective_rpm - 240.0).abs() < 1e-9, "{s:?}");
 }
@@ -437,14 +490,43 @@ async fn out_of_phase_server_rate_above_limit() {
 #[tokio::test(start_paused = true)]
 async fn out_of_phase_server_with_small_limit_and_big_burst() {
     // A burst larger than the server's limit: only the window guard stands
-    // between us and a 429 at every window start.
+    // between the first requests and a 429.
     let cfg = RateGateConfig {
         rate_per_minute: 300,
         burst: 20,
         ..RateGateConfig::default()
     };
-    let (r, _gate) = run_against_fixed_window(cfg, 30, MS(5_900), 4, 6).await;
+    let r = simulate(30, MS(5_900), 6, vec![Party::Replica { cfg, senders: 4 }]).await;
     assert_no_429_and_full_use(&r);
+}
+
+#[tokio::test(start_paused = true)]
+async fn window_guard_absorbs_a_foreign_user_of_the_key() {
+    // Pacing alone would send 300 + 60 per window: only the server-fed
+    // estimate (and its reserve for foreign requests) avoids 429s.
+    let parties = vec![replica(300, 2), Party::External { per_minute: 60 }];
+    let r = simulate(300, MS(23_450), 6, parties).await;
+    assert_no_429_and_full_use(&r);
+    let s = r.gates[0].stats();
+    assert!(s.window_waits >= 5, "{s:?}");
+    // The external party got the 429s, not us.
+    assert!(r.rejected_total > 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn replicas_sharing_a_key_split_it_without_429s() {
+    let half = |senders| Party::Replica {
+        cfg: RateGateConfig {
+            share: 0.5,
+            ..RateGateConfig::default()
+        },
+        senders,
+    };
+    let r = simulate(300, MS(31_010), 6, vec![half(2), half(3)]).await;
+    assert_no_429_and_full_use(&r);
+    for g in &r.gates {
+        assert_eq!(g.stats().effective_rpm, 150.0);
+    }
 }
 
 // ------------------------------------------------------------ adaptation

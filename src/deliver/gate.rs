@@ -25,7 +25,11 @@
 //!    estimate to what the server reports (minus the other requests still in
 //!    flight, which the server may not have counted yet). When the estimate
 //!    hits zero, acquirers wait for the window's end plus `window_guard`; the
-//!    estimate is then unknown until the next response. This is what keeps a
+//!    estimate is then unknown until the next response. When the server's
+//!    count drops faster than our own requests explain, someone else uses the
+//!    key (another replica): we then keep as many requests in reserve at the
+//!    end of a window as such foreign requests arrived between two of our
+//!    observations, since our estimate cannot see them sooner. This is what keeps a
 //!    server whose window is out of phase with our pacing from ever answering
 //!    429, and what lets several replicas sharing a key notice each other.
 //! 4. **Adaptation.** If the server announces a lower limit than configured,
@@ -84,6 +88,10 @@ const MAX_SERVER_DELAY: Duration = Duration::from_secs(24 * 3600);
 /// The lowest pace the gate will ever compute (requests per minute); keeps the
 /// interval arithmetic finite when a server announces a tiny limit.
 const MIN_RPM: f64 = 0.01;
+
+/// Upper bound of the end-of-window reserve kept when the key is shared (see
+/// `State::safety_margin`); it is also at most a tenth of the server's limit.
+const MAX_SAFETY_MARGIN: u64 = 10;
 
 /// Which budget a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -321,6 +329,10 @@ struct WindowEstimate {
     resets_at: Instant,
     /// Requests we believe are still allowed in it.
     remaining: u64,
+    /// Largest drop of the server's count not explained by our own
+    /// requests between two of our observations in this window: someone
+    /// else (another replica, another tool) uses the key.
+    foreign_max: u64,
 }
 
 struct State {
@@ -338,6 +350,9 @@ struct State {
     track_tat: Instant,
     blocked_until: Option<Instant>,
     window: Option<WindowEstimate>,
+    /// `foreign_max` of the previous window, carried over so that a shared
+    /// key keeps its safety margin at the start of a new window.
+    prev_foreign: u64,
     in_flight: u64,
     next_id: u64,
     create_q: VecDeque<Waiter>,
@@ -369,6 +384,7 @@ impl State {
             track_tat: now,
             blocked_until: None,
             window: None,
+            prev_foreign: 0,
             in_flight: 0,
             next_id: 0,
             create_q: VecDeque::new(),
@@ -431,8 +447,26 @@ impl State {
         if let Some(w) = self.window
             && now >= w.resets_at + self.cfg.window_guard
         {
+            self.prev_foreign = w.foreign_max;
             self.window = None;
         }
+    }
+
+    /// Requests held back at the end of a window when others share the key.
+    ///
+    /// Our estimate only learns about foreign requests when one of our
+    /// responses comes back, so it can be optimistic by as many foreign
+    /// requests as arrive between two observations. Keeping that many in
+    /// reserve stops us from sending the request that would be the server's
+    /// first 429. Alone on the key, the margin is 0 and the whole budget is
+    /// used.
+    fn safety_margin(&self) -> u64 {
+        let current = self.window.map_or(0, |w| w.foreign_max);
+        let margin = current.max(self.prev_foreign);
+        let cap = self
+            .server_limit
+            .map_or(MAX_SAFETY_MARGIN, |l| (l / 10).clamp(1, MAX_SAFETY_MARGIN));
+        margin.min(cap)
     }
 
     fn enqueue(&mut self, class: RequestClass, now: Instant) -> u64 {
@@ -475,7 +509,7 @@ impl State {
             self.blocked_until = None;
         }
         if let Some(w) = self.window
-            && w.remaining == 0
+            && w.remaining <= self.safety_margin()
         {
             return Decision::Wait {
                 until: Some(w.resets_at + self.cfg.window_guard),
@@ -614,6 +648,9 @@ impl State {
                         // Same window: the later end is the safe one.
                         w.resets_at = w.resets_at.max(resets_at);
                         if let Some(r) = reported {
+                            if r < w.remaining {
+                                w.foreign_max = w.foreign_max.max(w.remaining - r);
+                            }
                             w.remaining = w.remaining.min(r);
                         }
                     }
@@ -622,23 +659,26 @@ impl State {
                     }
                     _ => {
                         // First news of a (newer) window.
+                        if let Some(old) = self.window {
+                            self.prev_foreign = old.foreign_max;
+                        }
                         self.window = reported.map(|remaining| WindowEstimate {
                             resets_at,
                             remaining,
+                            foreign_max: 0,
                         });
                     }
                 }
             }
             None => {
-                // No (future) window end: all we can do is lower the current
-                // estimate; without an end we could not know when to lift it.
-                if let (Some(w), Some(r)) = (&mut self.window, reported) {
-                    w.remaining = w.remaining.min(r);
-                }
+                // Without a future window end, `remaining` cannot be placed:
+                // it may well describe a window that has already ended (a late
+                // answer), and applying it to the current one would stall us
+                // for nothing. Pacing and retry-after cover this case.
             }
         }
         if let Some(w) = self.window
-            && w.remaining == 0
+            && w.remaining <= self.safety_margin()
         {
             tracing::debug!(
                 resets_in_ms = w.resets_at.saturating_duration_since(now).as_millis() as u64,
