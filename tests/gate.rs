@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use duvo_bridge::deliver::gate::{
-    Permit, RateGate, RateGateConfig, RequestClass, ServerFeedback,
-};
+use duvo_bridge::deliver::gate::{Permit, RateGate, RateGateConfig, RequestClass, ServerFeedback};
 use duvo_bridge::duvo::RateLimitInfo;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
@@ -134,7 +132,12 @@ async fn retry_after_holds_back_everyone_including_earlier_waiters() {
     // (no burst into a server that just pushed back).
     assert_eq!(
         granted,
-        vec![deadline, deadline + MS(200), deadline + MS(400), deadline + MS(600)]
+        vec![
+            deadline,
+            deadline + MS(200),
+            deadline + MS(400),
+            deadline + MS(600)
+        ]
     );
     let s = gate.stats();
     assert_eq!(s.throttled_responses, 1);
@@ -279,7 +282,8 @@ impl FixedWindowServer {
     }
 
     fn window_end(&self, k: i64) -> Instant {
-        let offset = self.phase.as_nanos() as i128 + (k as i128 + 1) * self.period.as_nanos() as i128;
+        let offset =
+            self.phase.as_nanos() as i128 + (k as i128 + 1) * self.period.as_nanos() as i128;
         self.start + Duration::from_nanos(offset as u64)
     }
 
@@ -612,7 +616,10 @@ async fn set_rate_applies_at_once_even_to_waiters() {
 async fn run_classes(gate: &RateGate, creates: bool, tracks: bool, secs: u64) -> (u64, u64) {
     let end = Instant::now() + SECS(secs);
     let mut tasks = Vec::new();
-    for (on, class) in [(creates, RequestClass::Create), (tracks, RequestClass::Track)] {
+    for (on, class) in [
+        (creates, RequestClass::Create),
+        (tracks, RequestClass::Track),
+    ] {
         if !on {
             continue;
         }
@@ -648,9 +655,15 @@ async fn tracking_is_capped_and_creates_are_not_starved() {
     let total = creates + tracks;
     assert!(total >= 600, "total {total}");
     // At most ~10 %; under a create backlog tracking still progresses.
-    assert!(tracks as f64 <= total as f64 * 0.1 + 2.0, "tracks {tracks} of {total}");
+    assert!(
+        tracks as f64 <= total as f64 * 0.1 + 2.0,
+        "tracks {tracks} of {total}"
+    );
     assert!(tracks >= 20, "tracking starved: {tracks} of {total}");
-    assert!(creates as f64 >= total as f64 * 0.9 - 2.0, "creates {creates} of {total}");
+    assert!(
+        creates as f64 >= total as f64 * 0.9 - 2.0,
+        "creates {creates} of {total}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

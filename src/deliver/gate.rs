@@ -840,11 +840,7 @@ impl fmt::Debug for RateGate {
 }
 
 fn record_wait_metrics(waited: &[Duration; 3]) {
-    for reason in [
-        WaitReason::Pace,
-        WaitReason::RetryAfter,
-        WaitReason::Window,
-    ] {
+    for reason in [WaitReason::Pace, WaitReason::RetryAfter, WaitReason::Window] {
         let d = waited[reason as usize];
         // Pace waits are recorded even when zero: their distribution is the
         // signal. The other two only matter when they happened.
@@ -898,7 +894,9 @@ impl Drop for Permit {
 
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Permit").field("class", &self.class).finish()
+        f.debug_struct("Permit")
+            .field("class", &self.class)
+            .finish()
     }
 }
 
