@@ -1,2 +1,3 @@
 //! Delivery: rate gate, retry policy, batcher.
 pub mod gate;
+pub mod retry;
