@@ -506,8 +506,8 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn agent_steps_follow_the_agenda() {
+    #[test]
+    fn agent_steps_follow_the_agenda() {
         let mut s = Store::new();
         let q = Uuid::new_v4();
         let t0 = Instant::now();
