@@ -355,6 +355,13 @@ pub fn would_fail(title: &str, data: Option<&str>, fail_ratio: f64) -> bool {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    // FNV's high bits mix poorly for inputs that differ only at the end
+    // ("job 1", "job 2"); a splitmix64 finaliser spreads them.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
     (h as f64 / u64::MAX as f64) < fail_ratio
 }
 
