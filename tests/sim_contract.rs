@@ -60,7 +60,11 @@ impl T {
             .expect("request sent")
     }
     async fn create(&self, body: Value, idem: Option<&str>) -> Response {
-        let mut rb = self.http.post(self.cases_url()).bearer_auth(KEY).json(&body);
+        let mut rb = self
+            .http
+            .post(self.cases_url())
+            .bearer_auth(KEY)
+            .json(&body);
         if let Some(k) = idem {
             rb = rb.header("Idempotency-Key", k);
         }
@@ -118,12 +122,18 @@ async fn poll<F: Fn(&SimHandle) -> bool>(sim: &SimHandle, what: &str, f: F) {
 async fn auth_and_routing_statuses() {
     let other = Uuid::new_v4();
     let t = T::new(|c| c.restricted_keys = vec![format!("{RKEY}={other}")]).await;
-    assert!(t.sim.queues().contains(&other), "restricted queue is created");
+    assert!(
+        t.sim.queues().contains(&other),
+        "restricted queue is created"
+    );
     let url = t.cases_url();
 
     let r = t.http.get(&url).send().await.unwrap();
     assert!(!r.headers().contains_key("x-ratelimit-limit"));
-    assert_eq!(error_of(r, StatusCode::UNAUTHORIZED).await.0, "unauthorized");
+    assert_eq!(
+        error_of(r, StatusCode::UNAUTHORIZED).await.0,
+        "unauthorized"
+    );
     for bad in ["Basic abc", "Bearer", "Bearer  ", "dv_x"] {
         let r = t
             .http
@@ -132,9 +142,18 @@ async fn auth_and_routing_statuses() {
             .send()
             .await
             .unwrap();
-        assert_eq!(error_of(r, StatusCode::UNAUTHORIZED).await.0, "unauthorized");
+        assert_eq!(
+            error_of(r, StatusCode::UNAUTHORIZED).await.0,
+            "unauthorized"
+        );
     }
-    let r = t.http.get(&url).bearer_auth("dv_unknown").send().await.unwrap();
+    let r = t
+        .http
+        .get(&url)
+        .bearer_auth("dv_unknown")
+        .send()
+        .await
+        .unwrap();
     let (_, msg) = error_of(r, StatusCode::UNAUTHORIZED).await;
     assert!(!msg.contains("dv_unknown"), "keys are never echoed");
 
@@ -184,7 +203,9 @@ async fn create_validation_and_size_limits() {
     let t = T::new(|_| {}).await;
     let url = t.cases_url();
     let long = "x".repeat(501);
-    let many: Vec<Value> = (0..101).map(|i| json!({"title": format!("t{i}")})).collect();
+    let many: Vec<Value> = (0..101)
+        .map(|i| json!({"title": format!("t{i}")}))
+        .collect();
     let cases = [
         ("{not json".to_string(), "not valid JSON"),
         ("".to_string(), "empty"),
@@ -204,7 +225,10 @@ async fn create_validation_and_size_limits() {
             json!({"case":{"title":""}}).to_string(),
             "must not be empty",
         ),
-        (json!({"case":{"title": long}}).to_string(), "501 characters"),
+        (
+            json!({"case":{"title": long}}).to_string(),
+            "501 characters",
+        ),
         (
             json!({"case":{"title":"a","data":{"k":1}}}).to_string(),
             "data must be a string",
@@ -489,7 +513,11 @@ async fn faults_outage_and_error_ratio() {
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
     }
     let f = body(t.http.get(&faults_url).send().await.unwrap()).await;
-    assert_eq!(f["error_status"], json!(502), "refused patches change nothing");
+    assert_eq!(
+        f["error_status"],
+        json!(502),
+        "refused patches change nothing"
+    );
     t.sim.set_faults(FaultsPatch {
         error_ratio: Some(0.0),
         ..Default::default()
@@ -552,14 +580,7 @@ async fn list_filters_sort_paging_and_search() {
     let mid = all[2]
         .updated_at
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let b = body(
-        list(format!(
-            "updated_at_from={}&sort_order=asc",
-            urlenc(&mid)
-        ))
-        .await,
-    )
-    .await;
+    let b = body(list(format!("updated_at_from={}&sort_order=asc", urlenc(&mid))).await).await;
     assert_eq!(titles(&b), vec!["case 2", "case 3", "case 4"], "inclusive");
     let b = body(list(format!("created_at_from={}", urlenc(&mid))).await).await;
     assert_eq!(b["total"], json!(3));
@@ -585,7 +606,9 @@ async fn list_filters_sort_paging_and_search() {
     }
 
     // Paging is stable even for identical timestamps (ties broken by id).
-    let batch: Vec<Value> = (0..30).map(|i| json!({"title": format!("same {i}")})).collect();
+    let batch: Vec<Value> = (0..30)
+        .map(|i| json!({"title": format!("same {i}")}))
+        .collect();
     let r = t.create(json!({ "cases": batch }), None).await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let mut seen = Vec::new();
@@ -606,7 +629,8 @@ async fn list_filters_sort_paging_and_search() {
 
     // Search endpoint: same semantics from a JSON body.
     let url = t.url(&format!("/queues/{}/cases/search", t.q));
-    let q = json!({"filters":{"status":["pending"]},"search":"ord-even","limit":2,"sort_order":"asc"});
+    let q =
+        json!({"filters":{"status":["pending"]},"search":"ord-even","limit":2,"sort_order":"asc"});
     let r = t.post(&url, &q.to_string()).await;
     assert_eq!(r.status(), StatusCode::OK);
     let b = body(r).await;
@@ -625,7 +649,9 @@ async fn agent_lifecycle_failures_and_bulk_retry() {
         c.fail_ratio = 0.5;
     })
     .await;
-    let mut cases: Vec<Value> = (0..20).map(|i| json!({"title": format!("job {i}")})).collect();
+    let mut cases: Vec<Value> = (0..20)
+        .map(|i| json!({"title": format!("job {i}")}))
+        .collect();
     cases.push(json!({"title":"forced","data":"{\"simulate\":\"fail\"}"}));
     let r = t.create(json!({ "cases": cases }), None).await;
     assert_eq!(r.status(), StatusCode::CREATED);
@@ -667,7 +693,12 @@ async fn agent_lifecycle_failures_and_bulk_retry() {
     let b = body(r).await;
     assert_eq!(b["retried"], json!([failed[0]]));
     assert_eq!(b["skipped"].as_array().unwrap().len(), 2);
-    let c = t.sim.cases().into_iter().find(|c| c.id == failed[0]).unwrap();
+    let c = t
+        .sim
+        .cases()
+        .into_iter()
+        .find(|c| c.id == failed[0])
+        .unwrap();
     assert_eq!(c.status, CaseStatus::Pending);
     assert!(c.completed_at.is_none());
     poll(&t.sim, "retried case terminal again", |s| {
@@ -694,9 +725,11 @@ async fn agent_lifecycle_failures_and_bulk_retry() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 21);
-    assert!(lines
-        .iter()
-        .all(|l| l["id"].is_string() && l["status"].is_string()));
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["id"].is_string() && l["status"].is_string())
+    );
 }
 
 #[tokio::test]
@@ -817,10 +850,7 @@ async fn duvo_client_sees_429_and_deprecation() {
     let c = client(&t.sim, KEY);
     c.list_cases(t.q, &ListQuery::default()).await.unwrap();
     assert!(c.lifecycle_warned(), "Deprecation/Sunset headers seen");
-    let err = c
-        .list_cases(t.q, &ListQuery::default())
-        .await
-        .unwrap_err();
+    let err = c.list_cases(t.q, &ListQuery::default()).await.unwrap_err();
     assert_eq!(err.status(), Some(StatusCode::TOO_MANY_REQUESTS));
     assert!(err.is_transient());
     let rate = err.rate().unwrap();

@@ -159,9 +159,7 @@ impl Store {
     ) -> Option<Instant> {
         let wall = now_utc();
         for _ in 0..budget {
-            let Some(Reverse(due)) = self.agenda.peek().copied() else {
-                return None;
-            };
+            let Reverse(due) = self.agenda.peek().copied()?;
             if due.at > now {
                 return Some(due.at);
             }
