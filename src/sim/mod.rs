@@ -454,3 +454,40 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_validated() {
+        let bad = |f: fn(&mut SimConfig)| {
+            let mut c = SimConfig::default();
+            f(&mut c);
+            build_state(c).err().map(|e| e.to_string())
+        };
+        assert!(bad(|c| c.rate_limit = 0).is_some());
+        assert!(bad(|c| c.window_secs = 0).is_some());
+        assert!(bad(|c| c.fail_ratio = 1.5).is_some());
+        assert!(bad(|c| c.restricted_keys = vec!["nokey".into()]).is_some());
+        assert!(bad(|c| c.restricted_keys = vec!["k=not-a-uuid".into()]).is_some());
+        assert!(bad(|c| c.api_keys = vec!["has space".into()]).is_some());
+    }
+
+    #[test]
+    fn defaults_generate_a_key_and_a_queue() {
+        let q = Uuid::new_v4();
+        let mut c = SimConfig {
+            restricted_keys: vec![format!("dv_r={q}")],
+            ..SimConfig::default()
+        };
+        c.version_prefix = "v1/".into();
+        let st = build_state(c).unwrap();
+        assert_eq!(st.prefix, "/v1");
+        assert_eq!(st.cfg.api_keys.len(), 1);
+        let k = &st.cfg.api_keys[0];
+        assert!(k.starts_with("dv_") && k.len() == 35);
+        assert_eq!(st.cfg.queues.len(), 2, "one generated + the restricted one");
+        assert!(matches!(st.keys.get("dv_r"), Some(KeyAccess::Only(qs)) if qs.contains(&q)));
+    }
+}

@@ -635,7 +635,10 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, cancel: Cancellati
                 req.extensions_mut().insert(sig.clone());
                 tower.call(req)
             });
+            // A timer lets hyper enforce its header-read timeout, so idle
+            // half-open clients cannot pin connections forever.
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
