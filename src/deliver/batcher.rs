@@ -178,7 +178,7 @@ impl Batcher {
                     continue;
                 }
                 let due = s.oldest_received_at_ms.saturating_add(linger);
-                if s.count >= self.cfg.max_batch || due <= now {
+                if s.count >= self.cfg.max_batch as u64 || due <= now {
                     if best.is_none_or(|(t, _)| s.oldest_received_at_ms < t) {
                         best = Some((s.oldest_received_at_ms, s.queue_id));
                     }
