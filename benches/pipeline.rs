@@ -35,7 +35,13 @@ fn orders_body(chunk: usize, per: usize) -> Vec<u8> {
     serde_json::to_vec(&v).unwrap()
 }
 
-fn bridge_cfg(base: String, key: String, queue: String, dir: &std::path::Path, rate: u32) -> Config {
+fn bridge_cfg(
+    base: String,
+    key: String,
+    queue: String,
+    dir: &std::path::Path,
+    rate: u32,
+) -> Config {
     let mut cfg = Config::default();
     cfg.duvo.base_url = base;
     cfg.duvo.api_key = Some(Secret::new(key));
@@ -124,7 +130,13 @@ async fn ingest() {
     let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let bridge = duvo_bridge::app::start(
-        bridge_cfg(sim.base_url(), sim.api_keys()[0].clone(), sim.queues()[0].to_string(), dir.path(), 300),
+        bridge_cfg(
+            sim.base_url(),
+            sim.api_keys()[0].clone(),
+            sim.queues()[0].to_string(),
+            dir.path(),
+            300,
+        ),
         stop.clone(),
     )
     .await
@@ -135,7 +147,13 @@ async fn ingest() {
     println!("|---|---|---|---|");
     for clients in [1usize, 4, 16] {
         let base = blast(format!("http://{bare}/v1/events"), clients, 200, dur).await;
-        let br = blast(format!("http://{}/v1/events", bridge.http_addr("bench").unwrap()), clients, 200, dur).await;
+        let br = blast(
+            format!("http://{}/v1/events", bridge.http_addr("bench").unwrap()),
+            clients,
+            200,
+            dur,
+        )
+        .await;
         println!("| {clients} | {base:.0} | {br:.0} | {:.2} |", br / base);
     }
     stop.cancel();
@@ -151,7 +169,9 @@ async fn delivery() {
     let per_window = 50u32; // = 300 per minute
     let rpm = per_window as u64 * 60 / window_secs;
     println!();
-    println!("## Delivery efficiency under backlog (simulator limit {per_window} per {window_secs} s = {rpm}/min)");
+    println!(
+        "## Delivery efficiency under backlog (simulator limit {per_window} per {window_secs} s = {rpm}/min)"
+    );
     let sim = duvo_bridge::sim::start(SimConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         rate_limit: per_window,
@@ -164,7 +184,13 @@ async fn delivery() {
     let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let bridge = duvo_bridge::app::start(
-        bridge_cfg(sim.base_url(), sim.api_keys()[0].clone(), sim.queues()[0].to_string(), dir.path(), rpm as u32),
+        bridge_cfg(
+            sim.base_url(),
+            sim.api_keys()[0].clone(),
+            sim.queues()[0].to_string(),
+            dir.path(),
+            rpm as u32,
+        ),
         stop.clone(),
     )
     .await
@@ -193,7 +219,9 @@ async fn delivery() {
     let rate = (c1 - c0) as f64 / secs;
     let ideal = rpm as f64 / 60.0 * 100.0;
     let st = sim.stats();
-    println!("| measured | cases/s | ideal cases/s (rate x 100) | efficiency | early retries | 429s | cases/request |");
+    println!(
+        "| measured | cases/s | ideal cases/s (rate x 100) | efficiency | early retries | 429s | cases/request |"
+    );
     println!("|---|---|---|---|---|---|---|");
     println!(
         "| {secs:.1} s | {rate:.1} | {ideal:.1} | {:.3} | {} | {} | {:.1} |",

@@ -731,3 +731,31 @@ async fn cancelled_acquire_leaks_no_token_and_no_queue_slot() {
     drop(create(&gate).await);
     assert_eq!(Instant::now() - t0, SECS(2));
 }
+
+#[tokio::test(start_paused = true)]
+async fn learns_a_window_shorter_than_a_minute_from_consecutive_resets() {
+    // Server: 20 requests per 2 s window (600/min); we are configured for
+    // 6000/min. Before two windows were seen, the minute is assumed.
+    let gate = RateGate::new(RateGateConfig {
+        rate_per_minute: 6000,
+        ..RateGateConfig::default()
+    });
+    let p = create(&gate).await;
+    p.observe(&ServerFeedback {
+        limit: Some(20),
+        ..ok_feedback(19, MS(1500))
+    });
+    assert_eq!(
+        gate.stats().effective_rpm,
+        20.0,
+        "minute assumed mid-window"
+    );
+    tokio::time::sleep(MS(1600)).await;
+    let p = create(&gate).await;
+    // Next window ends 2 s after the previous one.
+    p.observe(&ServerFeedback {
+        limit: Some(20),
+        ..ok_feedback(19, MS(1900))
+    });
+    assert_eq!(gate.stats().effective_rpm, 600.0);
+}

@@ -77,7 +77,12 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn new(outbox: Outbox, client: Arc<DuvoClient>, gate: RateGate, cfg: DeliveryConfig) -> Self {
+    pub fn new(
+        outbox: Outbox,
+        client: Arc<DuvoClient>,
+        gate: RateGate,
+        cfg: DeliveryConfig,
+    ) -> Self {
         let retry = RetryPolicy {
             initial: Duration::from_millis(cfg.retry_initial_ms),
             max: Duration::from_millis(cfg.retry_max_ms),
@@ -292,7 +297,11 @@ impl Batcher {
         }
     }
 
-    async fn pause(&self, schedule: &mut crate::deliver::retry::RetrySchedule, abort: &CancellationToken) {
+    async fn pause(
+        &self,
+        schedule: &mut crate::deliver::retry::RetrySchedule,
+        abort: &CancellationToken,
+    ) {
         let d = schedule.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
@@ -301,7 +310,13 @@ impl Batcher {
     }
 
     /// A refused batch: split it, or dead-letter a lone event.
-    async fn isolate(&self, b: &Batch, e: &ApiError, stack: &mut Vec<Batch>, abort: &CancellationToken) {
+    async fn isolate(
+        &self,
+        b: &Batch,
+        e: &ApiError,
+        stack: &mut Vec<Batch>,
+        abort: &CancellationToken,
+    ) {
         if b.events.len() > 1 {
             loop {
                 match self.outbox.split_batch(b).await {
@@ -323,8 +338,14 @@ impl Batcher {
             }
         }
         let (status, error, message) = match e {
-            ApiError::Status { status, body, .. } => (status.as_u16(), body.error.clone(), body.message.clone()),
-            other => (other.status().map(|s| s.as_u16()).unwrap_or(0), "error".into(), other.to_string()),
+            ApiError::Status { status, body, .. } => {
+                (status.as_u16(), body.error.clone(), body.message.clone())
+            }
+            other => (
+                other.status().map(|s| s.as_u16()).unwrap_or(0),
+                "error".into(),
+                other.to_string(),
+            ),
         };
         loop {
             match self.outbox.reject(b, status, &error, &message).await {
@@ -349,7 +370,8 @@ impl Batcher {
             match self.outbox.settle_delivered(b, ids).await {
                 Ok(()) => {
                     metrics::counter!("duvo_bridge_batches_sent_total").increment(1);
-                    metrics::counter!("duvo_bridge_cases_created_total").increment(ids.len() as u64);
+                    metrics::counter!("duvo_bridge_cases_created_total")
+                        .increment(ids.len() as u64);
                     metrics::histogram!("duvo_bridge_batch_size").record(ids.len() as f64);
                     let now = now_ms();
                     let h = metrics::histogram!("duvo_bridge_end_to_end_seconds");

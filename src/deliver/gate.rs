@@ -339,6 +339,10 @@ struct State {
     cfg: RateGateConfig,
     server_limit: Option<u64>,
     server_window: Duration,
+    /// Reset instant of the latest server window seen.
+    last_reset: Option<Instant>,
+    /// Window length learnt from consecutive reset instants.
+    observed_window: Option<Duration>,
     effective_rpm: f64,
     /// Shared emission interval (60 s / effective rate).
     interval: Duration,
@@ -377,6 +381,8 @@ impl State {
             cfg,
             server_limit: None,
             server_window: DEFAULT_SERVER_WINDOW,
+            last_reset: None,
+            observed_window: None,
             effective_rpm: 0.0,
             interval: Duration::ZERO,
             track_interval: Duration::ZERO,
@@ -618,7 +624,29 @@ impl State {
         }
 
         let mut rate_inputs_changed = false;
-        if let Some(w) = fb.window
+        // The x-ratelimit headers do not name the window length: learn it
+        // from two consecutive windows' reset instants (their distance is
+        // one window, or a multiple when we skipped some: keep the least).
+        // Until then the documented minute is assumed, so a replica that
+        // starts in mid-window never mistakes the time to reset for the
+        // window and paces too fast.
+        if let Some(r) = fb.reset_in {
+            let reset = now + r.min(MAX_SERVER_DELAY);
+            match self.last_reset {
+                Some(prev) if reset > prev + SAME_WINDOW_TOLERANCE => {
+                    let d = (reset - prev).as_secs_f64().round();
+                    if d >= 1.0 {
+                        let d = Duration::from_secs(d as u64).min(DEFAULT_SERVER_WINDOW);
+                        self.observed_window = Some(self.observed_window.map_or(d, |o| o.min(d)));
+                    }
+                    self.last_reset = Some(reset);
+                }
+                Some(_) => {}
+                None => self.last_reset = Some(reset),
+            }
+        }
+        let inferred = fb.window.or(self.observed_window);
+        if let Some(w) = inferred
             && !w.is_zero()
             && w != self.server_window
         {

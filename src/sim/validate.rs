@@ -30,6 +30,9 @@ impl Invalid {
 }
 
 /// Validate a create body and return the cases in request order.
+/// Data text that makes the simulator refuse a case as invalid (400).
+pub const REJECT_MARKER: &str = r#""simulate":"reject""#;
+
 pub fn create_body(raw: &[u8]) -> Result<Vec<NewCase>, Invalid> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Err(Invalid::one(
@@ -119,6 +122,15 @@ fn one_case(path: &str, v: &Value) -> Result<NewCase, Vec<String>> {
     };
     let data = match o.get("data") {
         None | Some(Value::Null) => None,
+        // Test hook, like `"simulate":"fail"` for the agent: a case whose
+        // data carries `"simulate":"reject"` is invalid, so clients can
+        // exercise their handling of one poison case inside a batch.
+        Some(Value::String(d)) if d.contains(REJECT_MARKER) => {
+            problems.push(format!(
+                "{path}.data is refused by the simulator (it contains {REJECT_MARKER})"
+            ));
+            None
+        }
         Some(Value::String(d)) => Some(d.clone()),
         Some(_) => {
             problems.push(format!(
@@ -332,6 +344,9 @@ mod tests {
         assert!(err(r#"{"case":{"title":"a","data":{"x":1}}}"#).contains("data must be a string"));
         assert!(err(r#"{"case":{"title":"a","labels":[{"key":"k"}]}}"#).contains("labels[0]"));
         assert!(err(r#"{"case":{"title":"a","priority":"urgent"}}"#).contains("priority"));
+        assert!(
+            err(r#"{"case":{"title":"a","data":"{\"simulate\":\"reject\"}"}}"#).contains("refused")
+        );
         let e = create_body(br#"{"cases":[{"title":"a"},{},{"title":""}]}"#).unwrap_err();
         assert_eq!(e.problems.len(), 2);
         assert!(e.message.starts_with("cases[1]"));
