@@ -18,3 +18,14 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 bash scripts/sim-probe.sh "http://127.0.0.1:$port" "$key" "$queue" "$rkey"
+
+# A second simulator with a tiny window for the 429 rules.
+port2=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$bin" sim --listen "127.0.0.1:$port2" --api-key "$key" --queue "$queue" --rate-limit 5 --window-secs 6 >>"$log" 2>&1 &
+pid2=$!
+trap 'kill $pid $pid2 2>/dev/null || true; rm -f "$log"' EXIT
+for _ in $(seq 1 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$port2/_sim/stats" && break
+  sleep 0.1
+done
+bash scripts/sim-probe-429.sh "http://127.0.0.1:$port2" "$key" "$queue"

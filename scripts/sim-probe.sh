@@ -160,6 +160,20 @@ if [ "$STATUS" = 200 ]; then
   if [ "$STATUS" = 200 ]; then pass "faults cleared"; else fail "faults cleared" "HTTP $STATUS"; fi
   req GET "$BASE/_sim/cases"
   if [ "$STATUS" = 200 ] && grep -q "$FIRST_ID" "$TMP/body"; then pass "/_sim/cases NDJSON"; else fail "/_sim/cases NDJSON"; fi
+  # Agent lifecycle: one case marked to fail, one not; both end terminal.
+  post_json "$CASES" '{"cases":[{"title":"lifecycle ok","data":"{\"n\":1}"},{"title":"lifecycle fail","data":"{\"simulate\":\"fail\"}"}]}'
+  OK_ID="$(jget 'b["added_cases"][0]["id"]')"; FAIL_ID="$(jget 'b["added_cases"][1]["id"]')"
+  got=""
+  for _ in $(seq 1 150); do
+    auth GET "$CASES?status=completed,failed&limit=100&search=lifecycle"
+    got="$(jget '",".join(sorted(c["id"]+"="+c["status"] for c in b["cases"]))')"
+    case "$got" in *"$OK_ID=completed"*"$FAIL_ID=failed"*|*"$FAIL_ID=failed"*"$OK_ID=completed"*) break;; esac
+    sleep 0.1
+  done
+  case "$got" in
+    *"$OK_ID=completed"*) case "$got" in *"$FAIL_ID=failed"*) pass "agent: pending -> completed, \"simulate\":\"fail\" -> failed";; *) fail "agent lifecycle" "$got";; esac;;
+    *) fail "agent lifecycle (start the sim with a small --process-ms)" "$got";;
+  esac
 else
   echo "SKIP  /_sim checks (not a simulator: HTTP $STATUS)"
 fi
