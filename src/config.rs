@@ -574,3 +574,98 @@ fn one_line(s: &str) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[duvo]
+api_key = "dv_test_key_value_1234567890abcdef"
+[outbox]
+path = "/tmp/x"
+[[sources]]
+type = "http"
+name = "oms"
+listen = "127.0.0.1:8080"
+queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
+title = "Order {/order_id}"
+"#;
+
+    #[test]
+    fn example_shape_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.duvo.rate_limit_per_minute, 300);
+        assert_eq!(c.duvo.version_prefix, "/v2");
+        assert_eq!(c.delivery.max_batch, 100);
+        assert_eq!(c.delivery.linger_ms, 200);
+        assert_eq!(c.admin.listen, "127.0.0.1:9090");
+        assert_eq!(c.sources.len(), 1);
+    }
+
+    #[test]
+    fn example_file_in_repo_is_valid() {
+        // SAFETY: tests in this module do not read DUVO_API_KEY concurrently
+        // except this one; the value is a throwaway.
+        unsafe { std::env::set_var("DUVO_API_KEY", "dv_example_test_key_000000000000000") };
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/duvo-bridge.example.toml");
+        if let Err(e) = Config::load(Path::new(path)) {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let bad = r#"
+[duvo]
+api_key = "dv_x"
+base_url = "ftp://nowhere"
+rate_limit_per_minute = 0
+typo_key = 1
+[delivery]
+max_batch = 500
+[admin]
+listen = "not an address"
+[bogus]
+x = 1
+[[sources]]
+type = "http"
+name = "oms"
+queue_id = "not-a-uuid"
+title = "Order {order_id"
+[[sources]]
+type = "http"
+name = "oms"
+queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
+listen = "127.0.0.1:8080"
+[[sources]]
+type = "carrier-pigeon"
+name = "p"
+"#;
+        let errs = Config::parse(bad).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "[duvo]",
+            "typo_key",
+            "max_batch",
+            "admin.listen",
+            "unknown section `bogus`",
+            "queue_id \"not-a-uuid\"",
+            "sources.oms.title",
+            "used twice",
+            "[[sources]] #3",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(errs.len() >= 8, "{all}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_when_printed() {
+        let c = Config::parse(GOOD).unwrap();
+        let printed = c.to_redacted_toml();
+        assert!(!printed.contains("dv_test_key_value"), "{printed}");
+        assert!(printed.contains(crate::secret::REDACTED));
+        assert!(!format!("{c:?}").contains("dv_test_key_value"));
+    }
+}
