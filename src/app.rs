@@ -178,6 +178,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         admin_stop.cancel();
         let _ = admin_task.await;
         housekeeping.abort();
+        let _ = housekeeping.await;
         Ok(())
     });
 

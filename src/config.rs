@@ -608,7 +608,10 @@ title = "Order {/order_id}"
         // SAFETY: tests in this module do not read DUVO_API_KEY concurrently
         // except this one; the value is a throwaway.
         unsafe { std::env::set_var("DUVO_API_KEY", "dv_example_test_key_000000000000000") };
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/duvo-bridge.example.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/duvo-bridge.example.toml"
+        );
         if let Err(e) = Config::load(Path::new(path)) {
             panic!("{e}");
         }

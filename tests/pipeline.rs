@@ -79,6 +79,45 @@ async fn delivers_every_event_exactly_once_in_full_batches() {
         .await
         .unwrap();
     assert_eq!(v["state"]["state"], "delivered", "{v}");
+
+    // The admin listener exposes what happened.
+    let scrape = || async {
+        reqwest::get(format!("http://{}/metrics", bridge.admin_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // Counters are bumped right after the outbox settles: allow a moment.
+    wait_until(Duration::from_secs(5), || async {
+        scrape()
+            .await
+            .contains("duvo_bridge_end_to_end_seconds_count 1000")
+    })
+    .await;
+    let metrics = scrape().await;
+    for needle in [
+        "duvo_bridge_events_stored_total{source=\"oms\"} 1000",
+        "duvo_bridge_cases_created_total 1000",
+        "duvo_bridge_outbox_flush_seconds_bucket",
+        "duvo_bridge_end_to_end_seconds_count 1000",
+        "duvo_bridge_api_requests_total{endpoint=\"create_cases\",outcome=\"201\"}",
+        "# HELP duvo_bridge_outbox_depth",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from /metrics:\n{metrics}"
+        );
+    }
+    assert!(
+        !metrics.contains(&sim.api_keys()[0]),
+        "API key leaked into metrics"
+    );
+    let ready = reqwest::get(format!("http://{}/readyz", bridge.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
     stop.cancel();
     bridge.wait().await.unwrap();
 }

@@ -166,6 +166,9 @@ impl Batcher {
             _ = tracker.wait() => {}
             _ = abort.cancelled() => {
                 tracing::warn!("grace period over: leaving in-flight batches persisted for the next start");
+                // Every delivery task watches `abort` and returns at once;
+                // wait for them so nothing holds the outbox after `run`.
+                tracker.wait().await;
             }
         }
     }
