@@ -36,6 +36,8 @@ pub struct RunningBridge {
     pub http_addrs: Vec<(String, SocketAddr)>,
     pub outbox: Outbox,
     pub health: Health,
+    /// The rate gate of the API key (stats for the demo and tests).
+    pub gate: RateGate,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -136,7 +138,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         });
     }
     source_tasks.close();
-    let batcher = Batcher::new(outbox.clone(), client, gate, cfg.delivery.clone());
+    let batcher = Batcher::new(outbox.clone(), client, gate.clone(), cfg.delivery.clone());
     let batcher_task = tokio::spawn(batcher.run(batch_stop.clone(), abort.clone()));
     let housekeeping = tokio::spawn(housekeeping(
         outbox.clone(),
@@ -187,6 +189,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         http_addrs,
         outbox,
         health,
+        gate,
         task,
     })
 }

@@ -320,6 +320,24 @@ fn default_http_max_events() -> usize {
 }
 
 impl HttpSourceConfig {
+    /// A source with every default, listening on an ephemeral port.
+    pub fn new(name: &str, queue_id: Uuid) -> Self {
+        HttpSourceConfig {
+            name: name.to_string(),
+            listen: "127.0.0.1:0".into(),
+            queue_id: queue_id.to_string(),
+            title: default_title(),
+            title_fallback: default_title_fallback(),
+            labels: Default::default(),
+            priority: None,
+            priority_field: None,
+            event_id_field: None,
+            auth_token_env: None,
+            max_body_bytes: default_http_max_body(),
+            max_events_per_request: default_http_max_events(),
+        }
+    }
+
     pub fn mapping(&self) -> MappingConfig {
         MappingConfig {
             title: self.title.clone(),
@@ -350,6 +368,21 @@ impl HttpSourceConfig {
 pub struct ConfigErrors(pub Vec<String>);
 
 impl Config {
+    /// A complete local configuration: the API at `base_url` with a literal
+    /// key, the outbox in `outbox`, the admin listener and one HTTP source
+    /// on ephemeral ports. The demo, the tests and the benchmarks start
+    /// from this and adjust what they measure.
+    pub fn local(base_url: &str, api_key: &str, outbox: &Path, source: HttpSourceConfig) -> Config {
+        let mut cfg = Config::default();
+        cfg.duvo.base_url = base_url.to_string();
+        cfg.duvo.api_key = Some(Secret::new(api_key));
+        cfg.duvo.api_key_env = None;
+        cfg.outbox.path = outbox.to_path_buf();
+        cfg.admin.listen = "127.0.0.1:0".into();
+        cfg.sources.push(SourceConfig::Http(source));
+        cfg
+    }
+
     /// Read, parse and validate a file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)

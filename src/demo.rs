@@ -15,8 +15,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, HttpSourceConfig, LogConfig, SourceConfig};
-use crate::secret::Secret;
+use crate::config::{Config, HttpSourceConfig, LogConfig};
 use crate::sim::{SimConfig, SimHandle};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -42,31 +41,18 @@ pub struct DemoArgs {
 }
 
 fn demo_config(sim: &SimHandle, outbox: &std::path::Path, rate: u32) -> Config {
-    let mut cfg = Config::default();
-    cfg.duvo.base_url = sim.base_url();
-    cfg.duvo.api_key = Some(Secret::new(sim.api_keys()[0].clone()));
-    cfg.duvo.api_key_env = None;
+    let mut source = HttpSourceConfig::new("oms", sim.queues()[0]);
+    source.title = "Order {/order_id} for {/customer/name|unknown customer}".into();
+    source.title_fallback = "Order without id".into();
+    source.labels = BTreeMap::from([
+        ("channel".to_string(), "{/channel}".to_string()),
+        ("source".to_string(), "duvo-bridge-demo".to_string()),
+    ]);
+    source.priority_field = Some("/priority".into());
+    source.event_id_field = Some("/order_id".into());
+    let mut cfg = Config::local(&sim.base_url(), &sim.api_keys()[0], outbox, source);
     cfg.duvo.rate_limit_per_minute = rate;
-    cfg.outbox.path = outbox.to_path_buf();
-    cfg.admin.listen = "127.0.0.1:0".into();
     cfg.shutdown.grace_period_secs = 5;
-    cfg.sources.push(SourceConfig::Http(HttpSourceConfig {
-        name: "oms".into(),
-        listen: "127.0.0.1:0".into(),
-        queue_id: sim.queues()[0].to_string(),
-        title: "Order {/order_id} for {/customer/name|unknown customer}".into(),
-        title_fallback: "Order without id".into(),
-        labels: BTreeMap::from([
-            ("channel".to_string(), "{/channel}".to_string()),
-            ("source".to_string(), "duvo-bridge-demo".to_string()),
-        ]),
-        priority: None,
-        priority_field: Some("/priority".into()),
-        event_id_field: Some("/order_id".into()),
-        auth_token_env: None,
-        max_body_bytes: 4 * 1024 * 1024,
-        max_events_per_request: 10_000,
-    }));
     cfg
 }
 
@@ -215,6 +201,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     delivered_bar.finish();
     finished_bar.finish();
     let elapsed = started.elapsed();
+    let gate = bridge.gate.stats();
     shutdown.cancel();
     bridge.wait().await?;
     let st = sim.stats();
@@ -225,7 +212,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             distinct.insert(d.clone());
         }
     }
-    let gate_waits = st.rate_limited;
     let per_req = if st.create_requests > 0 {
         st.cases_created as f64 / st.create_requests as f64
     } else {
@@ -255,8 +241,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  {:<34} {:>10.1}", "cases per create request", per_req);
     println!(
         "  {:<34} {:>10}",
-        "429 answers (rate-limit waits)", gate_waits
+        "rate-limit waits (window/retry-after)",
+        gate.window_waits + gate.retry_after_waits
     );
+    println!("  {:<34} {:>10}", "429 answers", st.rate_limited);
     println!("  {:<34} {:>10}", "early retries", st.early_retries);
     println!("  {:<34} {:>9.1}s", "elapsed", elapsed.as_secs_f64());
     sim.shutdown().await;

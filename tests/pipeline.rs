@@ -13,18 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_every_event_exactly_once_in_full_batches() {
-    let sim = start_sim(sim_config()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let bridge = duvo_bridge::app::start(bridge_config(&sim, dir.path()), stop.clone())
-        .await
-        .unwrap();
-    let addr = bridge.http_addr("oms").unwrap();
-    let client = reqwest::Client::new();
+    let h = Harness::start(sim_config(), |_| {}).await;
+    let (sim, bridge, addr, client) = (&h.sim, &h.bridge, h.addr, &h.client);
     let mut ids = Vec::new();
     for chunk in 0..5 {
         let body = json!(orders(chunk * 200..(chunk + 1) * 200));
-        let r = post_events(&client, addr, &body, Some(&format!("req-{chunk}"))).await;
+        let r = post_events(client, addr, &body, Some(&format!("req-{chunk}"))).await;
         assert_eq!(r.status(), 202);
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["stored"], 200);
@@ -43,7 +37,7 @@ async fn delivers_every_event_exactly_once_in_full_batches() {
         .await,
         "all cases created"
     );
-    let per = cases_per_order(&sim);
+    let per = cases_per_order(sim);
     assert_eq!(per.len(), 1000);
     assert!(per.values().all(|&n| n == 1), "every order exactly once");
     let st = sim.stats();
@@ -118,27 +112,20 @@ async fn delivers_every_event_exactly_once_in_full_batches() {
         .await
         .unwrap();
     assert_eq!(ready.status(), 200);
-    stop.cancel();
-    bridge.wait().await.unwrap();
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_request_with_same_idempotency_key_answers_same_ids() {
-    let sim = start_sim(sim_config()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let bridge = duvo_bridge::app::start(bridge_config(&sim, dir.path()), stop.clone())
-        .await
-        .unwrap();
-    let addr = bridge.http_addr("oms").unwrap();
-    let client = reqwest::Client::new();
+    let h = Harness::start(sim_config(), |_| {}).await;
+    let (sim, addr, client) = (&h.sim, h.addr, &h.client);
     let body = json!(orders(0..50));
-    let a: serde_json::Value = post_events(&client, addr, &body, Some("k1"))
+    let a: serde_json::Value = post_events(client, addr, &body, Some("k1"))
         .await
         .json()
         .await
         .unwrap();
-    let b: serde_json::Value = post_events(&client, addr, &body, Some("k1"))
+    let b: serde_json::Value = post_events(client, addr, &body, Some("k1"))
         .await
         .json()
         .await
@@ -154,20 +141,13 @@ async fn retried_request_with_same_idempotency_key_answers_same_ids() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sim.stats().cases_created, 50);
-    stop.cancel();
-    bridge.wait().await.unwrap();
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_clearly_and_stores_nothing() {
-    let sim = start_sim(sim_config()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let bridge = duvo_bridge::app::start(bridge_config(&sim, dir.path()), stop.clone())
-        .await
-        .unwrap();
-    let addr = bridge.http_addr("oms").unwrap();
-    let client = reqwest::Client::new();
+    let h = Harness::start(sim_config(), |_| {}).await;
+    let (sim, bridge, addr, client) = (&h.sim, &h.bridge, h.addr, &h.client);
     let url = format!("http://{addr}/v1/events");
 
     // Malformed JSON: 400 naming the line.
@@ -223,7 +203,7 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
     // An event too large to ever fit a create request: 413, naming it.
     let big = "y".repeat(1_100_000);
     let r = post_events(
-        &client,
+        client,
         addr,
         &json!([{"order_id": "ok"}, {"blob": big}]),
         None,
@@ -234,29 +214,22 @@ async fn bad_input_is_refused_clearly_and_stores_nothing() {
     assert_eq!(v["index"], 1);
 
     // Not an object.
-    let r = post_events(&client, addr, &json!([1, 2]), None).await;
+    let r = post_events(client, addr, &json!([1, 2]), None).await;
     assert_eq!(r.status(), 400);
 
     assert_eq!(bridge.outbox.stats().appended, 0, "nothing stored");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sim.stats().cases_created, 0);
-    stop.cancel();
-    bridge.wait().await.unwrap();
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_event_is_dead_lettered_and_the_rest_delivered() {
-    let sim = start_sim(sim_config()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let bridge = duvo_bridge::app::start(bridge_config(&sim, dir.path()), stop.clone())
-        .await
-        .unwrap();
-    let addr = bridge.http_addr("oms").unwrap();
-    let client = reqwest::Client::new();
+    let h = Harness::start(sim_config(), |_| {}).await;
+    let (sim, bridge, addr, client) = (&h.sim, &h.bridge, h.addr, &h.client);
     let mut events = orders(0..100);
     events[37]["simulate"] = json!("reject");
-    let r = post_events(&client, addr, &json!(events), Some("poison")).await;
+    let r = post_events(client, addr, &json!(events), Some("poison")).await;
     assert_eq!(r.status(), 202);
     let v: serde_json::Value = r.json().await.unwrap();
     let poison_id: u64 = v["ids"][37].as_str().unwrap().parse().unwrap();
@@ -272,7 +245,7 @@ async fn poison_event_is_dead_lettered_and_the_rest_delivered() {
         })
         .await
     );
-    let per = cases_per_order(&sim);
+    let per = cases_per_order(sim);
     assert_eq!(per.len(), 99);
     assert!(!per.contains_key("ORD-000037"));
     let view = bridge
@@ -284,20 +257,13 @@ async fn poison_event_is_dead_lettered_and_the_rest_delivered() {
         EventState::Rejected { status, .. } => assert_eq!(status, 400),
         other => panic!("poison event should be rejected, is {other:?}"),
     }
-    stop.cancel();
-    bridge.wait().await.unwrap();
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
-    let sim = start_sim(sim_config()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let bridge = duvo_bridge::app::start(bridge_config(&sim, dir.path()), stop.clone())
-        .await
-        .unwrap();
-    let addr = bridge.http_addr("oms").unwrap();
-    let client = reqwest::Client::new();
+    let h = Harness::start(sim_config(), |_| {}).await;
+    let (sim, bridge, addr, client) = (&h.sim, &h.bridge, h.addr, &h.client);
 
     sim.set_faults(FaultsPatch {
         outage: Some(true),
@@ -306,7 +272,7 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
     for chunk in 0..3 {
         let body = json!(orders(chunk * 200..(chunk + 1) * 200));
         assert_eq!(
-            post_events(&client, addr, &body, Some(&format!("o-{chunk}")))
+            post_events(client, addr, &body, Some(&format!("o-{chunk}")))
                 .await
                 .status(),
             202
@@ -331,7 +297,7 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
     for chunk in 3..6 {
         let body = json!(orders(chunk * 200..(chunk + 1) * 200));
         assert_eq!(
-            post_events(&client, addr, &body, Some(&format!("o-{chunk}")))
+            post_events(client, addr, &body, Some(&format!("o-{chunk}")))
                 .await
                 .status(),
             202
@@ -356,7 +322,7 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
         })
         .await
     );
-    let per = cases_per_order(&sim);
+    let per = cases_per_order(sim);
     assert_eq!(per.len(), 1200);
     assert!(
         per.values().all(|&n| n == 1),
@@ -365,8 +331,7 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
     let st = sim.stats();
     assert!(st.idempotent_replays > 0 || st.dropped_after_commit == 0);
     assert_eq!(st.early_retries, 0);
-    stop.cancel();
-    bridge.wait().await.unwrap();
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,17 +342,11 @@ async fn server_allowing_less_than_configured_sees_no_early_retry() {
     let mut sc = sim_config();
     sc.rate_limit = 20;
     sc.window_secs = 2;
-    let sim = start_sim(sc).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let mut cfg = bridge_config(&sim, dir.path());
-    cfg.delivery.max_batch = 5;
-    let bridge = duvo_bridge::app::start(cfg, stop.clone()).await.unwrap();
-    let addr = bridge.http_addr("oms").unwrap();
-    let client = reqwest::Client::new();
+    let h = Harness::start(sc, |cfg| cfg.delivery.max_batch = 5).await;
+    let (sim, addr, client) = (&h.sim, h.addr, &h.client);
     let body = json!(orders(0..300));
     assert_eq!(
-        post_events(&client, addr, &body, Some("storm"))
+        post_events(client, addr, &body, Some("storm"))
             .await
             .status(),
         202
@@ -402,9 +361,8 @@ async fn server_allowing_less_than_configured_sees_no_early_retry() {
     );
     let st = sim.stats();
     assert_eq!(st.early_retries, 0, "{st:?}");
-    assert_eq!(cases_per_order(&sim).len(), 300);
-    stop.cancel();
-    bridge.wait().await.unwrap();
+    assert_eq!(cases_per_order(sim).len(), 300);
+    h.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,26 +431,23 @@ async fn shutdown_drains_and_a_restart_delivers_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_over_high_water_answers_503_with_retry_after() {
-    let sim = start_sim(sim_config()).await;
+    let h = Harness::start(sim_config(), |cfg| {
+        cfg.outbox.high_water_events = 100;
+        cfg.outbox.low_water_events = 50;
+    })
+    .await;
+    let (sim, bridge, addr, client) = (&h.sim, &h.bridge, h.addr, &h.client);
     sim.set_faults(FaultsPatch {
         outage: Some(true),
         ..Default::default()
     });
-    let dir = tempfile::tempdir().unwrap();
-    let stop = CancellationToken::new();
-    let mut cfg = bridge_config(&sim, dir.path());
-    cfg.outbox.high_water_events = 100;
-    cfg.outbox.low_water_events = 50;
-    let bridge = duvo_bridge::app::start(cfg, stop.clone()).await.unwrap();
-    let addr = bridge.http_addr("oms").unwrap();
-    let client = reqwest::Client::new();
     assert_eq!(
-        post_events(&client, addr, &json!(orders(0..150)), None)
+        post_events(client, addr, &json!(orders(0..150)), None)
             .await
             .status(),
         202
     );
-    let r = post_events(&client, addr, &json!(orders(150..160)), None).await;
+    let r = post_events(client, addr, &json!(orders(150..160)), None).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("retry-after").is_some());
     // Readiness reflects it.
@@ -516,11 +471,10 @@ async fn outbox_over_high_water_answers_503_with_retry_after() {
         .await
     );
     assert_eq!(
-        post_events(&client, addr, &json!(orders(150..160)), None)
+        post_events(client, addr, &json!(orders(150..160)), None)
             .await
             .status(),
         202
     );
-    stop.cancel();
-    bridge.wait().await.unwrap();
+    h.stop().await;
 }

@@ -7,8 +7,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use duvo_bridge::config::{Config, HttpSourceConfig, SourceConfig};
-use duvo_bridge::secret::Secret;
+use duvo_bridge::config::{Config, HttpSourceConfig};
 use duvo_bridge::sim::{SimConfig, SimHandle};
 
 pub fn sim_config() -> SimConfig {
@@ -27,35 +26,63 @@ pub async fn start_sim(cfg: SimConfig) -> SimHandle {
         .expect("simulator starts")
 }
 
-/// A bridge config with one HTTP source `oms` on an ephemeral port.
+/// A bridge config with one HTTP source `oms` on an ephemeral port, with
+/// short retry delays so fault tests run quickly.
 pub fn bridge_config(sim: &SimHandle, outbox: &Path) -> Config {
-    let mut cfg = Config::default();
-    cfg.duvo.base_url = sim.base_url();
-    cfg.duvo.api_key = Some(Secret::new(sim.api_keys()[0].clone()));
-    cfg.duvo.api_key_env = None;
+    let mut source = HttpSourceConfig::new("oms", sim.queues()[0]);
+    source.title = "Order {/order_id}".into();
+    source.labels = BTreeMap::from([("channel".to_string(), "{/channel}".to_string())]);
+    source.max_body_bytes = 2 * 1024 * 1024;
+    let mut cfg = Config::local(&sim.base_url(), &sim.api_keys()[0], outbox, source);
     cfg.duvo.rate_limit_per_minute = 6000;
     cfg.duvo.timeout_secs = 5;
     cfg.delivery.retry_initial_ms = 20;
     cfg.delivery.retry_max_ms = 500;
     cfg.delivery.linger_ms = 50;
-    cfg.outbox.path = outbox.to_path_buf();
-    cfg.admin.listen = "127.0.0.1:0".into();
     cfg.shutdown.grace_period_secs = 5;
-    cfg.sources.push(SourceConfig::Http(HttpSourceConfig {
-        name: "oms".into(),
-        listen: "127.0.0.1:0".into(),
-        queue_id: sim.queues()[0].to_string(),
-        title: "Order {/order_id}".into(),
-        title_fallback: "Untitled".into(),
-        labels: BTreeMap::from([("channel".to_string(), "{/channel}".to_string())]),
-        priority: None,
-        priority_field: None,
-        event_id_field: None,
-        auth_token_env: None,
-        max_body_bytes: 2 * 1024 * 1024,
-        max_events_per_request: 10_000,
-    }));
     cfg
+}
+
+/// A simulator plus a bridge started in-process on a temporary outbox.
+pub struct Harness {
+    pub sim: SimHandle,
+    pub dir: tempfile::TempDir,
+    pub stop: tokio_util::sync::CancellationToken,
+    pub bridge: duvo_bridge::app::RunningBridge,
+    pub addr: std::net::SocketAddr,
+    pub client: reqwest::Client,
+}
+
+impl Harness {
+    /// Start with the default simulator and `bridge_config`, adjusted by `tweak`.
+    pub async fn start(sim_cfg: SimConfig, tweak: impl FnOnce(&mut Config)) -> Harness {
+        let sim = start_sim(sim_cfg).await;
+        let dir = tempfile::tempdir().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut cfg = bridge_config(&sim, dir.path());
+        tweak(&mut cfg);
+        let bridge = duvo_bridge::app::start(cfg, stop.clone()).await.unwrap();
+        let addr = bridge.http_addr("oms").unwrap();
+        Harness {
+            sim,
+            dir,
+            stop,
+            bridge,
+            addr,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn post(&self, body: &serde_json::Value, idem: Option<&str>) -> reqwest::Response {
+        post_events(&self.client, self.addr, body, idem).await
+    }
+
+    /// Drain and wait for the bridge to stop.
+    pub async fn stop(self) -> SimHandle {
+        self.stop.cancel();
+        self.bridge.wait().await.unwrap();
+        self.sim
+    }
 }
 
 pub fn order(i: usize) -> serde_json::Value {
