@@ -24,6 +24,15 @@ fn ok_feedback(remaining: u64, reset_in: Duration) -> ServerFeedback {
     }
 }
 
+/// Defaults without probing of unknown windows: most tests hold several
+/// permits without feedback to look at pacing alone.
+fn unprobed() -> RateGateConfig {
+    RateGateConfig {
+        probe_unknown_window: false,
+        ..RateGateConfig::default()
+    }
+}
+
 async fn create(gate: &RateGate) -> Permit {
     gate.acquire(RequestClass::Create).await
 }
@@ -52,7 +61,7 @@ async fn settle() {
 
 #[tokio::test(start_paused = true)]
 async fn paces_evenly_after_a_small_burst() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let t0 = Instant::now();
     let end = t0 + SECS(60);
     let mut tasks = Vec::new();
@@ -100,7 +109,7 @@ async fn paces_evenly_after_a_small_burst() {
 
 #[tokio::test(start_paused = true)]
 async fn retry_after_holds_back_everyone_including_earlier_waiters() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let t0 = Instant::now();
     let first = create(&gate).await;
     let _b = create(&gate).await;
@@ -147,7 +156,7 @@ async fn retry_after_holds_back_everyone_including_earlier_waiters() {
 
 #[tokio::test(start_paused = true)]
 async fn a_429_without_retry_after_waits_one_second() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let t0 = Instant::now();
     let p = create(&gate).await;
     p.observe(&ServerFeedback {
@@ -160,7 +169,7 @@ async fn a_429_without_retry_after_waits_one_second() {
 
 #[tokio::test(start_paused = true)]
 async fn a_503_retry_after_is_honoured_and_deadlines_only_extend() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let t0 = Instant::now();
     let a = create(&gate).await;
     let b = create(&gate).await;
@@ -183,7 +192,7 @@ async fn a_503_retry_after_is_honoured_and_deadlines_only_extend() {
 
 #[tokio::test(start_paused = true)]
 async fn spent_window_holds_until_reset_plus_guard() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let t0 = Instant::now();
     let p = create(&gate).await;
     p.observe(&ok_feedback(0, SECS(7)));
@@ -200,7 +209,7 @@ async fn spent_window_holds_until_reset_plus_guard() {
 
 #[tokio::test(start_paused = true)]
 async fn window_estimate_counts_permits_in_flight() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let t0 = Instant::now();
     let p = create(&gate).await;
     p.observe(&ok_feedback(2, SECS(10)));
@@ -217,7 +226,7 @@ async fn window_estimate_counts_permits_in_flight() {
 
 #[tokio::test(start_paused = true)]
 async fn reported_remaining_is_shared_with_requests_still_in_flight() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let t0 = Instant::now();
     let _a = create(&gate).await;
     let _b = create(&gate).await;
@@ -231,7 +240,7 @@ async fn reported_remaining_is_shared_with_requests_still_in_flight() {
 
 #[tokio::test(start_paused = true)]
 async fn dropped_permit_still_counts_against_the_window() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let p = create(&gate).await;
     p.observe(&ok_feedback(5, SECS(30)));
     let q = create(&gate).await;
@@ -468,7 +477,7 @@ fn replica(rate_per_minute: u32, senders: usize) -> Party {
     Party::Replica {
         cfg: RateGateConfig {
             rate_per_minute,
-            ..RateGateConfig::default()
+            ..unprobed()
         },
         senders,
     }
@@ -498,7 +507,7 @@ async fn out_of_phase_server_with_small_limit_and_big_burst() {
     let cfg = RateGateConfig {
         rate_per_minute: 300,
         burst: 20,
-        ..RateGateConfig::default()
+        ..unprobed()
     };
     let r = simulate(30, MS(5_900), 6, vec![Party::Replica { cfg, senders: 4 }]).await;
     assert_no_429_and_full_use(&r);
@@ -523,7 +532,7 @@ async fn replicas_sharing_a_key_split_it_without_429s() {
     let half = |senders| Party::Replica {
         cfg: RateGateConfig {
             share: 0.5,
-            ..RateGateConfig::default()
+            ..unprobed()
         },
         senders,
     };
@@ -538,7 +547,7 @@ async fn replicas_sharing_a_key_split_it_without_429s() {
 
 #[tokio::test(start_paused = true)]
 async fn adapts_to_a_lower_server_limit_never_above_configured() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let p = create(&gate).await;
     p.observe(&ServerFeedback {
         limit: Some(120),
@@ -569,7 +578,7 @@ async fn adapts_to_a_lower_server_limit_never_above_configured() {
 async fn share_splits_the_server_limit_between_replicas() {
     let gate = RateGate::new(RateGateConfig {
         share: 0.5,
-        ..RateGateConfig::default()
+        ..unprobed()
     });
     // Before the server said anything: the configured rate.
     assert_eq!(gate.stats().effective_rpm, 300.0);
@@ -580,7 +589,7 @@ async fn share_splits_the_server_limit_between_replicas() {
 
 #[tokio::test(start_paused = true)]
 async fn set_rate_applies_at_once_even_to_waiters() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let t0 = Instant::now();
     for _ in 0..3 {
         drop(create(&gate).await);
@@ -650,7 +659,7 @@ async fn run_classes(gate: &RateGate, creates: bool, tracks: bool, secs: u64) ->
 
 #[tokio::test(start_paused = true)]
 async fn tracking_is_capped_and_creates_are_not_starved() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let (creates, tracks) = run_classes(&gate, true, true, 120).await;
     let total = creates + tracks;
     assert!(total >= 600, "total {total}");
@@ -668,7 +677,7 @@ async fn tracking_is_capped_and_creates_are_not_starved() {
 
 #[tokio::test(start_paused = true)]
 async fn tracking_alone_runs_at_its_share() {
-    let gate = RateGate::new(RateGateConfig::default());
+    let gate = RateGate::new(unprobed());
     let (creates, tracks) = run_classes(&gate, false, true, 60).await;
     assert_eq!(creates, 0);
     // 10 % of 300/min.
@@ -680,7 +689,7 @@ async fn create_goes_first_when_both_wait() {
     let gate = RateGate::new(RateGateConfig {
         rate_per_minute: 60,
         burst: 1,
-        ..RateGateConfig::default()
+        ..unprobed()
     });
     let t0 = Instant::now();
     drop(create(&gate).await);
@@ -703,7 +712,7 @@ async fn cancelled_acquire_leaks_no_token_and_no_queue_slot() {
     let gate = RateGate::new(RateGateConfig {
         rate_per_minute: 60,
         burst: 1,
-        ..RateGateConfig::default()
+        ..unprobed()
     });
     let t0 = Instant::now();
     drop(create(&gate).await);
@@ -738,7 +747,7 @@ async fn learns_a_window_shorter_than_a_minute_from_consecutive_resets() {
     // 6000/min. Before two windows were seen, the minute is assumed.
     let gate = RateGate::new(RateGateConfig {
         rate_per_minute: 6000,
-        ..RateGateConfig::default()
+        ..unprobed()
     });
     let p = create(&gate).await;
     p.observe(&ServerFeedback {
@@ -758,4 +767,50 @@ async fn learns_a_window_shorter_than_a_minute_from_consecutive_resets() {
         ..ok_feedback(19, MS(1900))
     });
     assert_eq!(gate.stats().effective_rpm, 600.0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_429s_at_start_then_progress() {
+    let gate = RateGate::new(RateGateConfig {
+        rate_per_minute: 6000,
+        ..unprobed()
+    });
+    let a = create(&gate).await;
+    let b = create(&gate).await;
+    let fb = ServerFeedback {
+        status: Some(429),
+        limit: Some(10),
+        remaining: Some(0),
+        reset_in: Some(MS(2500)),
+        retry_after_in: Some(SECS(3)),
+        ..ServerFeedback::default()
+    };
+    a.observe(&fb);
+    b.observe(&fb);
+    let t0 = Instant::now();
+    let p = tokio::time::timeout(SECS(30), create(&gate)).await;
+    eprintln!("{:?} after {:?}", gate.stats(), Instant::now() - t0);
+    assert!(p.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_window_is_probed_by_one_request_before_others_follow() {
+    let gate = RateGate::new(RateGateConfig::default());
+    let first = create(&gate).await;
+    // Burst would allow more, but nothing is known of the server's window.
+    let second = spawn_acquire(&gate, RequestClass::Create);
+    tokio::time::sleep(SECS(5)).await;
+    assert!(
+        !second.is_finished(),
+        "second request must wait for the probe's answer"
+    );
+    first.observe(&ok_feedback(10, SECS(30)));
+    let (_, p) = second.await.expect("granted after the answer");
+    drop(p);
+    // With the window known, the burst applies again.
+    let t = Instant::now();
+    let a = create(&gate).await;
+    let b = create(&gate).await;
+    assert!(Instant::now() - t <= MS(200));
+    drop((a, b));
 }

@@ -478,3 +478,67 @@ async fn outbox_over_high_water_answers_503_with_retry_after() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_spent_by_someone_else_gives_429s_but_never_an_early_retry() {
+    // Someone else has spent the key's window before the bridge sends
+    // anything: its first request meets a 429. Every request after that
+    // must wait for retry-after (the simulator counts any request before
+    // the deadline as an early retry).
+    let mut sc = sim_config();
+    sc.rate_limit = 10;
+    sc.window_secs = 3;
+    let h = Harness::start(sc, |cfg| cfg.delivery.max_batch = 10).await;
+    let (sim, client) = (&h.sim, &h.client);
+    let list = format!("{}/v2/queues/{}/cases", sim.base_url(), sim.queues()[0]);
+    // Spend the window at its start, so the storm lasts a few seconds.
+    let reset: u64 = client
+        .get(&list)
+        .bearer_auth(&sim.api_keys()[0])
+        .send()
+        .await
+        .unwrap()
+        .headers()["x-ratelimit-reset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(
+        (reset as f64 - now).max(0.0) + 0.05,
+    ))
+    .await;
+    for _ in 0..10 {
+        let r = client
+            .get(&list)
+            .bearer_auth(&sim.api_keys()[0])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        h.post(&json!(orders(0..200)), Some("storm")).await.status(),
+        202
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            sim.stats().cases_created >= 200
+        })
+        .await,
+        "{:?} {:?}",
+        sim.stats(),
+        h.bridge.gate.stats()
+    );
+    let st = sim.stats();
+    assert!(
+        st.rate_limited >= 1,
+        "the window was spent: a 429 was expected {st:?}"
+    );
+    assert_eq!(st.early_retries, 0, "{st:?}");
+    assert_eq!(cases_per_order(sim).len(), 200);
+    h.stop().await;
+}

@@ -146,6 +146,11 @@ pub struct RateGateConfig {
     /// window: covers the whole-second rounding of `reset`, latency and
     /// small clock differences.
     pub window_guard: Duration,
+    /// While nothing is known of the server's current window (at start,
+    /// after a window ended), let a single request in flight find out
+    /// before others follow, so a window someone else already spent costs
+    /// one 429 and never an early retry. On by default.
+    pub probe_unknown_window: bool,
 }
 
 impl Default for RateGateConfig {
@@ -156,6 +161,7 @@ impl Default for RateGateConfig {
             share: 1.0,
             track_share: 0.1,
             window_guard: Duration::from_millis(100),
+            probe_unknown_window: true,
         }
     }
 }
@@ -514,6 +520,17 @@ impl State {
             }
             self.blocked_until = None;
         }
+        // Probe first: while nothing is known of the server's current
+        // window (at start, after a window ended, after a restart in the
+        // middle of a spent window), one request finds out before others
+        // follow. Two requests racing into a spent window would make the
+        // second an early retry of the first one's 429.
+        if self.cfg.probe_unknown_window && self.window.is_none() && self.in_flight > 0 {
+            return Decision::Wait {
+                until: None,
+                reason: WaitReason::Window,
+            };
+        }
         if let Some(w) = self.window
             && w.remaining <= self.safety_margin()
         {
@@ -616,12 +633,6 @@ impl State {
                 "Duvo API answered 429 despite the rate gate"
             );
         }
-        if let Some(d) = fb.retry_after() {
-            let deadline = now + d.min(MAX_SERVER_DELAY);
-            self.blocked_until = Some(self.blocked_until.map_or(deadline, |b| b.max(deadline)));
-            // Resume with one permit at the deadline, then pace: no burst.
-            self.tat = self.tat.max(deadline + self.tau());
-        }
 
         let mut rate_inputs_changed = false;
         // The x-ratelimit headers do not name the window length: learn it
@@ -662,6 +673,14 @@ impl State {
         }
         if rate_inputs_changed {
             self.recompute_rate(now);
+        }
+        // After the rate is settled: a rate change rescales the buckets'
+        // distance to "full", which must not stretch a server deadline.
+        if let Some(d) = fb.retry_after() {
+            let deadline = now + d.min(MAX_SERVER_DELAY);
+            self.blocked_until = Some(self.blocked_until.map_or(deadline, |b| b.max(deadline)));
+            // Resume with one permit at the deadline, then pace: no burst.
+            self.tat = self.tat.max(deadline + self.tau());
         }
 
         // Requests still in flight may not have reached the server yet: the
