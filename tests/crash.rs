@@ -173,5 +173,8 @@ title = "Order {{/order_id}}"
     let dups: Vec<_> = per.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dups.is_empty(), "duplicate cases: {dups:?}");
     assert_eq!(per.len(), acknowledged);
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logs.contains("duvo-bridge running"), "the bridge logged its start");
+    assert!(!logs.contains(&key), "the API key must never appear in logs");
     assert_eq!(sim.stats().early_retries, 0);
 }

@@ -542,3 +542,42 @@ async fn window_spent_by_someone_else_gives_429s_but_never_an_early_retry() {
     assert_eq!(cases_per_order(sim).len(), 200);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_is_required_when_configured() {
+    // SAFETY: set before any thread reads it; the variable is unique to
+    // this test.
+    unsafe { std::env::set_var("PIPELINE_TEST_OMS_TOKEN", "s3cret-token") };
+    let h = Harness::start(sim_config(), |cfg| {
+        if let duvo_bridge::config::SourceConfig::Http(s) = &mut cfg.sources[0] {
+            s.auth_token_env = Some("PIPELINE_TEST_OMS_TOKEN".into());
+        }
+    })
+    .await;
+    let url = format!("http://{}/v1/events", h.addr);
+    let body = json!(orders(0..3));
+    let r = h.client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "unauthorized");
+    let r = h
+        .client
+        .post(&url)
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = h
+        .client
+        .post(&url)
+        .bearer_auth("s3cret-token")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(h.bridge.outbox.stats().appended, 3);
+    h.stop().await;
+}
