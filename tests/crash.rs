@@ -174,7 +174,13 @@ title = "Order {{/order_id}}"
     assert!(dups.is_empty(), "duplicate cases: {dups:?}");
     assert_eq!(per.len(), acknowledged);
     let logs = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(logs.contains("duvo-bridge running"), "the bridge logged its start");
-    assert!(!logs.contains(&key), "the API key must never appear in logs");
+    assert!(
+        logs.contains("duvo-bridge running"),
+        "the bridge logged its start"
+    );
+    assert!(
+        !logs.contains(&key),
+        "the API key must never appear in logs"
+    );
     assert_eq!(sim.stats().early_retries, 0);
 }

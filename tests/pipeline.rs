@@ -30,13 +30,7 @@ async fn delivers_every_event_exactly_once_in_full_batches() {
                 .map(|s| s.as_str().unwrap().to_string()),
         );
     }
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            sim.stats().cases_created >= 1000
-        })
-        .await,
-        "all cases created"
-    );
+    expect_cases(sim, 1000, 30).await;
     let per = cases_per_order(sim);
     assert_eq!(per.len(), 1000);
     assert!(per.values().all(|&n| n == 1), "every order exactly once");
@@ -133,12 +127,7 @@ async fn retried_request_with_same_idempotency_key_answers_same_ids() {
     assert_eq!(a["ids"], b["ids"]);
     assert_eq!(b["stored"], 0);
     assert_eq!(b["duplicates"], 50);
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            sim.stats().cases_created >= 50
-        })
-        .await
-    );
+    expect_cases(sim, 50, 20).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sim.stats().cases_created, 50);
     h.stop().await;
@@ -233,12 +222,7 @@ async fn poison_event_is_dead_lettered_and_the_rest_delivered() {
     assert_eq!(r.status(), 202);
     let v: serde_json::Value = r.json().await.unwrap();
     let poison_id: u64 = v["ids"][37].as_str().unwrap().parse().unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            sim.stats().cases_created >= 99
-        })
-        .await
-    );
+    expect_cases(sim, 99, 20).await;
     assert!(
         wait_until(Duration::from_secs(5), || async {
             bridge.outbox.dead_letters().map(|d| d.len()).unwrap_or(0) == 1
@@ -303,14 +287,7 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
             202
         );
     }
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            sim.stats().cases_created >= 1200
-        })
-        .await,
-        "recovered: {:?}",
-        sim.stats()
-    );
+    expect_cases(sim, 1200, 60).await;
     sim.set_faults(FaultsPatch {
         error_ratio: Some(0.0),
         drop_after_commit_ratio: Some(0.0),
@@ -351,14 +328,7 @@ async fn server_allowing_less_than_configured_sees_no_early_retry() {
             .status(),
         202
     );
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            sim.stats().cases_created >= 300
-        })
-        .await,
-        "{:?}",
-        sim.stats()
-    );
+    expect_cases(sim, 300, 60).await;
     let st = sim.stats();
     assert_eq!(st.early_retries, 0, "{st:?}");
     assert_eq!(cases_per_order(sim).len(), 300);
@@ -412,12 +382,7 @@ async fn shutdown_drains_and_a_restart_delivers_the_rest() {
     });
     let stop = CancellationToken::new();
     let bridge = duvo_bridge::app::start(cfg, stop.clone()).await.unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            sim.stats().cases_created >= 400
-        })
-        .await
-    );
+    expect_cases(&sim, 400, 20).await;
     assert!(
         wait_until(Duration::from_secs(5), || async {
             bridge.outbox.depth() == 0
@@ -524,15 +489,7 @@ async fn window_spent_by_someone_else_gives_429s_but_never_an_early_retry() {
         h.post(&json!(orders(0..200)), Some("storm")).await.status(),
         202
     );
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            sim.stats().cases_created >= 200
-        })
-        .await,
-        "{:?} {:?}",
-        sim.stats(),
-        h.bridge.gate.stats()
-    );
+    expect_cases(sim, 200, 60).await;
     let st = sim.stats();
     assert!(
         st.rate_limited >= 1,
@@ -544,6 +501,8 @@ async fn window_spent_by_someone_else_gives_429s_but_never_an_early_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// `SourceConfig` has one variant until the broker sources land.
+#[allow(irrefutable_let_patterns)]
 async fn bearer_token_is_required_when_configured() {
     // SAFETY: set before any thread reads it; the variable is unique to
     // this test.

@@ -111,6 +111,16 @@ where
     }
 }
 
+/// Wait until the simulator created at least `n` cases; panics with the
+/// simulator's counters when it does not happen within `secs`.
+pub async fn expect_cases(sim: &SimHandle, n: u64, secs: u64) {
+    let ok = wait_until(Duration::from_secs(secs), || async {
+        sim.stats().cases_created >= n
+    })
+    .await;
+    assert!(ok, "expected {n} cases within {secs} s: {:?}", sim.stats());
+}
+
 /// How many cases the simulator holds per order id (from the case data).
 pub fn cases_per_order(sim: &SimHandle) -> HashMap<String, usize> {
     let mut m = HashMap::new();
