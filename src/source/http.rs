@@ -160,6 +160,14 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
+/// 503 with `Retry-After`: nothing was stored, the client should retry.
+fn unavailable(kind: &str, message: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, kind, message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, RETRY_AFTER_FULL_SECS.into());
+    r
+}
+
 fn count_rejected(source: &str, reason: &'static str) {
     metrics::counter!("duvo_bridge_events_rejected_total", "source" => source.to_string(), "reason" => reason)
         .increment(1);
@@ -202,25 +210,17 @@ async fn post_events(
     }
     if state.ctx.stop.is_cancelled() {
         count_rejected(src, "shutting_down");
-        let mut r = error(
-            StatusCode::SERVICE_UNAVAILABLE,
+        return unavailable(
             "shutting_down",
             "the bridge is draining; retry against another replica or later",
         );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, RETRY_AFTER_FULL_SECS.into());
-        return r;
     }
     if state.ctx.outbox.over_high_water() {
         count_rejected(src, "outbox_full");
-        let mut r = error(
-            StatusCode::SERVICE_UNAVAILABLE,
+        return unavailable(
             "outbox_full",
             "the outbox is over its high-water mark; retry later",
         );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, RETRY_AFTER_FULL_SECS.into());
-        return r;
     }
     let body = match body {
         Ok(b) => b,
@@ -333,14 +333,10 @@ async fn post_events(
         Err(e) => {
             tracing::error!(source = src, error = %e, "outbox append failed; nothing acknowledged");
             count_rejected(src, "outbox_error");
-            let mut r = error(
-                StatusCode::SERVICE_UNAVAILABLE,
+            unavailable(
                 "outbox_error",
                 "the event store failed; nothing was stored, retry",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, RETRY_AFTER_FULL_SECS.into());
-            r
+            )
         }
     }
 }
