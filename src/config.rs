@@ -931,6 +931,70 @@ name = "p"
     }
 
     #[test]
+    fn amqp_source_parses_with_defaults_and_checks_every_key() {
+        let good = format!(
+            "{GOOD}{}",
+            r#"
+[[sources]]
+type = "amqp"
+name = "rabbit"
+uri = "amqp://guest:pa55word@127.0.0.1:5672/%2f"
+queue = "orders"
+queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
+title = "Order {/order_id}"
+failure_exchange = "duvo.failures"
+failure_routing_key = "orders"
+"#
+        );
+        let c = Config::parse(&good).unwrap();
+        let SourceConfig::Amqp(a) = &c.sources[1] else {
+            panic!("amqp source expected");
+        };
+        assert_eq!(a.prefetch, 200);
+        assert_eq!(a.on_undecodable, UndecodablePolicy::Wrap);
+        assert!(!a.declare);
+        assert!(!c.to_redacted_toml().contains("pa55word"));
+        assert!(!format!("{c:?}").contains("pa55word"));
+
+        let bad = format!(
+            "{GOOD}{}",
+            r#"
+[[sources]]
+type = "amqp"
+name = "rabbit"
+uri = "http://guest:pa55word@host/"
+queue = ""
+prefetch = 0
+queue_id = "nope"
+title = "Order {/order_id"
+message_id_field = "event_id"
+on_undecodable = "wrap"
+bindings = [{ exchange = "", routing_key = "k" }]
+"#
+        );
+        let errs = Config::parse(&bad).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "sources.rabbit.uri must start with amqp://",
+            "sources.rabbit.queue must not be empty",
+            "sources.rabbit.prefetch must be at least 1",
+            "sources.rabbit.queue_id \"nope\"",
+            "sources.rabbit.title",
+            "message_id_field",
+            "need declare = true",
+            "exchange must not be empty",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("pa55word"), "{all}");
+        let typo = format!(
+            "{GOOD}[[sources]]\ntype = \"amqp\"\nname = \"r\"\nuri = \"amqp://h\"\nqueue = \"q\"\nqueue_id = \"x\"\nprefech = 5\n"
+        );
+        let errs = Config::parse(&typo).unwrap_err().0.join("\n");
+        assert!(errs.contains("prefech"), "{errs}");
+    }
+
+    #[test]
     fn secrets_are_redacted_when_printed() {
         let c = Config::parse(GOOD).unwrap();
         let printed = c.to_redacted_toml();
