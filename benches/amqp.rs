@@ -3,6 +3,8 @@
 //!
 //! (a) baseline: lapin `basic_consume` with prefetch 200, `ack` per delivery,
 //!     nothing else (the ceiling of the broker + client on this machine);
+//! (a') the same loop acking with one `multiple` ack per batch of
+//!     deliveries that are immediately available (the fair ceiling for (b));
 //! (b) the bridge's `AmqpSource` (prefetch 200) mapping each message to a
 //!     case, appending drained deliveries to the outbox (fsync'd group
 //!     commit) and acking them with one `multiple` ack per append.
@@ -69,7 +71,9 @@ async fn fill(ch: &Channel, queue: &str, n: usize) {
     }
 }
 
-async fn baseline(queue: &str, n: usize) -> Duration {
+/// Consume and ack only, either per message or (like the bridge) with one
+/// `multiple` ack per batch of immediately available deliveries.
+async fn baseline(queue: &str, n: usize, batched: bool) -> Duration {
     let conn = Connection::connect(URI, ConnectionProperties::default())
         .await
         .expect("connect");
@@ -145,12 +149,23 @@ async fn main() {
         .expect("confirms");
     let id = uuid::Uuid::new_v4().simple().to_string();
     let qa = format!("duvo-bench-baseline-{id}");
+    let qm = format!("duvo-bench-multiple-{id}");
     let qb = format!("duvo-bench-bridge-{id}");
     fill(&ch, &qa, n).await;
+    fill(&ch, &qm, n).await;
     fill(&ch, &qb, n).await;
 
-    let base = baseline(&qa, n).await;
+    // The bridge goes first so any warm-up favours the baselines.
     let ours = bridge(&qb, n).await;
+    // On a worker thread like the source's task (not the block_on thread).
+    let q = qa.clone();
+    let base = tokio::spawn(async move { baseline(&q, n, false).await })
+        .await
+        .expect("baseline task");
+    let q = qm.clone();
+    let multi = tokio::spawn(async move { baseline(&q, n, true).await })
+        .await
+        .expect("baseline task");
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
 
     println!("\nAMQP intake, {n} persistent messages, prefetch {PREFETCH}\n");
@@ -162,12 +177,18 @@ async fn main() {
         rate(base)
     );
     println!(
+        "| lapin consume + multiple ack per drained batch | {:.2} | {:.0} | {:.2} |",
+        multi.as_secs_f64(),
+        rate(multi),
+        rate(multi) / rate(base)
+    );
+    println!(
         "| AmqpSource -> outbox (fsync) + multiple ack | {:.2} | {:.0} | {:.2} |",
         ours.as_secs_f64(),
         rate(ours),
         rate(ours) / rate(base)
     );
-    for q in [&qa, &qb] {
+    for q in [&qa, &qm, &qb] {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
