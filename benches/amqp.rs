@@ -98,8 +98,20 @@ async fn baseline(queue: &str, n: usize, batched: bool) -> Duration {
             .await
             .expect("stream open")
             .expect("delivery");
-        d.ack(BasicAckOptions::default()).await.expect("ack");
+        if !batched {
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+            acked += 1;
+            continue;
+        }
+        let mut last = d.delivery_tag;
         acked += 1;
+        while let Some(Some(Ok(d))) = futures::FutureExt::now_or_never(consumer.next()) {
+            last = d.delivery_tag;
+            acked += 1;
+        }
+        ch.basic_ack(last, BasicAckOptions { multiple: true })
+            .await
+            .expect("ack");
     }
     let took = start.elapsed();
     let _ = conn.close(200, "done".into()).await;
