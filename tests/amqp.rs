@@ -193,7 +193,9 @@ async fn ten_thousand_messages_become_exactly_one_case_each_and_are_all_acked() 
 
     let q = queue.clone();
     let h = Harness::start(sim_config(), move |cfg| {
-        let a = amqp_source(URI, &q, cfg);
+        let mut a = amqp_source(URI, &q, cfg);
+        // Own name: metrics are per process, and `cargo test` shares one.
+        a.name = "bulk".into();
         cfg.sources.push(SourceConfig::Amqp(a));
     })
     .await;
@@ -204,11 +206,11 @@ async fn ten_thousand_messages_become_exactly_one_case_each_and_are_all_acked() 
     assert!(ok, "all delivered: {:?}", h.sim.stats());
     let admin = h.bridge.admin_addr;
     assert_eq!(
-        metric(admin, "duvo_bridge_events_stored_total{source=\"rabbit\"}").await,
+        metric(admin, "duvo_bridge_events_stored_total{source=\"bulk\"}").await,
         N as f64
     );
     assert_eq!(
-        metric(admin, "duvo_bridge_amqp_connected{source=\"rabbit\"}").await,
+        metric(admin, "duvo_bridge_amqp_connected{source=\"bulk\"}").await,
         1.0
     );
     let sim = h.stop().await;
@@ -354,6 +356,7 @@ async fn undecodable_payloads_rejected_land_in_the_dead_letter_queue_once() {
     let (q, x) = (queue.clone(), dlx.clone());
     let h = Harness::start(sim_config(), move |cfg| {
         let mut a = amqp_source(URI, &q, cfg);
+        a.name = "rejecter".into();
         a.on_undecodable = UndecodablePolicy::Reject;
         a.declare = true;
         a.dead_letter_exchange = Some(x);
@@ -367,7 +370,11 @@ async fn undecodable_payloads_rejected_land_in_the_dead_letter_queue_once() {
     assert!(ok, "{:?}", h.sim.stats());
     let admin = h.bridge.admin_addr;
     assert_eq!(
-        metric(admin, "duvo_bridge_events_rejected_total{source=\"rabbit\"").await,
+        metric(
+            admin,
+            "duvo_bridge_events_rejected_total{source=\"rejecter\""
+        )
+        .await,
         2.0
     );
     let sim = h.stop().await;
