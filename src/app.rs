@@ -26,6 +26,7 @@ use crate::deliver::batcher::Batcher;
 use crate::deliver::gate::{RateGate, RateGateConfig};
 use crate::duvo::{ClientConfig, DuvoClient};
 use crate::outbox::{Outbox, OutboxConfig};
+use crate::source::amqp::AmqpSource;
 use crate::source::http::HttpSource;
 use crate::source::{Source, SourceContext};
 
@@ -106,6 +107,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
                 let src = HttpSource::bind(h.clone()).await?;
                 http_addrs.push((h.name.clone(), src.local_addr()));
                 sources.push(Box::new(src));
+            }
+            SourceConfig::Amqp(a) => {
+                sources.push(Box::new(AmqpSource::new(a.clone())?));
             }
         }
     }

@@ -251,13 +251,176 @@ impl ShutdownConfig {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceConfig {
     Http(HttpSourceConfig),
+    Amqp(AmqpSourceConfig),
 }
 
 impl SourceConfig {
     pub fn name(&self) -> &str {
         match self {
             SourceConfig::Http(h) => &h.name,
+            SourceConfig::Amqp(a) => &a.name,
         }
+    }
+}
+
+/// What to do with an AMQP message whose body is not a JSON object
+/// (plain text, another JSON value, or bytes that are not UTF-8).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UndecodablePolicy {
+    /// Make a case anyway: `data` is the text (base64 when not UTF-8) and
+    /// the title is `title_fallback`.
+    #[default]
+    Wrap,
+    /// Nack without requeue, so the broker dead-letters it (configure a
+    /// dead-letter exchange on the queue, or it is dropped).
+    Reject,
+}
+
+/// A queue binding declared when `declare = true`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpBinding {
+    /// Exchange to bind the queue to (must exist).
+    pub exchange: String,
+    /// Routing key (binding key) of the binding.
+    #[serde(default)]
+    pub routing_key: String,
+}
+
+/// RabbitMQ (AMQP 0-9-1) source: consumes one queue with manual
+/// acknowledgements; a message is acked only after its case is fsync'd in
+/// the outbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSourceConfig {
+    /// Unique name; appears in metrics and event identities.
+    pub name: String,
+    /// Broker URI, `amqp://user:password@host:5672/vhost` (`%2f` for the
+    /// default vhost) or `amqps://...`. Treated as a secret: logs show
+    /// `amqp://user:***@host/vhost`.
+    pub uri: Secret,
+    /// Queue to consume.
+    pub queue: String,
+    /// Unacknowledged messages the broker may push ahead (`basic.qos`).
+    /// Bounds the memory used while the outbox is paused.
+    #[serde(default = "default_amqp_prefetch")]
+    pub prefetch: u16,
+    /// Consumer tag; empty lets the broker choose one.
+    #[serde(default)]
+    pub consumer_tag: String,
+    /// Duvo queue the cases go to.
+    pub queue_id: String,
+    /// Title template: `{/json/pointer}` fields, `{/ptr|fallback}`.
+    #[serde(default = "default_title")]
+    pub title: String,
+    /// Title when the template renders empty (and for wrapped non-JSON).
+    #[serde(default = "default_title_fallback")]
+    pub title_fallback: String,
+    /// Labels; values may be templates like the title.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Static priority: none, medium or high.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// JSON pointer whose value (none/medium/high) overrides `priority`.
+    #[serde(default)]
+    pub priority_field: Option<String>,
+    /// JSON pointer of a producer-supplied id used for dedupe when the
+    /// message has no `message_id_header` (e.g. `/event_id`).
+    #[serde(default)]
+    pub message_id_field: Option<String>,
+    /// Header carrying a producer-supplied id used for dedupe; checked
+    /// before `message_id_field` and the `message_id` property.
+    #[serde(default)]
+    pub message_id_header: Option<String>,
+    /// Policy for bodies that are not a JSON object: `wrap` or `reject`.
+    #[serde(default)]
+    pub on_undecodable: UndecodablePolicy,
+    /// Declare the queue (durable) and its bindings at every (re)connect.
+    /// Off: the queue must exist.
+    #[serde(default)]
+    pub declare: bool,
+    /// Bindings declared with the queue when `declare = true`.
+    #[serde(default)]
+    pub bindings: Vec<AmqpBinding>,
+    /// With `declare = true`: declare this durable fanout exchange and set
+    /// it as the queue's `x-dead-letter-exchange`, where rejected messages go.
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+    /// Exchange for failure reports (used by failure reports, a later
+    /// feature; accepted now so configs can be written ahead).
+    #[serde(default)]
+    pub failure_exchange: Option<String>,
+    /// Routing key for failure reports (used by failure reports).
+    #[serde(default)]
+    pub failure_routing_key: Option<String>,
+}
+
+fn default_amqp_prefetch() -> u16 {
+    200
+}
+
+impl AmqpSourceConfig {
+    /// A source with every default, consuming `queue` at `uri`.
+    pub fn new(name: &str, uri: &str, queue: &str, queue_id: Uuid) -> Self {
+        AmqpSourceConfig {
+            name: name.to_string(),
+            uri: Secret::new(uri),
+            queue: queue.to_string(),
+            prefetch: default_amqp_prefetch(),
+            consumer_tag: String::new(),
+            queue_id: queue_id.to_string(),
+            title: default_title(),
+            title_fallback: default_title_fallback(),
+            labels: Default::default(),
+            priority: None,
+            priority_field: None,
+            message_id_field: None,
+            message_id_header: None,
+            on_undecodable: UndecodablePolicy::Wrap,
+            declare: false,
+            bindings: Vec::new(),
+            dead_letter_exchange: None,
+            failure_exchange: None,
+            failure_routing_key: None,
+        }
+    }
+
+    pub fn mapping(&self) -> MappingConfig {
+        MappingConfig {
+            title: self.title.clone(),
+            title_fallback: self.title_fallback.clone(),
+            labels: self.labels.clone(),
+            priority: self.priority,
+            priority_field: self.priority_field.clone(),
+        }
+    }
+
+    /// The URI with the password replaced by `***`, safe for logs.
+    pub fn redacted_uri(&self) -> String {
+        redact_amqp_uri(self.uri.expose())
+    }
+}
+
+/// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`. Anything
+/// that does not look like a URI with credentials is reduced to its scheme
+/// and host part so a malformed value cannot leak a password either.
+pub fn redact_amqp_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return "[unparseable uri]".into();
+    };
+    // Authority ends at the first '/', '?' or '#'; the password may contain
+    // anything else, so the last '@' in the authority separates userinfo.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let tail = tail.split(['?', '#']).next().unwrap_or("");
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => format!("{scheme}://{authority}{tail}"),
     }
 }
 
@@ -582,6 +745,7 @@ impl Config {
                         errors.push(format!("{at}.max_events_per_request must be at least 1"));
                     }
                 }
+                SourceConfig::Amqp(a) => errors.extend(check_amqp(a)),
             }
         }
         for (i, (a, addr)) in listens.iter().enumerate() {
@@ -598,6 +762,76 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
+}
+
+fn check_name(at: &str, name: &str, errors: &mut Vec<String>) {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        errors.push(format!(
+            "{at}.name must be non-empty and use only letters, digits, '-' and '_'"
+        ));
+    }
+}
+
+fn check_amqp(a: &AmqpSourceConfig) -> Vec<String> {
+    let mut errors = Vec::new();
+    let at = format!("sources.{}", a.name);
+    check_name(&at, &a.name, &mut errors);
+    let uri = a.uri.expose();
+    if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
+        // Never echo the value: it may hold a password.
+        errors.push(format!(
+            "{at}.uri must start with amqp:// or amqps:// (got {})",
+            a.redacted_uri()
+        ));
+    } else if let Err(e) = uri.parse::<lapin::uri::AMQPUri>() {
+        errors.push(format!(
+            "{at}.uri {} is not a valid AMQP URI: {}",
+            a.redacted_uri(),
+            e.replace(uri, "[uri]")
+        ));
+    }
+    if a.queue.is_empty() {
+        errors.push(format!("{at}.queue must not be empty"));
+    }
+    if a.prefetch == 0 {
+        errors.push(format!("{at}.prefetch must be at least 1"));
+    }
+    if Uuid::parse_str(&a.queue_id).is_err() {
+        errors.push(format!("{at}.queue_id {:?} is not a UUID", a.queue_id));
+    }
+    if let Err(errs) = Mapper::new(&a.mapping()) {
+        for e in errs {
+            errors.push(format!("{at}.{e}"));
+        }
+    }
+    if let Some(p) = &a.message_id_field
+        && !p.starts_with('/')
+    {
+        errors.push(format!(
+            "{at}.message_id_field {p:?} must be a JSON pointer starting with '/'"
+        ));
+    }
+    if matches!(&a.message_id_header, Some(h) if h.is_empty()) {
+        errors.push(format!("{at}.message_id_header must not be empty"));
+    }
+    if !a.declare && (!a.bindings.is_empty() || a.dead_letter_exchange.is_some()) {
+        errors.push(format!(
+            "{at}: bindings and dead_letter_exchange need declare = true"
+        ));
+    }
+    if a.bindings.iter().any(|b| b.exchange.is_empty()) {
+        errors.push(format!(
+            "{at}.bindings: exchange must not be empty (the default exchange cannot be bound)"
+        ));
+    }
+    if matches!(&a.dead_letter_exchange, Some(x) if x.is_empty()) {
+        errors.push(format!("{at}.dead_letter_exchange must not be empty"));
+    }
+    errors
 }
 
 fn one_line(s: &str) -> String {
@@ -694,6 +928,70 @@ name = "p"
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert!(errs.len() >= 8, "{all}");
+    }
+
+    #[test]
+    fn amqp_source_parses_with_defaults_and_checks_every_key() {
+        let good = format!(
+            "{GOOD}{}",
+            r#"
+[[sources]]
+type = "amqp"
+name = "rabbit"
+uri = "amqp://guest:pa55word@127.0.0.1:5672/%2f"
+queue = "orders"
+queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
+title = "Order {/order_id}"
+failure_exchange = "duvo.failures"
+failure_routing_key = "orders"
+"#
+        );
+        let c = Config::parse(&good).unwrap();
+        let SourceConfig::Amqp(a) = &c.sources[1] else {
+            panic!("amqp source expected");
+        };
+        assert_eq!(a.prefetch, 200);
+        assert_eq!(a.on_undecodable, UndecodablePolicy::Wrap);
+        assert!(!a.declare);
+        assert!(!c.to_redacted_toml().contains("pa55word"));
+        assert!(!format!("{c:?}").contains("pa55word"));
+
+        let bad = format!(
+            "{GOOD}{}",
+            r#"
+[[sources]]
+type = "amqp"
+name = "rabbit"
+uri = "http://guest:pa55word@host/"
+queue = ""
+prefetch = 0
+queue_id = "nope"
+title = "Order {/order_id"
+message_id_field = "event_id"
+on_undecodable = "wrap"
+bindings = [{ exchange = "", routing_key = "k" }]
+"#
+        );
+        let errs = Config::parse(&bad).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "sources.rabbit.uri must start with amqp://",
+            "sources.rabbit.queue must not be empty",
+            "sources.rabbit.prefetch must be at least 1",
+            "sources.rabbit.queue_id \"nope\"",
+            "sources.rabbit.title",
+            "message_id_field",
+            "need declare = true",
+            "exchange must not be empty",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("pa55word"), "{all}");
+        let typo = format!(
+            "{GOOD}[[sources]]\ntype = \"amqp\"\nname = \"r\"\nuri = \"amqp://h\"\nqueue = \"q\"\nqueue_id = \"x\"\nprefech = 5\n"
+        );
+        let errs = Config::parse(&typo).unwrap_err().0.join("\n");
+        assert!(errs.contains("prefech"), "{errs}");
     }
 
     #[test]

@@ -174,6 +174,14 @@ fn describe_all() {
         "1 when the bridge is ready to take input."
     );
     describe_gauge!(
+        "duvo_bridge_amqp_connected",
+        "1 while an AMQP source has an open connection and consumer, by source."
+    );
+    describe_counter!(
+        "duvo_bridge_amqp_reconnects_total",
+        "AMQP sessions lost (connection or channel closed) and reopened, by source."
+    );
+    describe_gauge!(
         "duvo_bridge_build_info",
         "Build information; the value is always 1."
     );

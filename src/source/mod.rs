@@ -3,6 +3,7 @@
 //! it). Each kind lives in its own module behind the small [`Source`] trait
 //! so the application can start, drain and observe them uniformly.
 
+pub mod amqp;
 pub mod decode;
 pub mod http;
 
