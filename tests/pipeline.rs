@@ -501,8 +501,6 @@ async fn window_spent_by_someone_else_gives_429s_but_never_an_early_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-// `SourceConfig` has one variant until the broker sources land.
-#[allow(irrefutable_let_patterns)]
 async fn bearer_token_is_required_when_configured() {
     // SAFETY: set before any thread reads it; the variable is unique to
     // this test.
