@@ -12,32 +12,10 @@ that the queue is empty (everything acked).
     scripts/e2e-amqp-kill.py [--bin target/release/duvo-bridge] [--messages 50000] [--rate 300]
 """
 import argparse, json, os, signal, socket, subprocess, sys, tempfile, time, uuid
-import urllib.request, urllib.error
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_common import cases_per_order, free_port, get, http, wait_for  # noqa: E402
 
 import pika
-
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-
-def get(url, timeout=10):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return 0, b""
-
-
-def wait_for(cond, timeout, every=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(every)
-    return False
 
 
 def main():
@@ -118,12 +96,7 @@ title = "Order {{/order_id}}"
     ok = wait_for(lambda: created() >= args.messages, 1200, every=1)
     time.sleep(2)
     st, b = get(base + "/_sim/stats"); stats = json.loads(b)
-    st, nd = get(base + "/_sim/cases", timeout=120)
-    counts = {}
-    for line in nd.decode().splitlines():
-        if line.strip():
-            oid = json.loads(json.loads(line)["data"])["order_id"]
-            counts[oid] = counts.get(oid, 0) + 1
+    counts = cases_per_order(base)
     _, m = get(f"http://127.0.0.1:{admin_port}/metrics")
     reconnects = [l for l in m.decode().splitlines() if l.startswith("duvo_bridge_amqp_reconnects_total")]
     bridge.send_signal(signal.SIGTERM); bridge.wait(timeout=60)

@@ -13,31 +13,8 @@ deadline, and how many cases each create request carried.
 Only the standard library: it talks HTTP like any outside client.
 """
 import argparse, json, os, signal, socket, subprocess, sys, tempfile, time, uuid
-import urllib.request, urllib.error
-
-
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-
-def http(method, url, body=None, headers=None, timeout=10):
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return 0, b""
-
-
-def wait_for(cond, timeout, every=0.1):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(every)
-    return False
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_common import cases_per_order, free_port, get, http, wait_for  # noqa: E402
 
 
 def main():
@@ -56,7 +33,7 @@ def main():
     sim = subprocess.Popen([args.bin, "sim", "--listen", f"127.0.0.1:{sim_port}", "--api-key", key,
                             "--queue", queue], stdout=sim_log, stderr=sim_log)
     base = f"http://127.0.0.1:{sim_port}"
-    assert wait_for(lambda: http("GET", base + "/_sim/stats")[0] == 200, 10), "sim up"
+    assert wait_for(lambda: get(base + "/_sim/stats")[0] == 200, 10), "sim up"
 
     cfg = os.path.join(work, "bridge.toml")
     with open(cfg, "w") as f:
@@ -83,7 +60,7 @@ title = "Order {{/order_id}}"
 
     def start_bridge():
         p = subprocess.Popen([args.bin, "run", "--config", cfg], env=env, stdout=bridge_log, stderr=bridge_log)
-        ok = wait_for(lambda: http("GET", f"http://127.0.0.1:{admin_port}/readyz")[0] == 200, 20)
+        ok = wait_for(lambda: get(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200, 20)
         assert ok, "bridge ready"
         return p
 
@@ -112,18 +89,12 @@ title = "Order {{/order_id}}"
     print(f"posted {acknowledged} events in {time.time() - t0:.1f}s ({retries} client retries)", flush=True)
 
     def created():
-        st, b = http("GET", base + "/_sim/stats")
+        st, b = get(base + "/_sim/stats")
         return json.loads(b)["cases_created"] if st == 200 else 0
     ok = wait_for(lambda: created() >= acknowledged, 600, every=1)
     time.sleep(2)
-    st, b = http("GET", base + "/_sim/stats"); stats = json.loads(b)
-    st, nd = http("GET", base + "/_sim/cases", timeout=60)
-    counts = {}
-    for line in nd.decode().splitlines():
-        if line.strip():
-            c = json.loads(line)
-            oid = json.loads(c["data"])["order_id"]
-            counts[oid] = counts.get(oid, 0) + 1
+    st, b = get(base + "/_sim/stats"); stats = json.loads(b)
+    counts = cases_per_order(base)
     bridge.send_signal(signal.SIGTERM); bridge.wait(timeout=30)
     sim.send_signal(signal.SIGTERM); sim.wait(timeout=10)
 

@@ -705,36 +705,19 @@ impl Config {
             match s {
                 SourceConfig::Http(h) => {
                     let at = format!("sources.{}", h.name);
-                    if h.name.is_empty()
-                        || !h
-                            .name
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    {
-                        errors.push(format!(
-                            "{at}.name must be non-empty and use only letters, digits, '-' and '_'"
-                        ));
-                    }
+                    check_name(&at, &h.name, &mut errors);
                     if h.listen.parse::<SocketAddr>().is_err() {
                         errors.push(format!("{at}.listen {:?} is not an address", h.listen));
                     } else {
                         listens.push((format!("{at}.listen"), h.listen.clone()));
                     }
-                    if Uuid::parse_str(&h.queue_id).is_err() {
-                        errors.push(format!("{at}.queue_id {:?} is not a UUID", h.queue_id));
-                    }
-                    if let Err(errs) = Mapper::new(&h.mapping()) {
-                        for e in errs {
-                            errors.push(format!("{at}.{e}"));
-                        }
-                    }
-                    if let Some(p) = &h.event_id_field
-                        && !p.starts_with('/')
-                    {
-                        errors.push(format!(
-                            "{at}.event_id_field {p:?} must be a JSON pointer starting with '/'"
-                        ));
-                    }
+                    check_routing(
+                        &at,
+                        &h.queue_id,
+                        &h.mapping(),
+                        ("event_id_field", h.event_id_field.as_deref()),
+                        &mut errors,
+                    );
                     if let Err(e) = h.auth_token() {
                         errors.push(e);
                     }
@@ -761,6 +744,32 @@ impl Config {
     /// The configuration as TOML with secrets redacted (`--print-config`).
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// What every source has: a target queue, a mapping, and an optional JSON
+/// pointer naming a producer-supplied id (`(key name, value)`).
+fn check_routing(
+    at: &str,
+    queue_id: &str,
+    mapping: &MappingConfig,
+    id_field: (&str, Option<&str>),
+    errors: &mut Vec<String>,
+) {
+    if Uuid::parse_str(queue_id).is_err() {
+        errors.push(format!("{at}.queue_id {queue_id:?} is not a UUID"));
+    }
+    if let Err(errs) = Mapper::new(mapping) {
+        for e in errs {
+            errors.push(format!("{at}.{e}"));
+        }
+    }
+    if let (key, Some(p)) = id_field
+        && !p.starts_with('/')
+    {
+        errors.push(format!(
+            "{at}.{key} {p:?} must be a JSON pointer starting with '/'"
+        ));
     }
 }
 
@@ -800,21 +809,13 @@ fn check_amqp(a: &AmqpSourceConfig) -> Vec<String> {
     if a.prefetch == 0 {
         errors.push(format!("{at}.prefetch must be at least 1"));
     }
-    if Uuid::parse_str(&a.queue_id).is_err() {
-        errors.push(format!("{at}.queue_id {:?} is not a UUID", a.queue_id));
-    }
-    if let Err(errs) = Mapper::new(&a.mapping()) {
-        for e in errs {
-            errors.push(format!("{at}.{e}"));
-        }
-    }
-    if let Some(p) = &a.message_id_field
-        && !p.starts_with('/')
-    {
-        errors.push(format!(
-            "{at}.message_id_field {p:?} must be a JSON pointer starting with '/'"
-        ));
-    }
+    check_routing(
+        &at,
+        &a.queue_id,
+        &a.mapping(),
+        ("message_id_field", a.message_id_field.as_deref()),
+        &mut errors,
+    );
     if matches!(&a.message_id_header, Some(h) if h.is_empty()) {
         errors.push(format!("{at}.message_id_header must not be empty"));
     }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -513,32 +513,6 @@ async fn closing_all_connections_mid_flow_reconnects_and_delivers_exactly_once()
     let mut rabbit = rabbit;
     rabbit.queues.push(queue);
     rabbit.cleanup().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn spawn_bridge(config: &std::path::Path, key: &str, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("DUVO_API_KEY", key)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn duvo-bridge")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

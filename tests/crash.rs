@@ -4,53 +4,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Bridge {
-    child: Child,
-}
-
-fn spawn_bridge(config: &std::path::Path, key: &str, log: &std::path::Path) -> Bridge {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("DUVO_API_KEY", key)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn duvo-bridge");
-    Bridge { child }
-}
-
-async fn wait_ready(admin: u16) -> bool {
-    wait_until(Duration::from_secs(20), || async move {
-        reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
-            .await
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_nothing() {
@@ -138,8 +96,8 @@ title = "Order {{/order_id}}"
     // Three kills at random moments: while posting, batching or sending.
     for kill in 1..=3 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
-        bridge.child.kill().unwrap(); // SIGKILL
-        bridge.child.wait().unwrap();
+        bridge.kill().unwrap(); // SIGKILL
+        bridge.wait().unwrap();
         eprintln!(
             "killed bridge #{kill}; cases so far {}",
             sim.stats().cases_created
@@ -160,8 +118,8 @@ title = "Order {{/order_id}}"
     // Give a straggling duplicate the chance to show up before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let per = cases_per_order(&sim);
-    let _ = bridge.child.kill();
-    let _ = bridge.child.wait();
+    let _ = bridge.kill();
+    let _ = bridge.wait();
     if !ok {
         eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
     }

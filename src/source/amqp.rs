@@ -89,16 +89,7 @@ impl AmqpSource {
             source_name: cfg.name.clone(),
             message,
         };
-        let mapper = Mapper::new(&cfg.mapping()).map_err(|errs| {
-            conf_err(
-                errs.iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?;
-        let queue_id = Uuid::parse_str(&cfg.queue_id)
-            .map_err(|_| conf_err(format!("queue_id {:?} is not a UUID", cfg.queue_id)))?;
+        let (mapper, queue_id) = super::routing(&cfg.name, &cfg.mapping(), &cfg.queue_id)?;
         let parsed = cfg
             .uri
             .expose()

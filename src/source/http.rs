@@ -56,16 +56,7 @@ impl HttpSource {
             source_name: cfg.name.clone(),
             message,
         };
-        let mapper = Mapper::new(&cfg.mapping()).map_err(|errs| {
-            conf_err(
-                errs.iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?;
-        let queue_id = Uuid::parse_str(&cfg.queue_id)
-            .map_err(|_| conf_err(format!("queue_id {:?} is not a UUID", cfg.queue_id)))?;
+        let (mapper, queue_id) = super::routing(&cfg.name, &cfg.mapping(), &cfg.queue_id)?;
         let token = cfg.auth_token().map_err(conf_err)?;
         let listener = TcpListener::bind(&cfg.listen)
             .await

@@ -33,6 +33,30 @@ pub trait Source: Send {
     fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, anyhow::Result<()>>;
 }
 
+/// Compile a source's mapping and parse its target queue; the start-up
+/// checks every source makes (`validate` reports the same problems).
+pub(crate) fn routing(
+    source_name: &str,
+    mapping: &crate::mapping::MappingConfig,
+    queue_id: &str,
+) -> Result<(crate::mapping::Mapper, uuid::Uuid), SourceError> {
+    let conf_err = |message: String| SourceError::Config {
+        source_name: source_name.to_string(),
+        message,
+    };
+    let mapper = crate::mapping::Mapper::new(mapping).map_err(|errs| {
+        conf_err(
+            errs.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    let queue_id = uuid::Uuid::parse_str(queue_id)
+        .map_err(|_| conf_err(format!("queue_id {queue_id:?} is not a UUID")))?;
+    Ok((mapper, queue_id))
+}
+
 /// Errors a source reports at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

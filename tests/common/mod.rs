@@ -145,3 +145,42 @@ pub async fn post_events(
     }
     rb.send().await.expect("bridge answers")
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start the real binary with `run --config`, the API key in the
+/// environment and its output appended to `log`.
+pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("DUVO_API_KEY", key)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn duvo-bridge")
+}
+
+/// Wait until the admin listener on `admin` answers `/readyz` with 200.
+pub async fn wait_ready(admin: u16) -> bool {
+    wait_until(Duration::from_secs(20), || async move {
+        reqwest::get(format!("http://127.0.0.1:{admin}/readyz"))
+            .await
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    })
+    .await
+}
