@@ -47,6 +47,7 @@ fn event(queue_id: Uuid, i: u64) -> NewEvent {
             priority: None,
         },
         received_at_ms: 0,
+        origin: None,
     }
 }
 

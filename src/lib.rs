@@ -13,6 +13,7 @@ pub mod demo;
 pub mod duvo;
 pub mod mapping;
 pub mod outbox;
+pub mod report;
 pub mod secret;
 pub mod shutdown;
 pub mod sim;

@@ -33,6 +33,7 @@ fn ev(queue_id: Uuid, identity: Option<&str>, title: &str) -> NewEvent {
         queue_id,
         case: case(title),
         received_at_ms: 1_700_000_000_000,
+        origin: None,
     }
 }
 

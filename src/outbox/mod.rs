@@ -35,8 +35,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 pub use types::{
-    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, NewEvent, OutboxConfig,
-    OutboxError, OutboxStats, ReadySummary,
+    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, NewEvent, Origin,
+    OutboxConfig, OutboxError, OutboxStats, ReadySummary,
 };
 
 use flusher::FlushShared;
@@ -178,6 +178,7 @@ impl Outbox {
                 state: EventState::Stored,
                 case: Some(ev.case),
                 settled_at_ms: None,
+                origin: ev.origin,
             };
             let bytes = encode(&rec)?;
             prepared.push((rec.identity, rec.queue_id, rec.received_at_ms, size, bytes));
@@ -933,6 +934,7 @@ mod tests {
                 priority: None,
             },
             received_at_ms: 1,
+            origin: None,
         }
     }
 

@@ -26,7 +26,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
-use super::types::{EventState, OutboxError};
+use super::types::{EventState, Origin, OutboxError};
 use crate::duvo::NewCase;
 
 /// Tree holding events, identities, batches and the expiry index.
@@ -161,6 +161,10 @@ pub(crate) struct EventRecord {
     pub case: Option<NewCase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settled_at_ms: Option<u64>,
+    /// Where the event came from (for failure reports); kept while the
+    /// case is tracked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
 }
 
 /// A persisted batch: ids only, the payloads stay in the event records.

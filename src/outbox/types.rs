@@ -60,6 +60,41 @@ pub struct NewEvent {
     pub case: NewCase,
     /// Unix ms at which the source received the event (end-to-end latency).
     pub received_at_ms: u64,
+    /// Where the event came from, as much as a reporter needs to send a
+    /// failure report back to it. Kept while the case is tracked.
+    pub origin: Option<Origin>,
+}
+
+/// Where an event came from: what a [`crate::report::Reporter`] needs to
+/// address a report about it (a callback URL, an AMQP `reply_to` and message
+/// id, a Kafka topic/partition/offset and key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Origin {
+    Http {
+        /// Per-event callback URL (the request's `X-Duvo-Callback-Url`
+        /// header); the source's `callback_url` when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        callback_url: Option<String>,
+    },
+    Amqp {
+        /// The queue the message was consumed from.
+        queue: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        correlation_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reply_to: Option<String>,
+    },
+    Kafka {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        /// The record key, base64 (standard alphabet, padded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_b64: Option<String>,
+    },
 }
 
 /// Lifecycle of an event in the outbox.

@@ -472,6 +472,7 @@ impl AmqpSource {
             queue_id: self.queue_id,
             case,
             received_at_ms,
+            origin: None,
         }))
     }
 

@@ -299,6 +299,7 @@ async fn post_events(
             queue_id: state.queue_id,
             case,
             received_at_ms,
+            origin: None,
         });
     }
     match state.ctx.outbox.append(batch).await {
