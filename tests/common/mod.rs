@@ -184,3 +184,92 @@ pub async fn wait_ready(admin: u16) -> bool {
     })
     .await
 }
+
+/// One callback the sink received.
+#[derive(Debug, Clone)]
+pub struct Callback {
+    pub signature: Option<String>,
+    pub report_id: Option<String>,
+    pub body: bytes::Bytes,
+    pub json: serde_json::Value,
+}
+
+/// An HTTP server standing in for a customer's callback endpoint: records
+/// every POST, and answers 503 to the next `fail_next` requests.
+#[derive(Clone)]
+pub struct CallbackSink {
+    pub url: String,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<Callback>>>,
+    pub fail_next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CallbackSink {
+    pub async fn start() -> CallbackSink {
+        CallbackSink::start_on("127.0.0.1:0").await
+    }
+
+    pub async fn start_on(addr: &str) -> CallbackSink {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let url = format!("http://{}/duvo-callback", listener.local_addr().unwrap());
+        let sink = CallbackSink {
+            url,
+            received: Default::default(),
+            fail_next: Default::default(),
+            refused: Default::default(),
+        };
+        let s = sink.clone();
+        let app = axum::Router::new().route(
+            "/duvo-callback",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+                let s = s.clone();
+                async move {
+                    let failing = s
+                        .fail_next
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if failing {
+                        s.refused.fetch_add(1, Ordering::SeqCst);
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let h = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let json = serde_json::from_slice(&body).unwrap_or_default();
+                    s.received.lock().unwrap().push(Callback {
+                        signature: h("x-duvo-bridge-signature"),
+                        report_id: h("x-duvo-bridge-report-id"),
+                        body,
+                        json,
+                    });
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.ok();
+        });
+        sink
+    }
+
+    pub fn received(&self) -> Vec<Callback> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+/// Case ids of the simulator's cases in `status`.
+pub fn case_ids_in(sim: &SimHandle, status: &str) -> std::collections::BTreeSet<String> {
+    sim.cases()
+        .into_iter()
+        .filter(|c| c.status.as_str() == status)
+        .map(|c| c.id.to_string())
+        .collect()
+}
