@@ -157,6 +157,16 @@ pub fn free_port() -> u16 {
 /// Start the real binary with `run --config`, the API key in the
 /// environment and its output appended to `log`.
 pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> std::process::Child {
+    spawn_bridge_with(config, key, log, &[])
+}
+
+/// [`spawn_bridge`] with extra environment variables.
+pub fn spawn_bridge_with(
+    config: &Path,
+    key: &str,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -167,6 +177,7 @@ pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> std::process::Child
         .arg(config)
         .env("DUVO_API_KEY", key)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
