@@ -547,6 +547,10 @@ pub struct HttpSourceConfig {
     /// (required with `callback_url` or `callback_url_header`).
     #[serde(default)]
     pub callback_secret_env: Option<String>,
+    /// The HMAC secret itself. Discouraged (it ends up in a file readable
+    /// by whoever reads the config); prefer `callback_secret_env`.
+    #[serde(default)]
+    pub callback_secret: Option<Secret>,
     /// Accept a per-request callback URL in the `X-Duvo-Callback-Url`
     /// header (overrides `callback_url` for the events of that request).
     /// Off by default: whoever can post events could make the bridge call
@@ -596,6 +600,7 @@ impl HttpSourceConfig {
             max_events_per_request: default_http_max_events(),
             callback_url: None,
             callback_secret_env: None,
+            callback_secret: None,
             callback_url_header: false,
             callback_timeout_secs: default_callback_timeout(),
         }
@@ -608,9 +613,15 @@ impl HttpSourceConfig {
 
     /// The callback HMAC secret, from `callback_secret_env`.
     pub fn callback_secret(&self) -> Result<Option<Secret>, String> {
+        if let Some(s) = &self.callback_secret {
+            if s.is_empty() {
+                return Err(format!("sources.{}.callback_secret is empty", self.name));
+            }
+            return Ok(Some(s.clone()));
+        }
         match &self.callback_secret_env {
             None if self.reports() => Err(format!(
-                "sources.{}: callback_secret_env is required with callback_url or callback_url_header (callbacks are signed)",
+                "sources.{}: callback_secret_env (or callback_secret) is required with callback_url or callback_url_header (callbacks are signed)",
                 self.name
             )),
             None => Ok(None),
@@ -1089,6 +1100,7 @@ title = "Order {/order_id}"
         // SAFETY: tests in this module do not read DUVO_API_KEY concurrently
         // except this one; the value is a throwaway.
         unsafe { std::env::set_var("DUVO_API_KEY", "dv_example_test_key_000000000000000") };
+        unsafe { std::env::set_var("OMS_CALLBACK_SECRET", "example-callback-secret") };
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/config/duvo-bridge.example.toml"
