@@ -28,23 +28,13 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_not
     let config = dir.path().join("bridge.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"
-[duvo]
-base_url = "{base}"
-api_key_env = "DUVO_API_KEY"
-rate_limit_per_minute = 1200
-timeout_secs = 5
-[outbox]
-path = "{outbox}"
-[delivery]
-linger_ms = 50
-retry_initial_ms = 20
-retry_max_ms = 500
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-grace_period_secs = 2
+        bridge_toml(
+            &sim,
+            dir.path(),
+            admin,
+            1200,
+            &format!(
+                r#"
 [[sources]]
 type = "http"
 name = "oms"
@@ -52,9 +42,8 @@ listen = "127.0.0.1:{http}"
 queue_id = "{queue}"
 title = "Order {{/order_id}}"
 "#,
-            base = sim.base_url(),
-            outbox = dir.path().join("outbox").display(),
-            queue = sim.queues()[0],
+                queue = sim.queues()[0],
+            ),
         ),
     )
     .unwrap();
@@ -171,28 +160,18 @@ async fn sigkill_during_tracking_loses_no_report() {
     let config = dir.path().join("bridge.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"
-[duvo]
-base_url = "{base}"
-api_key_env = "DUVO_API_KEY"
-rate_limit_per_minute = 1200
-timeout_secs = 5
-[outbox]
-path = "{outbox}"
-[delivery]
-linger_ms = 50
-retry_initial_ms = 20
-retry_max_ms = 500
+        bridge_toml(
+            &sim,
+            dir.path(),
+            admin,
+            1200,
+            &format!(
+                r#"
 [tracking]
 poll_interval_ms = 250
 watch_interval_ms = 1000
 report_retry_initial_ms = 50
 report_retry_max_ms = 300
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-grace_period_secs = 2
 [[sources]]
 type = "http"
 name = "oms"
@@ -202,10 +181,9 @@ title = "Order {{/order_id}}"
 callback_url = "{callback}"
 callback_secret_env = "OMS_CALLBACK_SECRET"
 "#,
-            base = sim.base_url(),
-            outbox = dir.path().join("outbox").display(),
-            queue = sim.queues()[0],
-            callback = sink.url,
+                queue = sim.queues()[0],
+                callback = sink.url,
+            ),
         ),
     )
     .unwrap();

@@ -284,3 +284,30 @@ pub fn case_ids_in(sim: &SimHandle, status: &str) -> std::collections::BTreeSet<
         .map(|c| c.id.to_string())
         .collect()
 }
+
+/// The TOML of a bridge run by the binary against `sim`: API key from
+/// `DUVO_API_KEY`, outbox in `dir`, admin on `admin`, short retry delays;
+/// `rest` adds sections and `[[sources]]`.
+pub fn bridge_toml(sim: &SimHandle, dir: &Path, admin: u16, rate: u32, rest: &str) -> String {
+    format!(
+        r#"
+[duvo]
+base_url = "{base}"
+api_key_env = "DUVO_API_KEY"
+rate_limit_per_minute = {rate}
+timeout_secs = 5
+[outbox]
+path = "{outbox}"
+[delivery]
+linger_ms = 50
+retry_initial_ms = 20
+retry_max_ms = 500
+[admin]
+listen = "127.0.0.1:{admin}"
+[shutdown]
+grace_period_secs = 2
+{rest}"#,
+        base = sim.base_url(),
+        outbox = dir.join("outbox").display(),
+    )
+}
