@@ -71,7 +71,10 @@ pub struct TrackingConfig {
     /// ended failed or canceled (watched only for a retry in Duvo).
     pub watch_interval_ms: u64,
     /// Each listing starts this far before the watermark, to catch updates
-    /// committed out of order on the server. Re-read cases cost nothing.
+    /// the server commits out of `updated_at` order. Re-read cases are
+    /// recognised and cost no report, but they fill pages: on a busy queue
+    /// every listing re-reads what changed in this span. 0 (the default)
+    /// trusts the server's ordering, as the API contract does.
     pub lookback_ms: u64,
     /// A case still unfinished this long after it was created is reported
     /// `expired` and no longer followed; a failed one stops being watched.
@@ -96,7 +99,7 @@ impl Default for TrackingConfig {
             share: 0.1,
             poll_interval_ms: 2000,
             watch_interval_ms: 30_000,
-            lookback_ms: 1000,
+            lookback_ms: 0,
             ttl_hours: 72,
             report: vec![
                 crate::report::ReportStatus::Failed,

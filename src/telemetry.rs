@@ -192,7 +192,7 @@ fn describe_all() {
     );
     describe_counter!(
         "duvo_bridge_tracking_requests_total",
-        "Listing requests sent by the case tracker."
+        "Listing requests sent by the case tracker, by stream (reports, cleanup)."
     );
     describe_counter!(
         "duvo_bridge_tracking_transitions_total",
@@ -203,13 +203,17 @@ fn describe_all() {
         "Tracked cases that completed and were forgotten."
     );
     describe_counter!(
+        "duvo_bridge_tracking_rereads_total",
+        "Listing pages read again from the start of a tie instant because a case there changed between pages."
+    );
+    describe_counter!(
         "duvo_bridge_tracking_expired_total",
         "Tracked cases still unfinished when their TTL ran out."
     );
     describe_gauge!(
         "duvo_bridge_tracking_watermark_lag_seconds",
         Unit::Seconds,
-        "How far a queue's listing watermark is behind now, by queue."
+        "How far a queue's listing watermark is behind now, by queue and stream."
     );
     describe_counter!(
         "duvo_bridge_reports_created_total",
