@@ -239,10 +239,46 @@ async fn housekeeping(outbox: Outbox, health: Health, stop: CancellationToken) {
     }
 }
 
-/// `duvo-bridge run`: start, wait for a signal, drain.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// `duvo-bridge run`: start, tell systemd, reload on SIGHUP (when the
+/// configuration came from `config_path`), wait for a signal, drain.
+pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    // Before anything else: SIGHUP's default action would end the process.
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
-    let bridge = start(cfg, shutdown).await?;
-    bridge.wait().await
+    let bridge = start(cfg.clone(), shutdown.clone()).await?;
+    let (outbox, gate) = (bridge.outbox.clone(), bridge.gate.clone());
+    crate::systemd::ready(&crate::systemd::status_line(&outbox, &gate, false));
+
+    let background = CancellationToken::new();
+    let supervisor = tokio::spawn(crate::systemd::supervise(
+        outbox.clone(),
+        gate.clone(),
+        shutdown.clone(),
+        background.clone(),
+    ));
+    #[cfg(unix)]
+    if let Some(path) = config_path {
+        let reloader = crate::reload::Reloader::new(path, cfg, gate.clone());
+        tokio::spawn(crate::reload::on_sighup(hup, reloader, background.clone()));
+    }
+    let stopping = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let background = background.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    crate::systemd::stopping(&crate::systemd::status_line(&outbox, &gate, true));
+                }
+                _ = background.cancelled() => {}
+            }
+        }
+    });
+    let result = bridge.wait().await;
+    background.cancel();
+    let _ = supervisor.await;
+    let _ = stopping.await;
+    result
 }
