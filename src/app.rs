@@ -144,8 +144,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     source_tasks.close();
     let batcher = Batcher::new(outbox.clone(), client, gate.clone(), cfg.delivery.clone());
     let batcher_task = tokio::spawn(batcher.run(batch_stop.clone(), abort.clone()));
+    metrics::gauge!("duvo_bridge_outbox_high_water_events").set(cfg.outbox.high_water_events as f64);
+    metrics::gauge!("duvo_bridge_outbox_high_water_bytes").set(cfg.outbox.high_water_bytes as f64);
     let housekeeping = tokio::spawn(housekeeping(
         outbox.clone(),
+        cfg.outbox.path.clone(),
         health.clone(),
         admin_stop.clone(),
     ));
@@ -199,7 +202,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 }
 
 /// Gauges, high-water readiness and retention purge.
-async fn housekeeping(outbox: Outbox, health: Health, stop: CancellationToken) {
+async fn housekeeping(
+    outbox: Outbox,
+    path: std::path::PathBuf,
+    health: Health,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_purge = Instant::now();
     loop {
@@ -210,6 +218,10 @@ async fn housekeeping(outbox: Outbox, health: Health, stop: CancellationToken) {
         let s = outbox.stats();
         metrics::gauge!("duvo_bridge_outbox_depth").set(s.depth as f64);
         metrics::gauge!("duvo_bridge_outbox_bytes").set(outbox.size_on_disk() as f64);
+        if let Ok((available, size)) = volume_space(&path) {
+            metrics::gauge!("duvo_bridge_outbox_volume_available_bytes").set(available as f64);
+            metrics::gauge!("duvo_bridge_outbox_volume_size_bytes").set(size as f64);
+        }
         let oldest = outbox
             .ready_summary()
             .iter()
@@ -237,6 +249,25 @@ async fn housekeeping(outbox: Outbox, health: Health, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// Bytes available to this (unprivileged) process and total size of the
+/// filesystem holding `path`.
+fn volume_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is written by
+    // statvfs before it is read (only on success).
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
 }
 
 /// `duvo-bridge run`: start, tell systemd, reload on SIGHUP (when the

@@ -116,29 +116,7 @@ impl DuvoConfig {
             };
         }
         if let Some(name) = &self.api_key_credential {
-            if name.is_empty() || name.contains('/') {
-                return Err(format!(
-                    "duvo.api_key_credential {name:?} must be a credential name (no '/')"
-                ));
-            }
-            let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
-                return Err(format!(
-                    "duvo.api_key_credential {name:?}: CREDENTIALS_DIRECTORY is not set \
-                     (run under systemd with LoadCredential={name}:<file>)"
-                ));
-            };
-            let path = Path::new(&dir).join(name);
-            return match std::fs::read_to_string(&path) {
-                Ok(s) if !s.trim().is_empty() => Ok(ApiKey::new(s.trim())),
-                Ok(_) => Err(format!(
-                    "duvo.api_key_credential: {} is empty",
-                    path.display()
-                )),
-                Err(e) => Err(format!(
-                    "duvo.api_key_credential: {} cannot be read: {e}",
-                    path.display()
-                )),
-            };
+            return read_credential("duvo.api_key_credential", name).map(ApiKey::new);
         }
         if let Some(var) = &self.api_key_env {
             return match std::env::var(var) {
@@ -490,6 +468,11 @@ pub struct HttpSourceConfig {
     /// Unset: no authentication (bind to localhost then).
     #[serde(default)]
     pub auth_token_env: Option<String>,
+    /// Name of a systemd credential holding the bearer token
+    /// (`$CREDENTIALS_DIRECTORY/<name>`); takes precedence over
+    /// `auth_token_env`.
+    #[serde(default)]
+    pub auth_token_credential: Option<String>,
     /// Largest accepted request body, bytes.
     #[serde(default = "default_http_max_body")]
     pub max_body_bytes: usize,
@@ -528,6 +511,7 @@ impl HttpSourceConfig {
             priority_field: None,
             event_id_field: None,
             auth_token_env: None,
+            auth_token_credential: None,
             max_body_bytes: default_http_max_body(),
             max_events_per_request: default_http_max_events(),
         }
@@ -544,6 +528,10 @@ impl HttpSourceConfig {
     }
 
     pub fn auth_token(&self) -> Result<Option<Secret>, String> {
+        if let Some(name) = &self.auth_token_credential {
+            let at = format!("sources.{}.auth_token_credential", self.name);
+            return read_credential(&at, name).map(|t| Some(Secret::new(t)));
+        }
         match &self.auth_token_env {
             None => Ok(None),
             Some(var) => match std::env::var(var) {
@@ -793,6 +781,26 @@ impl Config {
     /// The configuration as TOML with secrets redacted (`--print-config`).
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// Read the systemd credential `name` from `$CREDENTIALS_DIRECTORY`
+/// (trimmed); `at` names the config key in errors.
+fn read_credential(at: &str, name: &str) -> Result<String, String> {
+    if name.is_empty() || name.contains('/') {
+        return Err(format!("{at} {name:?} must be a credential name (no '/')"));
+    }
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+        return Err(format!(
+            "{at} {name:?}: CREDENTIALS_DIRECTORY is not set \
+             (run under systemd with LoadCredential={name}:<file>)"
+        ));
+    };
+    let path = Path::new(&dir).join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => Err(format!("{at}: {} is empty", path.display())),
+        Err(e) => Err(format!("{at}: {} cannot be read: {e}", path.display())),
     }
 }
 

@@ -130,6 +130,25 @@ fn describe_all() {
         "Size of the outbox database on disk."
     );
     describe_gauge!(
+        "duvo_bridge_outbox_high_water_bytes",
+        Unit::Bytes,
+        "Configured outbox size on disk above which intake pauses (outbox.high_water_bytes)."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_high_water_events",
+        "Configured undelivered events above which intake pauses (outbox.high_water_events)."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_volume_available_bytes",
+        Unit::Bytes,
+        "Free space available to the bridge on the filesystem holding the outbox."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_volume_size_bytes",
+        Unit::Bytes,
+        "Size of the filesystem holding the outbox."
+    );
+    describe_gauge!(
         "duvo_bridge_outbox_oldest_event_age_seconds",
         Unit::Seconds,
         "Age of the oldest event waiting for delivery."

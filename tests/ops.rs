@@ -48,10 +48,17 @@ async fn systemd_notify_ready_watchdog_status_stopping_with_key_from_a_credentia
         "api_key_credential = \"duvo-api-key\"\napi_key_env = \"NO_SUCH_VARIABLE_FOR_THE_KEY\"",
         "",
     );
+    // The intake's bearer token from a credential as well.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "title = \"Order {/order_id}\"",
+        "title = \"Order {/order_id}\"\nauth_token_credential = \"oms-token\"",
+    );
+    std::fs::write(&config, text).unwrap();
     let creds = dir.path().join("credentials");
     std::fs::create_dir(&creds).unwrap();
     let key = sim.api_keys()[0].clone();
     std::fs::write(creds.join("duvo-api-key"), format!("{key}\n")).unwrap();
+    std::fs::write(creds.join("oms-token"), "t0k3n-from-credential\n").unwrap();
     let notify_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&notify_path).unwrap();
     let log = dir.path().join("bridge.log");
@@ -93,10 +100,19 @@ async fn systemd_notify_ready_watchdog_status_stopping_with_key_from_a_credentia
         .unwrap();
     assert_eq!(r.status(), 200);
 
-    // Delivery works with the key read from $CREDENTIALS_DIRECTORY.
+    // Delivery works with the key read from $CREDENTIALS_DIRECTORY, and
+    // the intake wants the token read from there too.
     let client = reqwest::Client::new();
-    let addr = format!("127.0.0.1:{http}").parse().unwrap();
-    let r = post_events(&client, addr, &json!(orders(0..3)), Some("k1")).await;
+    let url = format!("http://127.0.0.1:{http}/v1/events");
+    let r = client.post(&url).json(&json!(orders(0..3))).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client
+        .post(&url)
+        .bearer_auth("t0k3n-from-credential")
+        .json(&json!(orders(0..3)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     expect_cases(&sim, 3, 30).await;
 
