@@ -144,7 +144,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     source_tasks.close();
     let batcher = Batcher::new(outbox.clone(), client, gate.clone(), cfg.delivery.clone());
     let batcher_task = tokio::spawn(batcher.run(batch_stop.clone(), abort.clone()));
-    metrics::gauge!("duvo_bridge_outbox_high_water_events").set(cfg.outbox.high_water_events as f64);
+    metrics::gauge!("duvo_bridge_outbox_high_water_events")
+        .set(cfg.outbox.high_water_events as f64);
     metrics::gauge!("duvo_bridge_outbox_high_water_bytes").set(cfg.outbox.high_water_bytes as f64);
     let housekeeping = tokio::spawn(housekeeping(
         outbox.clone(),
@@ -266,8 +267,10 @@ fn volume_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
     }
     // SAFETY: statvfs returned 0, so it filled `st`.
     let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize as u64;
-    Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+    // The field types differ between platforms (u32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    let (frsize, avail, blocks) = (st.f_frsize as u64, st.f_bavail as u64, st.f_blocks as u64);
+    Ok((avail * frsize, blocks * frsize))
 }
 
 /// `duvo-bridge run`: start, tell systemd, reload on SIGHUP (when the

@@ -104,7 +104,12 @@ async fn systemd_notify_ready_watchdog_status_stopping_with_key_from_a_credentia
     // the intake wants the token read from there too.
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{http}/v1/events");
-    let r = client.post(&url).json(&json!(orders(0..3))).send().await.unwrap();
+    let r = client
+        .post(&url)
+        .json(&json!(orders(0..3)))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let r = client
         .post(&url)
