@@ -83,8 +83,9 @@ async fn three_replicas_share_one_key_without_early_retries_and_use_the_budget()
         assert_eq!(r.status(), 202);
     }
 
-    // Warm-up: each gate learns the 5 s window from two consecutive resets.
-    for _ in 0..3 {
+    // Warm-up: each gate learns the 5 s window from two consecutive resets
+    // (until then it assumes a minute and paces at a twelfth of the rate).
+    for _ in 0..4 {
         to_boundary(50).await;
     }
     let before = sim.stats();
