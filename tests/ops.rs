@@ -225,7 +225,7 @@ async fn sighup_reloads_rate_and_log_level_and_refuses_a_bad_file() {
 
     // A valid change: the rate applies to the gate, the level to the log.
     write(120, "info", 3);
-    send_signal(&child.0, "HUP");
+    send_signal(child.child(), "HUP");
     let applied = wait_until(Duration::from_secs(20), || async {
         scrape_metric(admin, RPM).await == Some(120.0)
     })
@@ -245,7 +245,7 @@ async fn sighup_reloads_rate_and_log_level_and_refuses_a_bad_file() {
 
     // An invalid file is refused whole; the bridge keeps its settings and runs.
     write(60, "info", 0);
-    send_signal(&child.0, "HUP");
+    send_signal(child.child(), "HUP");
     let refused = wait_until(Duration::from_secs(20), || async {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -267,7 +267,7 @@ async fn sighup_reloads_rate_and_log_level_and_refuses_a_bad_file() {
         .unwrap()
         .replace("linger_ms = 50", "linger_ms = 60");
     std::fs::write(&cfg, text).unwrap();
-    send_signal(&child.0, "HUP");
+    send_signal(child.child(), "HUP");
     let named = wait_until(Duration::from_secs(20), || async {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -276,7 +276,7 @@ async fn sighup_reloads_rate_and_log_level_and_refuses_a_bad_file() {
     .await;
     assert!(named, "{}", std::fs::read_to_string(&log).unwrap());
     assert_eq!(scrape_metric(admin, RPM).await, Some(300.0));
-    send_signal(&child.0, "TERM");
+    send_signal(child.child(), "TERM");
     let mut c = child.take();
     let status = tokio::task::spawn_blocking(move || c.wait().unwrap())
         .await
@@ -384,28 +384,27 @@ fn environment_overrides_every_key_and_reports_bad_ones() {
 }
 
 /// Kills the child if the test fails before it stopped it.
-struct Guard(std::process::Child, bool);
+struct Guard(Option<std::process::Child>);
 
 fn scopeguard(c: std::process::Child) -> Guard {
-    Guard(c, true)
+    Guard(Some(c))
 }
 
 impl Guard {
+    fn child(&self) -> &std::process::Child {
+        self.0.as_ref().expect("child not taken")
+    }
+
     fn take(mut self) -> std::process::Child {
-        self.1 = false;
-        // Move the child out; the placeholder is never waited on.
-        std::mem::replace(
-            &mut self.0,
-            Command::new("true").spawn().expect("spawn true"),
-        )
+        self.0.take().expect("child not taken")
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if self.1 {
-            let _ = self.0.kill();
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
         }
-        let _ = self.0.wait();
     }
 }
