@@ -21,3 +21,4 @@ pub mod sim;
 pub mod source;
 pub mod systemd;
 pub mod telemetry;
+pub mod track;
