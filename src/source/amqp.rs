@@ -100,7 +100,7 @@ impl AmqpSource {
                     cfg.redacted_uri()
                 ))
             })?;
-        let password = Some(parsed.authority.userinfo.password).filter(|p| p.len() >= 3);
+        let password = uri_password(&parsed);
         Ok(AmqpSource {
             redacted_uri: cfg.redacted_uri(),
             password,
@@ -122,10 +122,7 @@ impl AmqpSource {
     }
 
     fn scrub(&self, text: String) -> String {
-        match &self.password {
-            Some(p) => text.replace(p.as_str(), "***"),
-            None => text,
-        }
+        scrub_password(text, self.password.as_deref())
     }
 
     fn broker_err(&self, step: &'static str) -> impl Fn(lapin::Error) -> AmqpError + '_ {
@@ -517,6 +514,20 @@ impl AmqpSource {
                 format!("amqp:{src}:sha256:{hex}")
             }
         }
+    }
+}
+
+/// The password of a parsed AMQP URI, to scrub from library error texts
+/// (only from 3 characters on, so a tiny one cannot mangle every message).
+pub(crate) fn uri_password(uri: &lapin::uri::AMQPUri) -> Option<String> {
+    Some(uri.authority.userinfo.password.clone()).filter(|p| p.len() >= 3)
+}
+
+/// `text` with every occurrence of `password` replaced by `***`.
+pub(crate) fn scrub_password(text: String, password: Option<&str>) -> String {
+    match password {
+        Some(p) => text.replace(p, "***"),
+        None => text,
     }
 }
 
