@@ -71,7 +71,10 @@ pub struct TrackingConfig {
     /// ended failed or canceled (watched only for a retry in Duvo).
     pub watch_interval_ms: u64,
     /// Each listing starts this far before the watermark, to catch updates
-    /// committed out of order on the server. Re-read cases cost nothing.
+    /// the server commits out of `updated_at` order. Re-read cases are
+    /// recognised and cost no report, but they fill pages: on a busy queue
+    /// every listing re-reads what changed in this span. 0 (the default)
+    /// trusts the server's ordering, as the API contract does.
     pub lookback_ms: u64,
     /// A case still unfinished this long after it was created is reported
     /// `expired` and no longer followed; a failed one stops being watched.
@@ -96,7 +99,7 @@ impl Default for TrackingConfig {
             share: 0.1,
             poll_interval_ms: 2000,
             watch_interval_ms: 30_000,
-            lookback_ms: 1000,
+            lookback_ms: 0,
             ttl_hours: 72,
             report: vec![
                 crate::report::ReportStatus::Failed,
@@ -609,6 +612,10 @@ pub struct HttpSourceConfig {
     /// (required with `callback_url` or `callback_url_header`).
     #[serde(default)]
     pub callback_secret_env: Option<String>,
+    /// The HMAC secret itself. Discouraged (it ends up in a file readable
+    /// by whoever reads the config); prefer `callback_secret_env`.
+    #[serde(default)]
+    pub callback_secret: Option<Secret>,
     /// Accept a per-request callback URL in the `X-Duvo-Callback-Url`
     /// header (overrides `callback_url` for the events of that request).
     /// Off by default: whoever can post events could make the bridge call
@@ -658,6 +665,7 @@ impl HttpSourceConfig {
             max_events_per_request: default_http_max_events(),
             callback_url: None,
             callback_secret_env: None,
+            callback_secret: None,
             callback_url_header: false,
             callback_timeout_secs: default_callback_timeout(),
         }
@@ -670,9 +678,15 @@ impl HttpSourceConfig {
 
     /// The callback HMAC secret, from `callback_secret_env`.
     pub fn callback_secret(&self) -> Result<Option<Secret>, String> {
+        if let Some(s) = &self.callback_secret {
+            if s.is_empty() {
+                return Err(format!("sources.{}.callback_secret is empty", self.name));
+            }
+            return Ok(Some(s.clone()));
+        }
         match &self.callback_secret_env {
             None if self.reports() => Err(format!(
-                "sources.{}: callback_secret_env is required with callback_url or callback_url_header (callbacks are signed)",
+                "sources.{}: callback_secret_env (or callback_secret) is required with callback_url or callback_url_header (callbacks are signed)",
                 self.name
             )),
             None => Ok(None),
@@ -1185,6 +1199,7 @@ title = "Order {/order_id}"
         // SAFETY: tests in this module do not read DUVO_API_KEY concurrently
         // except this one; the value is a throwaway.
         unsafe { std::env::set_var("DUVO_API_KEY", "dv_example_test_key_000000000000000") };
+        unsafe { std::env::set_var("OMS_CALLBACK_SECRET", "example-callback-secret") };
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/config/duvo-bridge.example.toml"

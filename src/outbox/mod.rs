@@ -37,9 +37,9 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 pub use types::{
-    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, ListingOutcome, NewEvent,
-    Origin, OutboxConfig, OutboxError, OutboxStats, QueueTracking, ReadySummary, TrackPhase,
-    Tracking, TrackingPolicy, Transition,
+    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, ListingOutcome,
+    ListingStream, NewEvent, Origin, OutboxConfig, OutboxError, OutboxStats, QueueTracking,
+    ReadySummary, TrackPhase, Tracking, TrackingPolicy, Transition,
 };
 
 use flusher::FlushShared;
@@ -536,19 +536,15 @@ impl Outbox {
                 }
                 sb.insert(&event_key(*id)[..], encode(&ev)?);
             }
-            if policy.is_some()
-                && self
-                    .inner
-                    .events
-                    .get(watermark_key(rec.queue_id))?
-                    .is_none()
-            {
+            if policy.is_some() {
                 let start = created_at
                     .unwrap_or_else(|| chrono::Utc::now() - chrono::Duration::seconds(60));
-                sb.insert(
-                    &watermark_key(rec.queue_id)[..],
-                    encode(&Watermark { updated_at: start })?,
-                );
+                for stream in ListingStream::ALL {
+                    let wk = watermark_key(rec.queue_id, stream);
+                    if self.inner.events.get(wk)?.is_none() {
+                        sb.insert(&wk[..], encode(&Watermark { updated_at: start })?);
+                    }
+                }
             }
             sb.remove(&batch_key(batch.id)[..]);
             self.inner.events.apply_batch(sb)?;
@@ -657,21 +653,19 @@ impl Outbox {
                 .take()
                 .ok_or_else(|| OutboxError::Missing(format!("payload of events/e/{id}")))?;
             let report = match &self.inner.cfg.tracking {
-                Some(p) if p.reports(&ev.source, ReportStatus::Rejected) => Some(Report {
-                    id: self.inner.db.generate_id()?,
-                    source: ev.source.clone(),
-                    event_id: EventId(id),
-                    origin: ev.origin.clone(),
-                    queue_id: ev.queue_id,
-                    case_id: None,
-                    status: ReportStatus::Rejected,
-                    reason: Some(format!("{status} {error}: {message}")),
-                    case_updated_at: None,
-                    title: ev.title.clone(),
-                    event: case.data.clone(),
-                    created_at_ms: now,
-                    attempts: 0,
-                }),
+                Some(p) if p.reports(&ev.source, ReportStatus::Rejected) => {
+                    let mut r = self.new_report(
+                        id,
+                        &ev,
+                        None,
+                        ReportStatus::Rejected,
+                        format!("{status} {error}: {message}"),
+                        None,
+                        now,
+                    )?;
+                    r.event = case.data.clone();
+                    Some(r)
+                }
                 _ => None,
             };
             let dead = DeadLetter {
@@ -718,11 +712,8 @@ impl Outbox {
             report
         };
         self.publish_depth();
-        let flushed = self.inner.flush.wait_durable().await;
-        if let Some(r) = &report {
-            self.note_reports_created(std::slice::from_ref(r));
-        }
-        flushed
+        self.announce_when_durable(report.into_iter().collect())
+            .await
     }
 
     /// All dead letters, in event id order. Corrupt entries are logged,

@@ -12,12 +12,14 @@ use std::collections::HashMap;
 use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
 
+use super::record::EventRecord;
 use super::record::{
     DEADLINE_PREFIX, Watermark, case_key, deadline_key, deadline_key_id, encode, event_key,
     expiry_key, report_key, watermark_key,
 };
 use super::types::{
-    EventState, ListingOutcome, OutboxError, QueueTracking, TrackPhase, Tracking, Transition,
+    EventState, ListingOutcome, ListingStream, OutboxError, QueueTracking, TrackPhase, Tracking,
+    Transition,
 };
 use super::{EventId, Outbox, lock, now_ms};
 use crate::duvo::{Case, CaseStatus};
@@ -169,8 +171,12 @@ impl Outbox {
 
     /// The listing watermark of a queue: every transition before it has
     /// been applied. `None` when the queue was never tracked.
-    pub fn watermark(&self, queue_id: Uuid) -> Result<Option<DateTime<Utc>>, OutboxError> {
-        let key = watermark_key(queue_id);
+    pub fn watermark(
+        &self,
+        queue_id: Uuid,
+        stream: ListingStream,
+    ) -> Result<Option<DateTime<Utc>>, OutboxError> {
+        let key = watermark_key(queue_id, stream);
         match self.inner.events.get(key)? {
             Some(raw) => Ok(Some(
                 self.decode_logged::<Watermark>(&key, &raw)?.updated_at,
@@ -180,9 +186,10 @@ impl Outbox {
     }
 
     /// Apply one page of a listing of `queue_id` (terminal and flagged
-    /// cases, ascending `updated_at`) and move the queue's watermark to
+    /// cases, ascending `updated_at`) and move the stream's watermark to
     /// `watermark` (never backwards), in one atomic sled batch, then wait for
-    /// the flush.
+    /// the flush. Which statuses a stream lists is the tracker's business;
+    /// any status on any stream is applied the same way.
     ///
     /// Cases not created by this bridge, or no longer followed, are skipped.
     /// For a followed case, a (status, `updated_at`) pair already in its
@@ -195,6 +202,7 @@ impl Outbox {
     pub async fn apply_listing(
         &self,
         queue_id: Uuid,
+        stream: ListingStream,
         cases: &[Case],
         watermark: DateTime<Utc>,
     ) -> Result<ListingOutcome, OutboxError> {
@@ -256,23 +264,15 @@ impl Outbox {
                 }
                 outcome.transitions += 1;
                 if let (true, Some(rs)) = (reported, rs) {
-                    let r = Report {
-                        id: self.inner.db.generate_id()?,
-                        source: ev.source.clone(),
-                        event_id: EventId(id),
-                        origin: ev.origin.clone(),
-                        queue_id: ev.queue_id,
-                        case_id: Some(case.id),
-                        status: rs,
-                        reason: Some(reason_for(case, status)),
-                        case_updated_at: Some(
-                            case.updated_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-                        ),
-                        title: ev.title.clone(),
-                        event: ev.case.as_ref().and_then(|c| c.data.clone()),
-                        created_at_ms: now,
-                        attempts: 0,
-                    };
+                    let r = self.new_report(
+                        id,
+                        &ev,
+                        Some(case.id),
+                        rs,
+                        reason_for(case, status),
+                        Some(case.updated_at),
+                        now,
+                    )?;
                     sb.insert(&report_key(r.id)[..], encode(&r)?);
                     reports.push(r);
                 }
@@ -290,11 +290,11 @@ impl Outbox {
                     CaseStatus::Failed | CaseStatus::Canceled => tr.phase = TrackPhase::Watching,
                     _ => tr.phase = TrackPhase::Open,
                 }
-                moves.push((from, tr.phase));
+                moves.push((queue_id, from, tr.phase));
                 ev.tracking = Some(tr);
                 sb.insert(&event_key(id)[..], encode(&ev)?);
             }
-            let wk = watermark_key(queue_id);
+            let wk = watermark_key(queue_id, stream);
             let current = match self.inner.events.get(wk)? {
                 Some(raw) => self
                     .decode_logged::<Watermark>(&wk, &raw)
@@ -311,19 +311,62 @@ impl Outbox {
                 );
             }
             self.inner.events.apply_batch(sb)?;
-            let mut ix = lock(&self.inner.track);
-            for (from, to) in moves {
-                ix.moved(queue_id, from, to);
-            }
+            self.apply_moves(&moves);
         }
         outcome.reports = reports.len() as u64;
+        self.announce_when_durable(reports).await?;
+        Ok(outcome)
+    }
+
+    fn apply_moves(&self, moves: &[(Uuid, TrackPhase, TrackPhase)]) {
+        let mut ix = lock(&self.inner.track);
+        for (queue_id, from, to) in moves {
+            ix.moved(*queue_id, *from, *to);
+        }
+    }
+
+    /// Wait for the flush covering a tracking change, then hand its reports
+    /// to the dispatcher. Announced only once durable: a report sent before
+    /// the change that made it is on disk could be re-created under a new
+    /// id after a crash.
+    pub(crate) async fn announce_when_durable(
+        &self,
+        reports: Vec<Report>,
+    ) -> Result<(), OutboxError> {
         self.publish_tracking();
         let flushed = self.inner.flush.wait_durable().await;
-        // Announced only once durable: a report sent before its page is on
-        // disk could be re-created under a new id after a crash.
         self.note_reports_created(&reports);
-        flushed?;
-        Ok(outcome)
+        flushed
+    }
+
+    /// A report about event `id` (its record `ev`), with a fresh id.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new_report(
+        &self,
+        id: u64,
+        ev: &EventRecord,
+        case_id: Option<Uuid>,
+        status: ReportStatus,
+        reason: String,
+        case_updated_at: Option<DateTime<Utc>>,
+        now_ms: u64,
+    ) -> Result<Report, OutboxError> {
+        Ok(Report {
+            id: self.inner.db.generate_id()?,
+            source: ev.source.clone(),
+            event_id: EventId(id),
+            origin: ev.origin.clone(),
+            queue_id: ev.queue_id,
+            case_id,
+            status,
+            reason: Some(reason),
+            case_updated_at: case_updated_at
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+            title: ev.title.clone(),
+            event: ev.case.as_ref().and_then(|c| c.data.clone()),
+            created_at_ms: now_ms,
+            attempts: 0,
+        })
     }
 
     /// Handle tracked cases whose TTL ran out before `now_ms` (at most
@@ -374,26 +417,18 @@ impl Outbox {
                     if from == TrackPhase::Open {
                         out.expired += 1;
                         if policy.reports(&ev.source, ReportStatus::Expired) {
-                            let r = Report {
-                                id: self.inner.db.generate_id()?,
-                                source: ev.source.clone(),
-                                event_id: EventId(id),
-                                origin: ev.origin.clone(),
-                                queue_id: ev.queue_id,
-                                case_id: Some(*case_id),
-                                status: ReportStatus::Expired,
-                                reason: Some(format!(
+                            let r = self.new_report(
+                                id,
+                                &ev,
+                                Some(*case_id),
+                                ReportStatus::Expired,
+                                format!(
                                     "case not finished {} h after it was created",
                                     policy.ttl.as_secs() / 3600
-                                )),
-                                case_updated_at: tr.last().map(|t| {
-                                    t.updated_at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-                                }),
-                                title: ev.title.clone(),
-                                event: ev.case.as_ref().and_then(|c| c.data.clone()),
-                                created_at_ms: now_ms,
-                                attempts: 0,
-                            };
+                                ),
+                                tr.last().map(|t| t.updated_at),
+                                now_ms,
+                            )?;
                             sb.insert(&report_key(r.id)[..], encode(&r)?);
                             reports.push(r);
                         }
@@ -402,7 +437,7 @@ impl Outbox {
                     }
                 }
                 tr.phase = TrackPhase::Done;
-                moves.push((ev.queue_id, from));
+                moves.push((ev.queue_id, from, TrackPhase::Done));
                 ev.tracking = Some(tr);
                 ev.case = None;
                 ev.origin = None;
@@ -413,16 +448,10 @@ impl Outbox {
                 return Ok(out);
             }
             self.inner.events.apply_batch(sb)?;
-            let mut ix = lock(&self.inner.track);
-            for (queue_id, from) in moves {
-                ix.moved(queue_id, from, TrackPhase::Done);
-            }
+            self.apply_moves(&moves);
         }
         out.reports = reports.len() as u64;
-        self.publish_tracking();
-        let flushed = self.inner.flush.wait_durable().await;
-        self.note_reports_created(&reports);
-        flushed?;
+        self.announce_when_durable(reports).await?;
         Ok(out)
     }
 

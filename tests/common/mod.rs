@@ -157,6 +157,16 @@ pub fn free_port() -> u16 {
 /// Start the real binary with `run --config`, the API key in the
 /// environment and its output appended to `log`.
 pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> std::process::Child {
+    spawn_bridge_with(config, key, log, &[])
+}
+
+/// [`spawn_bridge`] with extra environment variables.
+pub fn spawn_bridge_with(
+    config: &Path,
+    key: &str,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -167,6 +177,7 @@ pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> std::process::Child
         .arg(config)
         .env("DUVO_API_KEY", key)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -272,4 +283,31 @@ pub fn case_ids_in(sim: &SimHandle, status: &str) -> std::collections::BTreeSet<
         .filter(|c| c.status.as_str() == status)
         .map(|c| c.id.to_string())
         .collect()
+}
+
+/// The TOML of a bridge run by the binary against `sim`: API key from
+/// `DUVO_API_KEY`, outbox in `dir`, admin on `admin`, short retry delays;
+/// `rest` adds sections and `[[sources]]`.
+pub fn bridge_toml(sim: &SimHandle, dir: &Path, admin: u16, rate: u32, rest: &str) -> String {
+    format!(
+        r#"
+[duvo]
+base_url = "{base}"
+api_key_env = "DUVO_API_KEY"
+rate_limit_per_minute = {rate}
+timeout_secs = 5
+[outbox]
+path = "{outbox}"
+[delivery]
+linger_ms = 50
+retry_initial_ms = 20
+retry_max_ms = 500
+[admin]
+listen = "127.0.0.1:{admin}"
+[shutdown]
+grace_period_secs = 2
+{rest}"#,
+        base = sim.base_url(),
+        outbox = dir.join("outbox").display(),
+    )
 }
