@@ -1210,6 +1210,33 @@ title = "Order {/order_id}"
     }
 
     #[test]
+    fn example_files_commented_amqp_source_is_valid_once_uncommented() {
+        // SAFETY: as in `example_file_in_repo_is_valid` (same throwaway value).
+        unsafe { std::env::set_var("DUVO_API_KEY", "dv_example_test_key_000000000000000") };
+        let text = include_str!("../config/duvo-bridge.example.toml");
+        let (head, amqp) = text
+            .split_once("# A RabbitMQ intake")
+            .expect("the example documents an AMQP source");
+        let block = &amqp[amqp.find("# [[sources]]").expect("a commented [[sources]]")..];
+        let uncommented: String = block
+            .lines()
+            .filter(|l| !l.starts_with("# #"))
+            .filter_map(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.contains("failure_exchange"), "{uncommented}");
+        let c = match Config::parse(&format!("{head}\n{uncommented}")) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}\n{uncommented}"),
+        };
+        let Some(SourceConfig::Amqp(a)) = c.sources.iter().find(|s| s.name() == "rabbit") else {
+            panic!("amqp source expected")
+        };
+        assert!(a.reports() && a.declare && a.reply_to_reports);
+        assert_eq!(a.failure_exchange_type, Some(AmqpExchangeType::Topic));
+    }
+
+    #[test]
     fn every_error_is_reported_at_once() {
         let bad = r#"
 [duvo]
