@@ -1211,8 +1211,9 @@ title = "Order {/order_id}"
 
     #[test]
     fn example_files_commented_amqp_source_is_valid_once_uncommented() {
-        // SAFETY: as in `example_file_in_repo_is_valid` (same throwaway value).
+        // SAFETY: as in `example_file_in_repo_is_valid` (same throwaway values).
         unsafe { std::env::set_var("DUVO_API_KEY", "dv_example_test_key_000000000000000") };
+        unsafe { std::env::set_var("OMS_CALLBACK_SECRET", "example-callback-secret") };
         let text = include_str!("../config/duvo-bridge.example.toml");
         let (head, amqp) = text
             .split_once("# A RabbitMQ intake")
