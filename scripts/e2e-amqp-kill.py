@@ -5,8 +5,9 @@ Starts `duvo-bridge sim` and `duvo-bridge run` with an AMQP source on the
 local RabbitMQ, publishes N persistent messages with pika (each with a
 message_id; every 100th, i.e. 1%, carries `"simulate":"fail"` so its case
 fails), SIGKILLs and restarts the bridge once and closes every broker
-connection once (`rabbitmqctl close_all_connections`) while it consumes,
-then checks that:
+connection of its own vhost once (`rabbitmqctl close_all_connections
+--vhost duvo-e2e`, so other users of the broker are not disturbed) while
+it consumes, then checks that:
 - every message is exactly one case in the simulator and the queue is
   empty (everything acked);
 - every failed case produced a report on the failure exchange (read from a
@@ -24,6 +25,12 @@ from e2e_common import cases_per_order, free_port, get, http, wait_for  # noqa: 
 
 import pika
 
+VHOST = "duvo-e2e"
+
+
+def params():
+    return pika.ConnectionParameters("127.0.0.1", 5672, VHOST)
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -34,6 +41,10 @@ def main():
     args = ap.parse_args()
     fails = lambda i: args.fail_every > 0 and i % args.fail_every == 0
 
+    # A vhost of its own (idempotent), so the connection kill stays local.
+    subprocess.run(["rabbitmqctl", "add_vhost", VHOST], capture_output=True)
+    subprocess.run(["rabbitmqctl", "set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"],
+                   capture_output=True, check=True)
     work = tempfile.mkdtemp(prefix="duvo-amqp-e2e-")
     queue_name = "duvo-e2e-" + uuid.uuid4().hex[:8]
     failures = queue_name + ".failures"       # the failure exchange (topic)
@@ -62,7 +73,7 @@ format = "json"
 [[sources]]
 type = "amqp"
 name = "rabbit"
-uri = "amqp://guest:guest@127.0.0.1:5672/%2f"
+uri = "amqp://guest:guest@127.0.0.1:5672/{VHOST}"
 queue = "{queue_name}"
 declare = true
 prefetch = 200
@@ -71,7 +82,7 @@ title = "Order {{/order_id}}"
 failure_exchange = "{failures}"
 failure_routing_key = "orders.failed"
 """)
-    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    conn = pika.BlockingConnection(params())
     ch = conn.channel()
     ch.exchange_declare(failures, exchange_type="topic", durable=True)
     ch.queue_declare(reports_q, durable=True)
@@ -86,7 +97,7 @@ failure_routing_key = "orders.failed"
         return p
 
     bridge = start_bridge()
-    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    conn = pika.BlockingConnection(params())
     ch = conn.channel()
     ch.confirm_delivery()
     t0 = time.time()
@@ -110,7 +121,7 @@ failure_routing_key = "orders.failed"
     print(f"SIGKILL bridge at {created()} cases; restarting", flush=True)
     bridge = start_bridge()
     wait_for(lambda: created() >= args.messages // 2, 600, every=0.5)
-    out = subprocess.run(["rabbitmqctl", "close_all_connections", "e2e: connection kill"],
+    out = subprocess.run(["rabbitmqctl", "close_all_connections", "--vhost", VHOST, "e2e: connection kill"],
                          capture_output=True, text=True)
     print(f"rabbitmqctl close_all_connections at {created()} cases: exit {out.returncode}", flush=True)
 
@@ -122,7 +133,7 @@ failure_routing_key = "orders.failed"
     # costs about one request per 100 cases after the creates).
     want = {f"msg-{i}" for i in range(args.messages) if fails(i)}
     reports = []  # (correlation_id, message_id, headers, body)
-    rconn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    rconn = pika.BlockingConnection(params())
     rch = rconn.channel()
 
     def drain_reports():
@@ -156,7 +167,7 @@ failure_routing_key = "orders.failed"
     reconnects = [l for l in mlines if l.startswith("duvo_bridge_amqp_reconnects_total")]
     sent = [l for l in mlines if l.startswith("duvo_bridge_reports_sent_total")]
     bridge.send_signal(signal.SIGTERM); bridge.wait(timeout=60)
-    conn = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    conn = pika.BlockingConnection(params())
     ch = conn.channel()
     left = ch.queue_declare(queue_name, passive=True).method.message_count
     ch.queue_delete(queue_name); conn.close()
