@@ -129,8 +129,9 @@ failure_routing_key = "orders.failed"
     print(f"all {created()} cases created at {time.time() - t0:.1f}s; waiting for the failure reports", flush=True)
 
     # Reports: read the queue bound to the failure exchange until every
-    # failed message is reported (the tracker lists every ended case, which
-    # costs about one request per 100 cases after the creates).
+    # failed message is reported. The tracker lists every ended case (about
+    # one request per 100 cases); at 300/min and 50,000 cases that takes
+    # a while, hence the long wait.
     want = {f"msg-{i}" for i in range(args.messages) if fails(i)}
     reports = []  # (correlation_id, message_id, headers, body)
     rconn = pika.BlockingConnection(params())
@@ -148,7 +149,7 @@ failure_routing_key = "orders.failed"
         drain_reports()
         return want <= {r[0] for r in reports}
 
-    reported = wait_for(all_reported, 900, every=1)
+    reported = wait_for(all_reported, 2700, every=1)
     time.sleep(3); drain_reports()  # a duplicate would show up now
     t_reports = time.time() - t0
     rch.queue_delete(reports_q); rch.exchange_delete(failures); rconn.close()
@@ -165,7 +166,8 @@ failure_routing_key = "orders.failed"
     _, m = get(f"http://127.0.0.1:{admin_port}/metrics")
     mlines = m.decode().splitlines()
     reconnects = [l for l in mlines if l.startswith("duvo_bridge_amqp_reconnects_total")]
-    sent = [l for l in mlines if l.startswith("duvo_bridge_reports_sent_total")]
+    sent = [l for l in mlines if l.startswith(("duvo_bridge_reports_sent_total", "duvo_bridge_reports_created_total",
+                                               "duvo_bridge_reports_pending"))]
     bridge.send_signal(signal.SIGTERM); bridge.wait(timeout=60)
     conn = pika.BlockingConnection(params())
     ch = conn.channel()
@@ -192,7 +194,7 @@ failure_routing_key = "orders.failed"
     print(json.dumps({k: stats[k] for k in ("requests", "create_requests", "list_requests", "cases_created",
                                             "rate_limited", "early_retries", "idempotent_replays")}))
     print(f"reconnect counter after the kill: {reconnects}")
-    print(f"reports sent counter (second run of the bridge): {sent}")
+    print(f"report counters (second run of the bridge): {sent}")
     print(f"messages={args.messages} cases={sum(counts.values())} missing={len(missing)} duplicates={len(dups)} "
           f"left_in_queue={left} early_retries={stats['early_retries']} elapsed={time.time() - t0:.1f}s")
     print(f"failed_messages={len(want)} failed_cases={len(failed_cases)} reports={len(reports)} "
@@ -200,6 +202,9 @@ failure_routing_key = "orders.failed"
           f"report_ids_per_message_max={max((len(v) for v in ids_per_msg.values()), default=0)} "
           f"copies={len(reports) - len(ids_per_msg)} bad_reports={len(bad_reports)} "
           f"cases_match={reported_cases == failed_cases} all_reported_at={t_reports:.1f}s")
+    if unreported:
+        idx = sorted(int(m[4:]) for m in unreported)
+        print(f"unreported message numbers: {idx[:10]} ... {idx[-10:]}")
     if bad_reports:
         print("first bad report:", bad_reports[0])
     good = (ok and not missing and not dups and left == 0 and stats["early_retries"] == 0
