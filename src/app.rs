@@ -29,6 +29,7 @@ use crate::deliver::retry::RetryPolicy;
 use crate::duvo::{ClientConfig, DuvoClient};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::report::Reporter;
+use crate::report::amqp::AmqpReporter;
 use crate::report::dispatch::{DispatchConfig, ReportDispatcher};
 use crate::report::http::HttpReporter;
 use crate::source::amqp::AmqpSource;
@@ -86,7 +87,7 @@ fn build_reporters(cfg: &Config) -> anyhow::Result<BTreeMap<String, Arc<dyn Repo
     for s in &cfg.sources {
         let reporter: Option<Arc<dyn Reporter>> = match s {
             SourceConfig::Http(h) => HttpReporter::from_config(h)?.map(|r| Arc::new(r) as _),
-            SourceConfig::Amqp(_) => None,
+            SourceConfig::Amqp(a) => AmqpReporter::from_config(a)?.map(|r| Arc::new(r) as _),
         };
         if let Some(r) = reporter {
             out.insert(s.name().to_string(), r);

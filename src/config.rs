@@ -337,7 +337,7 @@ impl SourceConfig {
     pub fn reports(&self) -> bool {
         match self {
             SourceConfig::Http(h) => h.reports(),
-            SourceConfig::Amqp(a) => a.failure_exchange.is_some(),
+            SourceConfig::Amqp(a) => a.reports(),
         }
     }
 
@@ -358,8 +358,11 @@ pub enum UndecodablePolicy {
     /// the title is `title_fallback`.
     #[default]
     Wrap,
-    /// Nack without requeue, so the broker dead-letters it (configure a
-    /// dead-letter exchange on the queue, or it is dropped).
+    /// Refuse it: with `dead_letter_exchange` set, the bridge publishes it
+    /// there itself (original properties plus an `x-duvo-bridge-reason`
+    /// header, confirmed) and then acks it; without, it is nacked without
+    /// requeue, so the broker dead-letters it (configure a dead-letter
+    /// exchange on the queue, or it is dropped).
     Reject,
 }
 
@@ -430,17 +433,61 @@ pub struct AmqpSourceConfig {
     /// Bindings declared with the queue when `declare = true`.
     #[serde(default)]
     pub bindings: Vec<AmqpBinding>,
-    /// With `declare = true`: declare this durable fanout exchange and set
-    /// it as the queue's `x-dead-letter-exchange`, where rejected messages go.
+    /// Where rejected messages go (`on_undecodable = "reject"`): the bridge
+    /// publishes them there with an `x-duvo-bridge-reason` header. With
+    /// `declare = true` it is also declared (durable fanout) and set as the
+    /// queue's `x-dead-letter-exchange`; without, it must exist.
     #[serde(default)]
     pub dead_letter_exchange: Option<String>,
-    /// Exchange for failure reports (used by failure reports, a later
-    /// feature; accepted now so configs can be written ahead).
+    /// Exchange failure reports are published to (persistent, `mandatory`,
+    /// with publisher confirms; a report leaves the outbox only once the
+    /// broker confirmed it and did not return it as unroutable). Setting it
+    /// turns reports on for this source: every report needs this fallback
+    /// destination, even with `reply_to_reports`. `""` is the default
+    /// exchange (then `failure_routing_key` names a queue).
     #[serde(default)]
     pub failure_exchange: Option<String>,
-    /// Routing key for failure reports (used by failure reports).
+    /// Routing key of failure reports. Default: the consumed `queue`'s name.
     #[serde(default)]
     pub failure_routing_key: Option<String>,
+    /// With `declare = true`: the type of the failure exchange the bridge
+    /// declares (durable): `direct`, `fanout`, `topic` or `headers`.
+    /// Default `topic`.
+    #[serde(default)]
+    pub failure_exchange_type: Option<AmqpExchangeType>,
+    /// A message with a `reply_to` property gets its report in that queue
+    /// (default exchange, routing key = `reply_to`) instead of the failure
+    /// exchange; if the broker returns it as unroutable (the reply queue is
+    /// gone), the report goes to the failure exchange. Only with
+    /// `failure_exchange` set.
+    #[serde(default = "default_true")]
+    pub reply_to_reports: bool,
+}
+
+/// Type of an exchange the bridge declares.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpExchangeType {
+    Direct,
+    Fanout,
+    #[default]
+    Topic,
+    Headers,
+}
+
+impl AmqpExchangeType {
+    pub fn kind(self) -> lapin::ExchangeKind {
+        match self {
+            AmqpExchangeType::Direct => lapin::ExchangeKind::Direct,
+            AmqpExchangeType::Fanout => lapin::ExchangeKind::Fanout,
+            AmqpExchangeType::Topic => lapin::ExchangeKind::Topic,
+            AmqpExchangeType::Headers => lapin::ExchangeKind::Headers,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_amqp_prefetch() -> u16 {
@@ -470,6 +517,8 @@ impl AmqpSourceConfig {
             dead_letter_exchange: None,
             failure_exchange: None,
             failure_routing_key: None,
+            failure_exchange_type: None,
+            reply_to_reports: true,
         }
     }
 
@@ -486,6 +535,19 @@ impl AmqpSourceConfig {
     /// The URI with the password replaced by `***`, safe for logs.
     pub fn redacted_uri(&self) -> String {
         redact_amqp_uri(self.uri.expose())
+    }
+
+    /// Whether this source sends failure reports: only with a
+    /// `failure_exchange`, the destination of every report without a usable
+    /// `reply_to`. (A `reply_to`-only setup would leave reports about
+    /// messages without `reply_to` with nowhere to go, retried forever.)
+    pub fn reports(&self) -> bool {
+        self.failure_exchange.is_some()
+    }
+
+    /// Routing key of reports sent to the failure exchange.
+    pub fn failure_routing_key(&self) -> &str {
+        self.failure_routing_key.as_deref().unwrap_or(&self.queue)
     }
 }
 
@@ -1116,10 +1178,8 @@ fn check_amqp(a: &AmqpSourceConfig) -> Vec<String> {
     if matches!(&a.message_id_header, Some(h) if h.is_empty()) {
         errors.push(format!("{at}.message_id_header must not be empty"));
     }
-    if !a.declare && (!a.bindings.is_empty() || a.dead_letter_exchange.is_some()) {
-        errors.push(format!(
-            "{at}: bindings and dead_letter_exchange need declare = true"
-        ));
+    if !a.declare && !a.bindings.is_empty() {
+        errors.push(format!("{at}: bindings need declare = true"));
     }
     if a.bindings.iter().any(|b| b.exchange.is_empty()) {
         errors.push(format!(
@@ -1128,6 +1188,42 @@ fn check_amqp(a: &AmqpSourceConfig) -> Vec<String> {
     }
     if matches!(&a.dead_letter_exchange, Some(x) if x.is_empty()) {
         errors.push(format!("{at}.dead_letter_exchange must not be empty"));
+    }
+    // AMQP short strings: exchange names and routing keys fit in 255 bytes.
+    for (key, v) in [
+        ("dead_letter_exchange", a.dead_letter_exchange.as_deref()),
+        ("failure_exchange", a.failure_exchange.as_deref()),
+        ("failure_routing_key", a.failure_routing_key.as_deref()),
+    ] {
+        if v.is_some_and(|v| v.len() > 255) {
+            errors.push(format!("{at}.{key} must be at most 255 bytes"));
+        }
+    }
+    match a.failure_exchange.as_deref() {
+        None => {
+            if a.failure_routing_key.is_some() || a.failure_exchange_type.is_some() {
+                errors.push(format!(
+                    "{at}: failure_routing_key and failure_exchange_type need failure_exchange"
+                ));
+            }
+        }
+        Some("") => {
+            if a.failure_routing_key.as_deref().unwrap_or("").is_empty() {
+                errors.push(format!(
+                    "{at}.failure_routing_key must name a queue when failure_exchange is \"\" (the default exchange)"
+                ));
+            }
+            if a.failure_exchange_type.is_some() {
+                errors.push(format!(
+                    "{at}.failure_exchange_type: the default exchange (\"\") cannot be declared"
+                ));
+            }
+        }
+        Some(_) => {
+            if a.failure_exchange_type.is_some() && !a.declare {
+                errors.push(format!("{at}.failure_exchange_type needs declare = true"));
+            }
+        }
     }
     errors
 }
@@ -1181,6 +1277,34 @@ title = "Order {/order_id}"
         if let Err(e) = Config::load(Path::new(path)) {
             panic!("{e}");
         }
+    }
+
+    #[test]
+    fn example_files_commented_amqp_source_is_valid_once_uncommented() {
+        // SAFETY: as in `example_file_in_repo_is_valid` (same throwaway values).
+        unsafe { std::env::set_var("DUVO_API_KEY", "dv_example_test_key_000000000000000") };
+        unsafe { std::env::set_var("OMS_CALLBACK_SECRET", "example-callback-secret") };
+        let text = include_str!("../config/duvo-bridge.example.toml");
+        let (head, amqp) = text
+            .split_once("# A RabbitMQ intake")
+            .expect("the example documents an AMQP source");
+        let block = &amqp[amqp.find("# [[sources]]").expect("a commented [[sources]]")..];
+        let uncommented: String = block
+            .lines()
+            .filter(|l| !l.starts_with("# #"))
+            .filter_map(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.contains("failure_exchange"), "{uncommented}");
+        let c = match Config::parse(&format!("{head}\n{uncommented}")) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}\n{uncommented}"),
+        };
+        let Some(SourceConfig::Amqp(a)) = c.sources.iter().find(|s| s.name() == "rabbit") else {
+            panic!("amqp source expected")
+        };
+        assert!(a.reports() && a.declare && a.reply_to_reports);
+        assert_eq!(a.failure_exchange_type, Some(AmqpExchangeType::Topic));
     }
 
     #[test]
@@ -1252,6 +1376,9 @@ failure_routing_key = "orders"
         assert_eq!(a.prefetch, 200);
         assert_eq!(a.on_undecodable, UndecodablePolicy::Wrap);
         assert!(!a.declare);
+        assert!(a.reports() && c.sources[1].reports());
+        assert!(a.reply_to_reports);
+        assert_eq!(a.failure_routing_key(), "orders");
         assert!(!c.to_redacted_toml().contains("pa55word"));
         assert!(!format!("{c:?}").contains("pa55word"));
 
@@ -1269,6 +1396,7 @@ title = "Order {/order_id"
 message_id_field = "event_id"
 on_undecodable = "wrap"
 bindings = [{ exchange = "", routing_key = "k" }]
+failure_routing_key = "k"
 "#
         );
         let errs = Config::parse(&bad).unwrap_err().0;
@@ -1282,6 +1410,7 @@ bindings = [{ exchange = "", routing_key = "k" }]
             "message_id_field",
             "need declare = true",
             "exchange must not be empty",
+            "failure_routing_key and failure_exchange_type need failure_exchange",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
@@ -1291,6 +1420,64 @@ bindings = [{ exchange = "", routing_key = "k" }]
         );
         let errs = Config::parse(&typo).unwrap_err().0.join("\n");
         assert!(errs.contains("prefech"), "{errs}");
+    }
+
+    #[test]
+    fn amqp_failure_report_keys_are_checked() {
+        let src = |extra: &str| {
+            format!(
+                "{GOOD}[[sources]]\ntype = \"amqp\"\nname = \"r\"\nuri = \"amqp://h\"\nqueue = \"q\"\nqueue_id = \"7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11\"\n{extra}"
+            )
+        };
+        // No exchange: no reports, whatever reply_to_reports says.
+        let c = Config::parse(&src("reply_to_reports = true\n")).unwrap();
+        assert!(!c.sources[1].reports());
+        let SourceConfig::Amqp(a) = &c.sources[1] else {
+            panic!()
+        };
+        assert_eq!(a.failure_routing_key(), "q", "defaults to the queue name");
+        // The default exchange needs a queue name as routing key and cannot
+        // be declared; a type needs declare = true.
+        let errs = Config::parse(&src(
+            "failure_exchange = \"\"\nfailure_exchange_type = \"topic\"\n",
+        ))
+        .unwrap_err()
+        .0
+        .join("\n");
+        assert!(
+            errs.contains("failure_routing_key must name a queue"),
+            "{errs}"
+        );
+        assert!(errs.contains("cannot be declared"), "{errs}");
+        let errs = Config::parse(&src(
+            "failure_exchange = \"x\"\nfailure_exchange_type = \"fanout\"\n",
+        ))
+        .unwrap_err()
+        .0
+        .join("\n");
+        assert!(
+            errs.contains("failure_exchange_type needs declare = true"),
+            "{errs}"
+        );
+        let long = "k".repeat(256);
+        let errs = Config::parse(&src(&format!(
+            "failure_exchange = \"x\"\nfailure_routing_key = \"{long}\"\n"
+        )))
+        .unwrap_err()
+        .0
+        .join("\n");
+        assert!(errs.contains("at most 255 bytes"), "{errs}");
+        // Valid: declared topic exchange; a dead-letter exchange without
+        // declare (it must exist then).
+        let c = Config::parse(&src(
+            "declare = true\nfailure_exchange = \"x\"\nfailure_exchange_type = \"direct\"\nreply_to_reports = false\n",
+        ))
+        .unwrap();
+        assert!(c.sources[1].reports());
+        Config::parse(&src(
+            "on_undecodable = \"reject\"\ndead_letter_exchange = \"dlx\"\n",
+        ))
+        .unwrap();
     }
 
     #[test]

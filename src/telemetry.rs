@@ -241,6 +241,14 @@ fn describe_all() {
         "AMQP sessions lost (connection or channel closed) and reopened, by source."
     );
     describe_gauge!(
+        "duvo_bridge_amqp_reporter_connected",
+        "1 while the failure reporter of an AMQP source has an open connection, by source."
+    );
+    describe_counter!(
+        "duvo_bridge_amqp_reports_returned_total",
+        "Failure reports the broker returned as unroutable (kept and retried), by source."
+    );
+    describe_gauge!(
         "duvo_bridge_build_info",
         "Build information; the value is always 1."
     );

@@ -1,7 +1,13 @@
-//! The AMQP source against the real RabbitMQ on 127.0.0.1:5672 (guest/guest),
-//! with the in-process simulator and bridge (and, for the SIGKILL test, the
-//! real binary). Every test uses its own uniquely named queues and deletes
-//! them at the end.
+//! The AMQP source and reporter against the real RabbitMQ on 127.0.0.1:5672
+//! (guest/guest), with the in-process simulator and bridge (and, for the
+//! SIGKILL test, the real binary). Every test uses its own uniquely named
+//! queues and exchanges and deletes them at the end.
+//!
+//! One test restarts the broker (`rabbitmqctl stop_app` / `start_app`).
+//! Under nextest every test of this binary is in the `rabbitmq` test group
+//! (`.config/nextest.toml`, one at a time); under `cargo test` they share a
+//! process and the restart takes [`BROKER`] for writing while the others
+//! hold it for reading.
 
 mod common;
 
@@ -12,11 +18,16 @@ use common::*;
 use duvo_bridge::config::{AmqpSourceConfig, Config, SourceConfig, UndecodablePolicy};
 use duvo_bridge::sim::FaultsPatch;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// Held for reading by every test, for writing by the broker restart (so
+/// that `cargo test`, which runs them as threads of one process, does not
+/// restart the broker under the others).
+static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 const URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// A vhost of its own for the connection-kill test, so that closing every
@@ -37,9 +48,18 @@ struct Rabbit {
 
 impl Rabbit {
     async fn connect(uri: &str) -> Rabbit {
-        let conn = Connection::connect(uri, ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ on 127.0.0.1:5672");
+        let conn = match Connection::connect(uri, ConnectionProperties::default()).await {
+            Ok(c) => c,
+            Err(e) => {
+                // A broker-restart test killed mid-way may have left the
+                // node with its app stopped: bring it back once.
+                eprintln!("RabbitMQ unreachable ({e}); trying rabbitmqctl start_app");
+                broker_back_up();
+                Connection::connect(uri, ConnectionProperties::default())
+                    .await
+                    .expect("RabbitMQ on 127.0.0.1:5672")
+            }
+        };
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
@@ -81,6 +101,69 @@ impl Rabbit {
             .await
             .unwrap();
         self.exchanges.push(name.to_string());
+    }
+
+    async fn topic(&mut self, name: &str) {
+        self.ch
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.exchanges.push(name.to_string());
+    }
+
+    async fn bind(&self, queue: &str, exchange: &str, key: &str) {
+        self.ch
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Take (and ack) everything ready in `queue`.
+    async fn take_all(&self, queue: &str) -> Vec<Received> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            out.push(Received::new(m.delivery));
+        }
+        out
+    }
+
+    /// Collect messages from `queue` until `n` arrived (or `timeout`), then
+    /// for `quiet` more, so a duplicate would be seen too.
+    async fn collect(
+        &self,
+        queue: &str,
+        n: usize,
+        timeout: Duration,
+        quiet: Duration,
+    ) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut got = Vec::new();
+        while got.len() < n && tokio::time::Instant::now() < deadline {
+            got.extend(self.take_all(queue).await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(quiet).await;
+        got.extend(self.take_all(queue).await);
+        got
     }
 
     /// Publish persistent messages and wait for the broker's confirms.
@@ -149,6 +232,76 @@ impl Rabbit {
     }
 }
 
+/// A report as a consumer of the failure exchange sees it.
+#[derive(Debug, Clone)]
+struct Received {
+    props: BasicProperties,
+    json: serde_json::Value,
+}
+
+impl Received {
+    fn new(d: lapin::message::Delivery) -> Received {
+        Received {
+            json: serde_json::from_slice(&d.data).unwrap_or_default(),
+            props: d.properties,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        match self.props.headers().as_ref()?.inner().get(name)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+            _ => None,
+        }
+    }
+
+    fn correlation_id(&self) -> String {
+        self.props
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_default()
+    }
+
+    fn message_id(&self) -> String {
+        self.props
+            .message_id()
+            .as_ref()
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Orders `m-{i}` for `i` in `range`, those in `fail` marked to fail in
+/// the simulator, with `reply_to` where `reply` says so.
+fn orders_failing(
+    range: std::ops::Range<usize>,
+    fail: impl Fn(usize) -> bool,
+    reply: impl Fn(usize) -> Option<String>,
+) -> Vec<(Vec<u8>, BasicProperties)> {
+    range
+        .map(|i| {
+            let mut o = order(i);
+            if fail(i) {
+                o["simulate"] = "fail".into();
+            }
+            let mut props = BasicProperties::default().with_message_id(format!("m-{i}").into());
+            if let Some(r) = reply(i) {
+                props = props.with_reply_to(r.into());
+            }
+            (serde_json::to_vec(&o).unwrap(), props)
+        })
+        .collect()
+}
+
+/// Fast tracking so failed cases are reported within a second or two.
+fn fast_tracking(cfg: &mut Config) {
+    cfg.tracking.poll_interval_ms = 300;
+    cfg.tracking.watch_interval_ms = 600;
+    cfg.tracking.report_retry_initial_ms = 50;
+    cfg.tracking.report_retry_max_ms = 500;
+}
+
 fn amqp_source(uri: &str, queue: &str, cfg: &Config) -> AmqpSourceConfig {
     let queue_id = match &cfg.sources[0] {
         SourceConfig::Http(h) => h.queue_id.parse().unwrap(),
@@ -185,6 +338,7 @@ async fn metric(admin: std::net::SocketAddr, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_messages_become_exactly_one_case_each_and_are_all_acked() {
+    let _broker = BROKER.read().await;
     const N: usize = 10_000;
     let queue = unique("bulk");
     let mut rabbit = Rabbit::connect(URI).await;
@@ -222,6 +376,7 @@ async fn ten_thousand_messages_become_exactly_one_case_each_and_are_all_acked() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_message_id_twice_is_one_case_and_header_or_field_ids_work() {
+    let _broker = BROKER.read().await;
     let queue = unique("dedupe");
     let mut rabbit = Rabbit::connect(URI).await;
     rabbit.queue(&queue, FieldTable::default()).await;
@@ -282,6 +437,7 @@ async fn same_message_id_twice_is_one_case_and_header_or_field_ids_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_payloads_are_wrapped_as_text_or_base64() {
+    let _broker = BROKER.read().await;
     let queue = unique("wrap");
     let mut rabbit = Rabbit::connect(URI).await;
     rabbit.queue(&queue, FieldTable::default()).await;
@@ -319,6 +475,7 @@ async fn undecodable_payloads_are_wrapped_as_text_or_base64() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_payloads_rejected_land_in_the_dead_letter_queue_once() {
+    let _broker = BROKER.read().await;
     let queue = unique("reject");
     let dlx = unique("dlx");
     let dlq = unique("dlq");
@@ -381,11 +538,94 @@ async fn undecodable_payloads_rejected_land_in_the_dead_letter_queue_once() {
     assert_exactly_once(&sim, 5);
     assert_eq!(rabbit.ready(&queue).await, 0, "not requeued");
     assert_eq!(rabbit.ready(&dlq).await, 2, "dead-lettered exactly once");
+    // Published by the bridge (no x-death: not dead-lettered by the
+    // broker), body intact, with the reason.
+    let mut dead: Vec<(String, Option<String>, Option<String>)> = rabbit
+        .take_all(&dlq)
+        .await
+        .into_iter()
+        .map(|r| {
+            (
+                r.header("x-duvo-bridge-reason").unwrap_or_default(),
+                r.header("x-duvo-source-queue"),
+                r.header("x-death"),
+            )
+        })
+        .collect();
+    dead.sort();
+    assert_eq!(
+        dead,
+        vec![
+            ("not_json_object".into(), Some(queue.clone()), None),
+            ("not_utf8".into(), Some(queue.clone()), None),
+        ]
+    );
+    rabbit.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_exchange_falls_back_to_the_brokers_dead_lettering() {
+    let _broker = BROKER.read().await;
+    let queue = unique("reject-fallback");
+    let dlx = unique("dlx");
+    let dlq = unique("dlq");
+    let mut rabbit = Rabbit::connect(URI).await;
+    rabbit.fanout(&dlx).await;
+    rabbit.queue(&dlq, FieldTable::default()).await;
+    rabbit.bind(&dlq, &dlx, "").await;
+    // The queue dead-letters to `dlx`; the bridge is told of another
+    // exchange, which does not exist.
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dlx.as_str().into()),
+    );
+    rabbit.queue(&queue, args).await;
+    rabbit
+        .publish(
+            &queue,
+            vec![(b"garbage".to_vec(), BasicProperties::default())],
+        )
+        .await;
+    rabbit.publish_orders(&queue, 0..3).await;
+    let q = queue.clone();
+    let missing = unique("no-such-exchange");
+    let h = Harness::start(sim_config(), move |cfg| {
+        let mut a = amqp_source(URI, &q, cfg);
+        a.on_undecodable = UndecodablePolicy::Reject;
+        a.dead_letter_exchange = Some(missing);
+        cfg.sources.push(SourceConfig::Amqp(a));
+    })
+    .await;
+    let ok = wait_until(Duration::from_secs(20), || async {
+        h.sim.stats().cases_created >= 3 && rabbit.ready(&dlq).await == 1
+    })
+    .await;
+    assert!(ok, "{:?}", h.sim.stats());
+    let sim = h.stop().await;
+    assert_exactly_once(&sim, 3);
+    assert_eq!(rabbit.ready(&queue).await, 0, "not requeued");
+    let dead = rabbit.take_all(&dlq).await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .props
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .get("x-death")
+            .is_some(),
+        "dead-lettered by the broker: {:?}",
+        dead[0].props
+    );
+    assert_eq!(dead[0].header("x-duvo-bridge-reason"), None);
     rabbit.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_pauses_consumption_until_the_outbox_drains() {
+    let _broker = BROKER.read().await;
     const N: usize = 400;
     let queue = unique("backpressure");
     let mut rabbit = Rabbit::connect(URI).await;
@@ -446,8 +686,29 @@ fn rabbitmqctl(args: &[&str]) -> std::process::Output {
         .expect("rabbitmqctl is installed")
 }
 
+/// `rabbitmqctl start_app` (a no-op when running) and wait for the boot.
+fn broker_back_up() {
+    let out = rabbitmqctl(&["start_app"]);
+    if !out.status.success() {
+        eprintln!("rabbitmqctl start_app: {out:?}");
+    }
+    let out = rabbitmqctl(&["await_startup", "--timeout", "120"]);
+    assert!(out.status.success(), "broker back up: {out:?}");
+}
+
+/// Restarts the broker's app if the test that stopped it ends early
+/// (panic): the broker is always up when the test is over.
+struct BrokerUpOnDrop;
+
+impl Drop for BrokerUpOnDrop {
+    fn drop(&mut self) {
+        broker_back_up();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_all_connections_mid_flow_reconnects_and_delivers_exactly_once() {
+    let _broker = BROKER.read().await;
     const N: usize = 6_000;
     // A vhost of its own (idempotent set-up) so the kill is local to this test.
     let _ = rabbitmqctl(&["add_vhost", KILL_VHOST]);
@@ -517,6 +778,7 @@ async fn closing_all_connections_mid_flow_reconnects_and_delivers_exactly_once()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_flow_and_restart_loses_nothing_and_duplicates_nothing() {
+    let _broker = BROKER.read().await;
     const N: usize = 6_000;
     let queue = unique("sigkill");
     let mut rabbit = Rabbit::connect(URI).await;
@@ -601,5 +863,378 @@ title = "Order {{/order_id}}"
     );
     assert_exactly_once(&sim, N);
     assert_eq!(rabbit.ready(&queue).await, 0);
+    rabbit.cleanup().await;
+}
+
+/// The failed-case reports a test expects, by original message id.
+fn by_correlation(reports: &[Received]) -> std::collections::BTreeMap<String, Vec<Received>> {
+    let mut m: std::collections::BTreeMap<String, Vec<Received>> = Default::default();
+    for r in reports {
+        m.entry(r.correlation_id()).or_default().push(r.clone());
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_cases_are_reported_on_the_failure_exchange_once_with_headers() {
+    let _broker = BROKER.read().await;
+    const FAIL: [usize; 5] = [3, 7, 11, 19, 23];
+    const REJECT: usize = 13;
+    let queue = unique("reported");
+    let exchange = unique("failures");
+    let reports = unique("failures-q");
+    let mut rabbit = Rabbit::connect(URI).await;
+    rabbit.queue(&queue, FieldTable::default()).await;
+    // The bridge declares the exchange too (declare = true, topic).
+    rabbit.topic(&exchange).await;
+    rabbit.queue(&reports, FieldTable::default()).await;
+    rabbit.bind(&reports, &exchange, "orders.failed").await;
+    let mut msgs = orders_failing(0..30, |i| FAIL.contains(&i), |_| None);
+    // A poison event: the API refuses it (400), reported as rejected.
+    let mut poison = order(REJECT);
+    poison["simulate"] = "reject".into();
+    msgs[REJECT].0 = serde_json::to_vec(&poison).unwrap();
+    rabbit.publish(&queue, msgs).await;
+
+    let (q, x) = (queue.clone(), exchange.clone());
+    let h = Harness::start(sim_config(), move |cfg| {
+        fast_tracking(cfg);
+        let mut a = amqp_source(URI, &q, cfg);
+        a.name = "reported".into();
+        a.declare = true;
+        a.failure_exchange = Some(x);
+        a.failure_routing_key = Some("orders.failed".into());
+        cfg.sources.push(SourceConfig::Amqp(a));
+    })
+    .await;
+    let got = rabbit
+        .collect(
+            &reports,
+            FAIL.len() + 1,
+            Duration::from_secs(60),
+            Duration::from_millis(1500),
+        )
+        .await;
+    let failed_cases = case_ids_in(&h.sim, "failed");
+    let per = by_correlation(&got);
+    let mut want: Vec<String> = FAIL.iter().map(|i| format!("m-{i}")).collect();
+    want.push(format!("m-{REJECT}"));
+    want.sort();
+    assert_eq!(
+        per.keys().cloned().collect::<Vec<_>>(),
+        want,
+        "reports correlated to the failed and the rejected messages: {got:?}"
+    );
+    assert_eq!(
+        got.len(),
+        FAIL.len() + 1,
+        "exactly one report each: {got:?}"
+    );
+    let mut reported_cases = std::collections::BTreeSet::new();
+    for r in &got {
+        let j = &r.json;
+        assert_eq!(r.props.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(
+            r.props.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            r.message_id(),
+            j["report_id"].as_str().unwrap(),
+            "message_id = report id"
+        );
+        assert_eq!(
+            r.header("x-duvo-queue-id").unwrap(),
+            h.sim.queues()[0].to_string()
+        );
+        assert_eq!(
+            r.header("x-duvo-event-id").unwrap(),
+            j["event_id"].as_str().unwrap()
+        );
+        assert_eq!(r.header("x-duvo-source-queue").unwrap(), queue);
+        assert_eq!(r.header("x-duvo-source").unwrap(), "reported");
+        assert!(!r.header("x-duvo-reason").unwrap().is_empty());
+        let i: usize = r.correlation_id()[2..].parse().unwrap();
+        assert_eq!(j["event"]["order_id"], format!("ORD-{i:06}"), "{j}");
+        if i == REJECT {
+            assert_eq!(r.header("x-duvo-status").unwrap(), "rejected");
+            assert_eq!(r.header("x-duvo-case-id"), None, "no case was created");
+            assert!(j["case_id"].is_null());
+        } else {
+            assert_eq!(r.header("x-duvo-status").unwrap(), "failed");
+            assert_eq!(j["status"], "failed");
+            let case = r.header("x-duvo-case-id").unwrap();
+            assert_eq!(j["case_id"].as_str().unwrap(), case);
+            reported_cases.insert(case);
+        }
+    }
+    assert_eq!(reported_cases, failed_cases, "exactly the failed cases");
+    let ok = wait_until(Duration::from_secs(10), || async {
+        h.bridge.outbox.pending_reports().is_empty()
+    })
+    .await;
+    assert!(ok, "reports leave the outbox once confirmed");
+    assert_eq!(
+        metric(
+            h.bridge.admin_addr,
+            "duvo_bridge_amqp_reports_returned_total{source=\"reported\"}"
+        )
+        .await,
+        0.0
+    );
+    h.stop().await;
+    rabbit.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_report_is_retried_until_a_queue_is_bound() {
+    let _broker = BROKER.read().await;
+    let queue = unique("unroutable");
+    let exchange = unique("failures");
+    let reports = unique("failures-q");
+    let mut rabbit = Rabbit::connect(URI).await;
+    rabbit.queue(&queue, FieldTable::default()).await;
+    // The exchange exists, nothing is bound to it.
+    rabbit.topic(&exchange).await;
+    rabbit
+        .publish(&queue, orders_failing(0..6, |i| i % 2 == 0, |_| None))
+        .await;
+    let (q, x) = (queue.clone(), exchange.clone());
+    let h = Harness::start(sim_config(), move |cfg| {
+        fast_tracking(cfg);
+        let mut a = amqp_source(URI, &q, cfg);
+        a.name = "unroutable".into();
+        a.failure_exchange = Some(x);
+        cfg.sources.push(SourceConfig::Amqp(a));
+    })
+    .await;
+    let admin = h.bridge.admin_addr;
+    let returned = "duvo_bridge_amqp_reports_returned_total{source=\"unroutable\"}";
+    let ok = wait_until(Duration::from_secs(60), || async {
+        metric(admin, returned).await >= 6.0
+    })
+    .await;
+    assert!(
+        ok,
+        "reports returned as unroutable: {}",
+        metric(admin, returned).await
+    );
+    assert_eq!(
+        h.bridge.outbox.pending_reports().get("unroutable"),
+        Some(&3),
+        "returned reports stay in the outbox"
+    );
+    // Now someone listens: the kept reports arrive, once each.
+    rabbit.queue(&reports, FieldTable::default()).await;
+    rabbit.bind(&reports, &exchange, "#").await;
+    let got = rabbit
+        .collect(
+            &reports,
+            3,
+            Duration::from_secs(30),
+            Duration::from_millis(1500),
+        )
+        .await;
+    let per = by_correlation(&got);
+    assert_eq!(
+        per.keys().cloned().collect::<Vec<_>>(),
+        vec!["m-0", "m-2", "m-4"],
+        "{got:?}"
+    );
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|r| r.header("x-duvo-source-queue").as_deref() == Some(queue.as_str()))
+    );
+    let ok = wait_until(Duration::from_secs(10), || async {
+        h.bridge.outbox.pending_reports().is_empty()
+    })
+    .await;
+    assert!(ok, "{:?}", h.bridge.outbox.pending_reports());
+    h.stop().await;
+    rabbit.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_with_reply_to_gets_its_report_in_that_queue() {
+    let _broker = BROKER.read().await;
+    let queue = unique("replyto");
+    let exchange = unique("failures");
+    let reports = unique("failures-q");
+    let reply = unique("reply");
+    let gone = unique("reply-gone");
+    let mut rabbit = Rabbit::connect(URI).await;
+    rabbit.queue(&queue, FieldTable::default()).await;
+    rabbit.topic(&exchange).await;
+    rabbit.queue(&reports, FieldTable::default()).await;
+    rabbit.bind(&reports, &exchange, "#").await;
+    rabbit.queue(&reply, FieldTable::default()).await;
+    let (r1, r2) = (reply.clone(), gone.clone());
+    // m-0: fails, reply_to an existing queue; m-1: fails, no reply_to;
+    // m-2: fails, reply_to a queue that does not exist (any more);
+    // m-3: completes, reply_to: no report.
+    rabbit
+        .publish(
+            &queue,
+            orders_failing(
+                0..4,
+                |i| i < 3,
+                move |i| match i {
+                    0 | 3 => Some(r1.clone()),
+                    2 => Some(r2.clone()),
+                    _ => None,
+                },
+            ),
+        )
+        .await;
+    let (q, x) = (queue.clone(), exchange.clone());
+    let h = Harness::start(sim_config(), move |cfg| {
+        fast_tracking(cfg);
+        let mut a = amqp_source(URI, &q, cfg);
+        a.name = "replyto".into();
+        a.failure_exchange = Some(x);
+        cfg.sources.push(SourceConfig::Amqp(a));
+    })
+    .await;
+    let on_failure = rabbit
+        .collect(
+            &reports,
+            2,
+            Duration::from_secs(60),
+            Duration::from_millis(1500),
+        )
+        .await;
+    let on_reply = rabbit
+        .collect(
+            &reply,
+            1,
+            Duration::from_secs(10),
+            Duration::from_millis(500),
+        )
+        .await;
+    assert_eq!(
+        on_reply
+            .iter()
+            .map(Received::correlation_id)
+            .collect::<Vec<_>>(),
+        vec!["m-0"],
+        "the reply_to queue gets the report of its message only"
+    );
+    assert_eq!(
+        on_reply[0].header("x-duvo-status").as_deref(),
+        Some("failed")
+    );
+    let mut fallback: Vec<String> = on_failure.iter().map(Received::correlation_id).collect();
+    fallback.sort();
+    assert_eq!(
+        fallback,
+        vec!["m-1", "m-2"],
+        "no reply_to, or an unroutable one: the failure exchange"
+    );
+    assert!(
+        metric(
+            h.bridge.admin_addr,
+            "duvo_bridge_amqp_reports_returned_total{source=\"replyto\"}"
+        )
+        .await
+            >= 1.0
+    );
+    h.stop().await;
+    rabbit.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_while_flowing_loses_nothing_and_reports_every_failure() {
+    const N: usize = 5_000;
+    let _broker = BROKER.write().await;
+    let fails = |i: usize| i % 50 == 7;
+    let queue = unique("restart");
+    let exchange = unique("failures");
+    let reports = unique("failures-q");
+    let mut rabbit = Rabbit::connect(URI).await;
+    rabbit.queue(&queue, FieldTable::default()).await;
+    rabbit.topic(&exchange).await;
+    rabbit.queue(&reports, FieldTable::default()).await;
+    rabbit.bind(&reports, &exchange, "#").await;
+    rabbit
+        .publish(&queue, orders_failing(0..N, fails, |_| None))
+        .await;
+    let (q, x) = (queue.clone(), exchange.clone());
+    let mut sc = sim_config();
+    sc.rate_limit = 600; // 10 requests/s: intake is paced by delivery
+    let h = Harness::start(sc, move |cfg| {
+        fast_tracking(cfg);
+        cfg.duvo.rate_limit_per_minute = 600;
+        // A small outbox window keeps most messages in the broker, so the
+        // restart hits consumption, delivery and reporting at once.
+        cfg.outbox.high_water_events = 400;
+        cfg.outbox.low_water_events = 200;
+        let mut a = amqp_source(URI, &q, cfg);
+        a.name = "restart".into();
+        a.prefetch = 50;
+        a.failure_exchange = Some(x);
+        cfg.sources.push(SourceConfig::Amqp(a));
+    })
+    .await;
+    let started = wait_until(Duration::from_secs(60), || async {
+        h.sim.stats().cases_created >= 1_000
+    })
+    .await;
+    assert!(started, "{:?}", h.sim.stats());
+    let ready_before = rabbit.ready(&queue).await;
+    drop(rabbit); // its connection dies with the broker
+    let up = BrokerUpOnDrop;
+    let out = tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let at_stop = h.sim.stats().cases_created;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::spawn_blocking(move || drop(up)).await.unwrap();
+    eprintln!(
+        "broker restarted: {ready_before} messages waited in the broker, {at_stop} cases created at the stop"
+    );
+    expect_cases(&h.sim, N as u64, 120).await;
+    let failed = N.div_ceil(50);
+    let rabbit = Rabbit::connect(URI).await;
+    let got = rabbit
+        .collect(
+            &reports,
+            failed,
+            Duration::from_secs(90),
+            Duration::from_millis(1500),
+        )
+        .await;
+    let admin = h.bridge.admin_addr;
+    assert!(
+        metric(
+            admin,
+            "duvo_bridge_amqp_reconnects_total{source=\"restart\"}"
+        )
+        .await
+            >= 1.0
+    );
+    let sim = h.stop().await;
+    assert_exactly_once(&sim, N);
+    // Every failed case is reported; a report sent again after a lost
+    // confirm carries the same report id (at least once, never twice with
+    // different ids).
+    let per = by_correlation(&got);
+    let want: Vec<String> = (0..N)
+        .filter(|i| fails(*i))
+        .map(|i| format!("m-{i}"))
+        .collect();
+    let mut keys: Vec<String> = per.keys().cloned().collect();
+    keys.sort_by_key(|k| k[2..].parse::<usize>().unwrap_or(usize::MAX));
+    assert_eq!(keys, want, "one report per failed message");
+    for (m, rs) in &per {
+        let ids: std::collections::BTreeSet<String> = rs.iter().map(Received::message_id).collect();
+        assert_eq!(ids.len(), 1, "{m}: reports with different ids {ids:?}");
+    }
+    eprintln!("{} reports for {} failed cases", got.len(), failed);
+    assert_eq!(rabbit.ready(&queue).await, 0, "every message acked");
+    let mut rabbit = rabbit;
+    rabbit.queues.extend([queue, reports]);
+    rabbit.exchanges.push(exchange);
     rabbit.cleanup().await;
 }

@@ -138,5 +138,6 @@ pub trait Reporter: Send + Sync + 'static {
     fn send<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<(), ReportError>>;
 }
 
+pub mod amqp;
 pub mod dispatch;
 pub mod http;

@@ -16,6 +16,19 @@
 //! explicit loop reconnects with exponential backoff and opens a new
 //! channel and consumer.
 //!
+//! Undecodable bodies under `on_undecodable = "reject"`: with a
+//! `dead_letter_exchange` the bridge publishes the message there itself
+//! (original properties, persistent, plus `x-duvo-bridge-reason`) on a
+//! confirm channel of the same connection, and the original is acked (on
+//! its own channel, with the next ack) only after the broker confirmed that
+//! publish; a nack cannot carry a header. Without a dead-letter exchange, or
+//! when that publish fails, the delivery is nacked without requeue and the
+//! broker dead-letters it (no reason header).
+//!
+//! Every event carries [`Origin::Amqp`] (queue, `message_id` or the
+//! producer id used for dedupe, `correlation_id`, `reply_to`), which the
+//! failure reporter uses to address and correlate its reports.
+//!
 //! Backpressure: while the outbox is over its high-water mark the consumer
 //! stream is simply not polled. The broker stops pushing once `prefetch`
 //! messages are unacknowledged, so memory stays bounded and nothing is lost.
@@ -26,11 +39,12 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -40,12 +54,19 @@ use crate::config::{AmqpSourceConfig, UndecodablePolicy};
 use crate::deliver::retry::RetryPolicy;
 use crate::duvo::NewCase;
 use crate::mapping::Mapper;
-use crate::outbox::{AppendOutcome, NewEvent};
+use crate::outbox::{AppendOutcome, NewEvent, Origin};
 
 /// How long to wait before polling again while the outbox is over high water.
 const PAUSE_POLL: Duration = Duration::from_millis(100);
 /// Pause after an outbox error before taking deliveries again.
 const OUTBOX_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Longest wait for the confirm of a rejected delivery published to the
+/// dead-letter exchange; then the delivery is nacked instead.
+const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Header with the reason of a rejection, on messages the bridge publishes
+/// to the dead-letter exchange: `not_json_object`, `not_utf8`,
+/// `event_too_large`.
+pub const DEAD_LETTER_REASON_HEADER: &str = "x-duvo-bridge-reason";
 
 /// Errors of one broker session. Messages never contain the URI password.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +121,7 @@ impl AmqpSource {
                     cfg.redacted_uri()
                 ))
             })?;
-        let password = Some(parsed.authority.userinfo.password).filter(|p| p.len() >= 3);
+        let password = uri_password(&parsed);
         Ok(AmqpSource {
             redacted_uri: cfg.redacted_uri(),
             password,
@@ -122,10 +143,7 @@ impl AmqpSource {
     }
 
     fn scrub(&self, text: String) -> String {
-        match &self.password {
-            Some(p) => text.replace(p.as_str(), "***"),
-            None => text,
-        }
+        scrub_password(text, self.password.as_deref())
     }
 
     fn broker_err(&self, step: &'static str) -> impl Fn(lapin::Error) -> AmqpError + '_ {
@@ -276,6 +294,8 @@ impl AmqpSource {
         let name = &self.cfg.name;
         let max_batch = usize::from(self.cfg.prefetch).max(1);
         let mut paused = false;
+        // Confirm channel for publishing rejected deliveries (opened lazily).
+        let mut dlx: Option<Channel> = None;
         loop {
             if ctx.outbox.over_high_water() {
                 if !paused {
@@ -320,7 +340,8 @@ impl AmqpSource {
                     None => break,
                 }
             }
-            self.persist_and_ack(channel, batch, ctx).await;
+            self.persist_and_ack(conn, channel, &mut dlx, batch, ctx)
+                .await;
             if let Some(reason) = lost {
                 return SessionEnd::Lost(reason);
             }
@@ -362,9 +383,93 @@ impl AmqpSource {
         let _ = conn.close(200, "duvo-bridge stopping".into()).await;
     }
 
+    /// Publish a rejected delivery to the dead-letter exchange (original
+    /// properties, persistent, plus the reason header) on `dlx`, a confirm
+    /// channel of the consumer's connection opened on first use, and wait
+    /// for the broker's confirm. `Ok` means the broker has it routed; the
+    /// caller may then ack the original.
+    async fn dead_letter(
+        &self,
+        conn: &Connection,
+        dlx: &mut Option<Channel>,
+        exchange: &str,
+        d: &Delivery,
+        reason: &str,
+    ) -> Result<(), String> {
+        let ch = match dlx.take() {
+            Some(ch) if ch.status().connected() => ch,
+            _ => {
+                let opened = async {
+                    let ch = conn.create_channel().await?;
+                    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                    Ok::<_, lapin::Error>(ch)
+                }
+                .await;
+                opened.map_err(|e| format!("opening a channel: {}", self.scrub(e.to_string())))?
+            }
+        };
+        let mut headers = d.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            DEAD_LETTER_REASON_HEADER.into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-duvo-source-queue".into(),
+            AMQPValue::LongString(self.cfg.queue.as_str().into()),
+        );
+        let props = d
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        let confirmed = tokio::time::timeout(DEAD_LETTER_CONFIRM_TIMEOUT, async {
+            ch.basic_publish(
+                exchange.into(),
+                d.routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &d.data,
+                props,
+            )
+            .await?
+            .await
+        })
+        .await;
+        match confirmed {
+            // A late confirm could still arrive on this channel: drop it.
+            Err(_) => Err(format!(
+                "no publisher confirm within {} s",
+                DEAD_LETTER_CONFIRM_TIMEOUT.as_secs()
+            )),
+            Ok(Err(e)) => Err(self.scrub(e.to_string())),
+            Ok(Ok(c)) => {
+                // One publish at a time on this channel, so a returned
+                // message belongs to this confirm.
+                *dlx = Some(ch);
+                match c {
+                    Confirmation::Ack(None) => Ok(()),
+                    Confirmation::Ack(Some(_)) => {
+                        Err("returned: the dead-letter exchange routes it to no queue".into())
+                    }
+                    Confirmation::Nack(_) => Err("the broker nacked the publish".into()),
+                    Confirmation::NotRequested => Err("channel not in confirm mode".into()),
+                }
+            }
+        }
+    }
+
     /// Append the decodable deliveries in one call, reject the others, then
     /// ack on `channel` if it is still open.
-    async fn persist_and_ack(&self, channel: &Channel, batch: Vec<Delivery>, ctx: &SourceContext) {
+    async fn persist_and_ack(
+        &self,
+        conn: &Connection,
+        channel: &Channel,
+        dlx: &mut Option<Channel>,
+        batch: Vec<Delivery>,
+        ctx: &SourceContext,
+    ) {
         let src = self.cfg.name.as_str();
         metrics::counter!("duvo_bridge_events_received_total", "source" => src.to_string())
             .increment(batch.len() as u64);
@@ -413,15 +518,40 @@ impl AmqpSource {
                 }
             }
         }
-        // Rejections first: the multiple-ack below must not cover them.
+        // Rejections first: a nacked delivery must be settled before the
+        // multiple-ack below; one published to the dead-letter exchange
+        // (confirmed) is acked with it.
         for (d, reason) in rejects {
             count_rejected(src, reason, 1);
-            tracing::warn!(
-                source = src,
-                reason,
-                tag = d.delivery_tag,
-                "rejecting delivery (dead-lettered by the broker if configured)"
-            );
+            if let Some(dlx_name) = &self.cfg.dead_letter_exchange {
+                match self.dead_letter(conn, dlx, dlx_name, d, reason).await {
+                    Ok(()) => {
+                        tracing::warn!(
+                            source = src,
+                            reason,
+                            tag = d.delivery_tag,
+                            dead_letter_exchange = %dlx_name,
+                            "rejected delivery published to the dead-letter exchange with its reason"
+                        );
+                        ack_tag = ack_tag.max(Some(d.delivery_tag));
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(
+                        source = src,
+                        reason,
+                        tag = d.delivery_tag,
+                        error = %e,
+                        "cannot publish to the dead-letter exchange; nacking (the broker dead-letters it without a reason header)"
+                    ),
+                }
+            } else {
+                tracing::warn!(
+                    source = src,
+                    reason,
+                    tag = d.delivery_tag,
+                    "rejecting delivery (dead-lettered by the broker if configured)"
+                );
+            }
             let opts = BasicNackOptions {
                 multiple: false,
                 requeue: false,
@@ -466,13 +596,26 @@ impl AmqpSource {
         if size > max_case_bytes {
             return Decoded::Reject("event_too_large");
         }
+        let (identity, producer_id) = self.identity(d, json.as_ref());
+        let prop = |p: &Option<lapin::types::ShortString>| {
+            p.as_ref()
+                .map(|s| s.as_str().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let origin = Origin::Amqp {
+            queue: self.cfg.queue.clone(),
+            message_id: prop(d.properties.message_id())
+                .or(producer_id.filter(|id| id.len() <= 255)),
+            correlation_id: prop(d.properties.correlation_id()),
+            reply_to: prop(d.properties.reply_to()),
+        };
         Decoded::Case(Box::new(NewEvent {
             source: self.cfg.name.clone(),
-            identity: Some(self.identity(d, json.as_ref())),
+            identity: Some(identity),
             queue_id: self.queue_id,
             case,
             received_at_ms,
-            origin: None,
+            origin: Some(origin),
         }))
     }
 
@@ -485,7 +628,10 @@ impl AmqpSource {
     /// after a lost ack into a duplicate case, which is the failure this
     /// bridge exists to prevent; producers that legitimately repeat bodies
     /// must set `message_id`.
-    fn identity(&self, d: &Delivery, json: Option<&Value>) -> String {
+    ///
+    /// Also returns the producer's id (header, field or `message_id`) when
+    /// there is one: the report's correlation id.
+    fn identity(&self, d: &Delivery, json: Option<&Value>) -> (String, Option<String>) {
         let src = &self.cfg.name;
         let from_header = self.cfg.message_id_header.as_deref().and_then(|h| {
             d.properties
@@ -510,13 +656,27 @@ impl AmqpSource {
                 .filter(|m| !m.is_empty())
         };
         match from_header.or_else(from_field).or_else(from_property) {
-            Some(id) => format!("amqp:{src}:id:{id}"),
+            Some(id) => (format!("amqp:{src}:id:{id}"), Some(id)),
             None => {
                 let digest = Sha256::digest(&d.data);
                 let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-                format!("amqp:{src}:sha256:{hex}")
+                (format!("amqp:{src}:sha256:{hex}"), None)
             }
         }
+    }
+}
+
+/// The password of a parsed AMQP URI, to scrub from library error texts
+/// (only from 3 characters on, so a tiny one cannot mangle every message).
+pub(crate) fn uri_password(uri: &lapin::uri::AMQPUri) -> Option<String> {
+    Some(uri.authority.userinfo.password.clone()).filter(|p| p.len() >= 3)
+}
+
+/// `text` with every occurrence of `password` replaced by `***`.
+pub(crate) fn scrub_password(text: String, password: Option<&str>) -> String {
+    match password {
+        Some(p) => text.replace(p, "***"),
+        None => text,
     }
 }
 
