@@ -28,6 +28,7 @@ use crate::duvo::{ClientConfig, DuvoClient};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::source::amqp::AmqpSource;
 use crate::source::http::HttpSource;
+use crate::source::kafka::KafkaSource;
 use crate::source::{Source, SourceContext};
 
 /// Handle on a bridge started in-process.
@@ -110,6 +111,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             }
             SourceConfig::Amqp(a) => {
                 sources.push(Box::new(AmqpSource::new(a.clone())?));
+            }
+            SourceConfig::Kafka(k) => {
+                sources.push(Box::new(KafkaSource::new(k.clone())?));
             }
         }
     }
