@@ -1410,6 +1410,134 @@ bindings = [{ exchange = "", routing_key = "k" }]
     }
 
     #[test]
+    fn kafka_source_parses_with_defaults_redacts_secrets_and_checks_every_key() {
+        let good = format!(
+            "{GOOD}{}",
+            r#"
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = "127.0.0.1:9092"
+group_id = "duvo-bridge"
+topics = ["orders", "returns"]
+queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
+title = "Order {/order_id}"
+failure_topic = "orders.duvo-failures"
+[[sources.routes]]
+topic = "returns"
+queue_id = "2b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a12"
+title = "Return {/return_id}"
+[sources.librdkafka]
+"security.protocol" = "sasl_ssl"
+"sasl.mechanisms" = "SCRAM-SHA-512"
+"sasl.username" = "bridge"
+"sasl.password" = "kafka-pa55word"
+"ssl.key.password" = "key-pa55word"
+"ssl.keystore.password" = "store-pa55word"
+"session.timeout.ms" = 30000
+"#
+        );
+        let c = Config::parse(&good).unwrap();
+        let SourceConfig::Kafka(k) = &c.sources[1] else {
+            panic!("kafka source expected");
+        };
+        assert_eq!(k.max_batch, 1000);
+        assert_eq!(k.on_undecodable, KafkaUndecodablePolicy::Wrap);
+        assert_eq!(k.librdkafka.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(k.librdkafka.get("sasl.password"), Some("kafka-pa55word"));
+        let (m, q) = k.route_mapping(&k.routes[0]);
+        assert_eq!(m.title, "Return {/return_id}");
+        assert_eq!(q, "2b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a12");
+        let printed = c.to_redacted_toml();
+        let debug = format!("{c:?}");
+        for shown in [&printed, &debug] {
+            assert!(!shown.contains("pa55word"), "{shown}");
+            assert!(shown.contains("sasl_ssl"), "{shown}");
+            assert!(shown.contains("bridge"), "{shown}");
+        }
+        // The printed config is itself a valid config (secrets aside).
+        assert!(Config::parse(&printed).is_ok(), "{printed}");
+
+        let bad = format!(
+            "{GOOD}{}",
+            r#"
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = ""
+group_id = ""
+topics = ["orders", "orders"]
+queue_id = "nope"
+title = "Order {/order_id"
+message_id_field = "event_id"
+message_id_header = ""
+on_undecodable = "dead_letter"
+failure_topic = "orders"
+max_batch = 0
+group_instance_id = "a"
+group_instance_id_env = "B"
+[[sources.routes]]
+topic = "elsewhere"
+queue_id = "also-not-a-uuid"
+[sources.librdkafka]
+"group.id" = "sneaky"
+"no.such.property" = 1
+"sasl.password" = "kafka-pa55word"
+"#
+        );
+        let errs = Config::parse(&bad).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "sources.orders.brokers must not be empty",
+            "sources.orders.group_id must not be empty",
+            "\"orders\" is listed twice",
+            "sources.orders.queue_id \"nope\"",
+            "sources.orders.title",
+            "message_id_field",
+            "message_id_header must not be empty",
+            "needs dead_letter_topic",
+            "failure_topic \"orders\" is also consumed",
+            "max_batch must be within",
+            "not both",
+            "sources.orders.routes.elsewhere: the topic is not listed",
+            "sources.orders.routes.elsewhere.queue_id",
+            "librdkafka.\"group.id\" is set by the bridge; use group_id",
+            "no.such.property",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("pa55word"), "{all}");
+        let typo = format!(
+            "{GOOD}[[sources]]\ntype = \"kafka\"\nname = \"k\"\nbrokers = \"h:1\"\ngroup_id = \"g\"\ntopics = [\"t\"]\nqueue_id = \"7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11\"\nfailure_topik = \"x\"\n"
+        );
+        let errs = Config::parse(&typo).unwrap_err().0.join("\n");
+        assert!(errs.contains("failure_topik"), "{errs}");
+    }
+
+    #[test]
+    fn commented_kafka_example_in_repo_is_valid_once_uncommented() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/duvo-bridge.example.toml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text
+            .find("# [[sources]]\n# type = \"kafka\"")
+            .expect("a commented kafka example");
+        let block: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let cfg = format!("{GOOD}{block}");
+        match Config::parse(&cfg) {
+            Ok(c) => assert!(matches!(c.sources[1], SourceConfig::Kafka(_))),
+            Err(e) => panic!("{e}\n{block}"),
+        }
+    }
+
+    #[test]
     fn secrets_are_redacted_when_printed() {
         let c = Config::parse(GOOD).unwrap();
         let printed = c.to_redacted_toml();

@@ -62,11 +62,15 @@ pub fn check_librdkafka(settings: &LibrdkafkaSettings) -> Vec<String> {
 /// A client-configuration error as text without secret values.
 pub fn describe_config_error(e: &KafkaError, settings: &LibrdkafkaSettings) -> String {
     match e {
-        KafkaError::ClientConfig(_, desc, key, _value) => {
-            if LibrdkafkaSettings::is_secret_key(key) {
-                format!("\"{key}\": invalid value (not shown: the key is secret)")
-            } else {
+        KafkaError::ClientConfig(_, desc, key, value) => {
+            if !LibrdkafkaSettings::is_secret_key(key) {
                 Scrubber::new(settings).scrub(desc)
+            } else if value.len() >= 3 {
+                Scrubber::new(settings)
+                    .scrub(desc)
+                    .replace(value.as_str(), crate::secret::REDACTED)
+            } else {
+                format!("\"{key}\": invalid (the value is secret and not shown)")
             }
         }
         other => Scrubber::new(settings).scrub(&other.to_string()),
@@ -198,13 +202,24 @@ mod tests {
             ("security.protocol", "ssl"),
             ("sasl.password", "hunter2-very-secret"),
             ("ssl.key.password", "pw-in-toml"),
+            ("sasl.oauthbearer.client.secret", "oauth-secret-value"),
         ]);
         let errs = check_librdkafka(&s);
         let all = errs.join("\n");
-        assert_eq!(errs.len(), 2, "{all}");
+        // Unknown key, bad value, and OIDC (needs libcurl, not built in).
+        assert_eq!(errs.len(), 3, "{all}");
         assert!(all.contains("no.such.property"), "{all}");
         assert!(all.contains("session.timeout.ms"), "{all}");
         assert!(!all.contains("hunter2"), "{all}");
+        assert!(!all.contains("oauth-secret-value"), "{all}");
+        let features = ClientConfig::new()
+            .create_native_config()
+            .unwrap()
+            .get("builtin.features")
+            .unwrap();
+        for f in ["ssl", "sasl_plain", "sasl_scram", "sasl_oauthbearer"] {
+            assert!(features.split(',').any(|x| x.trim_end_matches('\0') == f), "{f} not in {features}");
+        }
     }
 
     #[test]
