@@ -10,6 +10,7 @@
 //! 3. A final outbox flush; whatever is undelivered stays on disk and is
 //!    sent (with the same idempotency keys) at the next start.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,12 +25,17 @@ use crate::admin::{self, Health};
 use crate::config::{Config, SourceConfig};
 use crate::deliver::batcher::Batcher;
 use crate::deliver::gate::{RateGate, RateGateConfig};
+use crate::deliver::retry::RetryPolicy;
 use crate::duvo::{ClientConfig, DuvoClient};
 use crate::outbox::{Outbox, OutboxConfig};
+use crate::report::Reporter;
+use crate::report::dispatch::{DispatchConfig, ReportDispatcher};
+use crate::report::http::HttpReporter;
 use crate::source::amqp::AmqpSource;
 use crate::source::http::HttpSource;
 use crate::source::kafka::KafkaSource;
 use crate::source::{Source, SourceContext};
+use crate::track::{CaseTracker, TrackerConfig};
 
 /// Handle on a bridge started in-process.
 pub struct RunningBridge {
@@ -58,14 +64,36 @@ impl RunningBridge {
 }
 
 pub fn outbox_config(cfg: &Config) -> OutboxConfig {
+    let report_sources = cfg
+        .sources
+        .iter()
+        .filter(|s| s.reports())
+        .map(|s| s.name().to_string())
+        .collect();
     OutboxConfig {
         path: cfg.outbox.path.clone(),
         high_water_events: cfg.outbox.high_water_events,
         low_water_events: cfg.outbox.low_water_events,
         high_water_bytes: cfg.outbox.high_water_bytes,
         retention: Duration::from_secs(cfg.outbox.retention_hours * 3600),
+        tracking: cfg.tracking.policy(report_sources),
         ..OutboxConfig::default()
     }
+}
+
+/// One reporter per source that has a report target configured.
+fn build_reporters(cfg: &Config) -> anyhow::Result<BTreeMap<String, Arc<dyn Reporter>>> {
+    let mut out: BTreeMap<String, Arc<dyn Reporter>> = BTreeMap::new();
+    for s in &cfg.sources {
+        let reporter: Option<Arc<dyn Reporter>> = match s {
+            SourceConfig::Http(h) => HttpReporter::from_config(h)?.map(|r| Arc::new(r) as _),
+            SourceConfig::Amqp(_) => None,
+        };
+        if let Some(r) = reporter {
+            out.insert(s.name().to_string(), r);
+        }
+    }
+    Ok(out)
 }
 
 /// Start everything; returns once listeners are bound and the outbox is
@@ -93,8 +121,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         rate_per_minute: cfg.duvo.rate_limit_per_minute,
         burst: cfg.duvo.burst,
         share: cfg.duvo.rate_share,
+        track_share: cfg.tracking.share,
         ..RateGateConfig::default()
     });
+    let reporters = build_reporters(&cfg)?;
 
     let (admin_listener, admin_addr) = admin::bind(&cfg.admin.listen)
         .await
@@ -146,8 +176,38 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         });
     }
     source_tasks.close();
-    let batcher = Batcher::new(outbox.clone(), client, gate.clone(), cfg.delivery.clone());
+    let batcher = Batcher::new(
+        outbox.clone(),
+        client.clone(),
+        gate.clone(),
+        cfg.delivery.clone(),
+    );
     let batcher_task = tokio::spawn(batcher.run(batch_stop.clone(), abort.clone()));
+    let tracker_task = cfg.tracking.enabled.then(|| {
+        let tracker = CaseTracker::new(
+            outbox.clone(),
+            client.clone(),
+            gate.clone(),
+            TrackerConfig::from_config(&cfg.tracking),
+        );
+        tokio::spawn(tracker.run(intake_stop.clone()))
+    });
+    let report_stop = CancellationToken::new();
+    let report_task = (!reporters.is_empty()).then(|| {
+        let dispatcher = ReportDispatcher::new(
+            outbox.clone(),
+            reporters,
+            DispatchConfig {
+                concurrency: cfg.tracking.report_concurrency,
+                retry: RetryPolicy {
+                    initial: Duration::from_millis(cfg.tracking.report_retry_initial_ms),
+                    max: Duration::from_millis(cfg.tracking.report_retry_max_ms),
+                    ..RetryPolicy::default()
+                },
+            },
+        );
+        tokio::spawn(dispatcher.run(report_stop.clone(), abort.clone()))
+    });
     let housekeeping = tokio::spawn(housekeeping(
         outbox.clone(),
         health.clone(),
@@ -178,6 +238,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             abort_at.cancel();
         });
         let _ = batcher_task.await;
+        if let Some(t) = tracker_task {
+            let _ = t.await;
+        }
+        // Reports already being sent get until the deadline; the rest stay
+        // in the outbox for the next start.
+        report_stop.cancel();
+        if let Some(t) = report_task {
+            let _ = t.await;
+        }
         if let Err(e) = ob.flush().await {
             tracing::error!(error = %e, "final outbox flush failed");
         }

@@ -41,7 +41,72 @@ pub struct Config {
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     #[serde(default)]
+    pub tracking: TrackingConfig,
+    #[serde(default)]
     pub sources: Vec<SourceConfig>,
+}
+
+/// Case tracking: follow every created case until it ends, and report
+/// failures back to the source the event came from.
+///
+/// Tracking lists each queue's finished cases (filtered by status and by
+/// `updated_at` from a persisted watermark, 100 per request), so it costs
+/// about one request per 100 finished cases plus one per poll interval per
+/// queue, from the same per-key budget as creates (at most `share` of it
+/// while creates are waiting; never starved).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// Follow created cases at all. Off: delivered events are forgotten at
+    /// once and no report is ever sent for a case (rejected events are
+    /// still reported).
+    pub enabled: bool,
+    /// Largest share of the rate budget tracking takes while creates are
+    /// waiting, in (0, 1].
+    pub share: f64,
+    /// Longest time between two listings of a queue with unfinished cases.
+    /// Listing goes on back to back while pages come back full.
+    pub poll_interval_ms: u64,
+    /// Time between two listings of a queue whose tracked cases have all
+    /// ended failed or canceled (watched only for a retry in Duvo).
+    pub watch_interval_ms: u64,
+    /// Each listing starts this far before the watermark, to catch updates
+    /// committed out of order on the server. Re-read cases cost nothing.
+    pub lookback_ms: u64,
+    /// A case still unfinished this long after it was created is reported
+    /// `expired` and no longer followed; a failed one stops being watched.
+    pub ttl_hours: u64,
+    /// Case statuses reported back to the source: any of `failed`,
+    /// `canceled`, `needs_input`, `postponed`, `completed`. Events the API
+    /// refused (`rejected`) and cases past the TTL (`expired`) are always
+    /// reported.
+    pub report: Vec<crate::report::ReportStatus>,
+    /// Reports in flight at once per source.
+    pub report_concurrency: usize,
+    /// First retry delay of a report whose target did not acknowledge it,
+    /// ms (doubles up to `report_retry_max_ms`; reports are never dropped).
+    pub report_retry_initial_ms: u64,
+    pub report_retry_max_ms: u64,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            enabled: true,
+            share: 0.1,
+            poll_interval_ms: 2000,
+            watch_interval_ms: 30_000,
+            lookback_ms: 1000,
+            ttl_hours: 72,
+            report: vec![
+                crate::report::ReportStatus::Failed,
+                crate::report::ReportStatus::Canceled,
+            ],
+            report_concurrency: 8,
+            report_retry_initial_ms: 500,
+            report_retry_max_ms: 60_000,
+        }
+    }
 }
 
 /// How to reach the Duvo API.
@@ -256,6 +321,14 @@ pub enum SourceConfig {
 }
 
 impl SourceConfig {
+    /// Whether the source has somewhere to send failure reports.
+    pub fn reports(&self) -> bool {
+        match self {
+            SourceConfig::Http(h) => h.reports(),
+            SourceConfig::Amqp(a) => a.failure_exchange.is_some(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             SourceConfig::Http(h) => &h.name,
@@ -791,6 +864,33 @@ pub struct HttpSourceConfig {
     /// Most events in one request.
     #[serde(default = "default_http_max_events")]
     pub max_events_per_request: usize,
+    /// Where failure reports about this source's events are POSTed (JSON
+    /// with `event_id`, `case_id`, `queue_id`, `status`, `reason` and the
+    /// original `event`), signed with `X-Duvo-Bridge-Signature:
+    /// sha256=<hex HMAC-SHA256 of the body>`. Retried until a 2xx answer.
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// Environment variable holding the HMAC secret of the callbacks
+    /// (required with `callback_url` or `callback_url_header`).
+    #[serde(default)]
+    pub callback_secret_env: Option<String>,
+    /// The HMAC secret itself. Discouraged (it ends up in a file readable
+    /// by whoever reads the config); prefer `callback_secret_env`.
+    #[serde(default)]
+    pub callback_secret: Option<Secret>,
+    /// Accept a per-request callback URL in the `X-Duvo-Callback-Url`
+    /// header (overrides `callback_url` for the events of that request).
+    /// Off by default: whoever can post events could make the bridge call
+    /// any URL.
+    #[serde(default)]
+    pub callback_url_header: bool,
+    /// Timeout of one callback request, seconds.
+    #[serde(default = "default_callback_timeout")]
+    pub callback_timeout_secs: u64,
+}
+
+fn default_callback_timeout() -> u64 {
+    10
 }
 
 fn default_http_listen() -> String {
@@ -825,6 +925,40 @@ impl HttpSourceConfig {
             auth_token_env: None,
             max_body_bytes: default_http_max_body(),
             max_events_per_request: default_http_max_events(),
+            callback_url: None,
+            callback_secret_env: None,
+            callback_secret: None,
+            callback_url_header: false,
+            callback_timeout_secs: default_callback_timeout(),
+        }
+    }
+
+    /// Whether failure reports of this source go anywhere.
+    pub fn reports(&self) -> bool {
+        self.callback_url.is_some() || self.callback_url_header
+    }
+
+    /// The callback HMAC secret, from `callback_secret_env`.
+    pub fn callback_secret(&self) -> Result<Option<Secret>, String> {
+        if let Some(s) = &self.callback_secret {
+            if s.is_empty() {
+                return Err(format!("sources.{}.callback_secret is empty", self.name));
+            }
+            return Ok(Some(s.clone()));
+        }
+        match &self.callback_secret_env {
+            None if self.reports() => Err(format!(
+                "sources.{}: callback_secret_env (or callback_secret) is required with callback_url or callback_url_header (callbacks are signed)",
+                self.name
+            )),
+            None => Ok(None),
+            Some(var) => match std::env::var(var) {
+                Ok(s) if !s.is_empty() => Ok(Some(Secret::new(s))),
+                _ => Err(format!(
+                    "sources.{}.callback_secret_env: environment variable {var} is not set or empty",
+                    self.name
+                )),
+            },
         }
     }
 
@@ -907,10 +1041,17 @@ impl Config {
         for key in table.keys() {
             if !matches!(
                 key.as_str(),
-                "duvo" | "outbox" | "delivery" | "admin" | "log" | "shutdown" | "sources"
+                "duvo"
+                    | "outbox"
+                    | "delivery"
+                    | "admin"
+                    | "log"
+                    | "shutdown"
+                    | "tracking"
+                    | "sources"
             ) {
                 errors.push(format!(
-                    "unknown section `{key}` (expected duvo, outbox, delivery, admin, log, shutdown, sources)"
+                    "unknown section `{key}` (expected duvo, outbox, delivery, admin, log, shutdown, tracking, sources)"
                 ));
             }
         }
@@ -920,6 +1061,7 @@ impl Config {
         cfg.admin = section(&table, "admin", &mut errors);
         cfg.log = section(&table, "log", &mut errors);
         cfg.shutdown = section(&table, "shutdown", &mut errors);
+        cfg.tracking = section(&table, "tracking", &mut errors);
         match table.get("sources") {
             None => {}
             Some(toml::Value::Array(items)) => {
@@ -1010,6 +1152,7 @@ impl Config {
         if dl.max_in_flight == 0 {
             errors.push("delivery.max_in_flight must be at least 1".into());
         }
+        errors.extend(self.tracking.check());
         let mut listens: Vec<(String, String)> = Vec::new();
         match self.admin.listen.parse::<SocketAddr>() {
             Ok(_) => listens.push(("admin.listen".into(), self.admin.listen.clone())),
@@ -1054,6 +1197,17 @@ impl Config {
                     if h.max_events_per_request == 0 {
                         errors.push(format!("{at}.max_events_per_request must be at least 1"));
                     }
+                    if let Some(u) = &h.callback_url
+                        && let Err(e) = check_http_url(u)
+                    {
+                        errors.push(format!("{at}.callback_url {u:?}: {e}"));
+                    }
+                    if let Err(e) = h.callback_secret() {
+                        errors.push(e);
+                    }
+                    if h.callback_timeout_secs == 0 {
+                        errors.push(format!("{at}.callback_timeout_secs must be at least 1"));
+                    }
                 }
                 SourceConfig::Amqp(a) => errors.extend(check_amqp(a)),
                 SourceConfig::Kafka(k) => errors.extend(check_kafka(k)),
@@ -1072,6 +1226,76 @@ impl Config {
     /// The configuration as TOML with secrets redacted (`--print-config`).
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// An absolute http(s) URL with a host.
+pub fn check_http_url(u: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(u).map_err(|e| e.to_string())?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("must be an http:// or https:// URL".into());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    Ok(())
+}
+
+impl TrackingConfig {
+    fn check(&self) -> Vec<String> {
+        use crate::report::ReportStatus as R;
+        let mut errors = Vec::new();
+        if !(self.share.is_finite() && self.share > 0.0 && self.share <= 1.0) {
+            errors.push(format!(
+                "tracking.share must be in (0, 1] (got {})",
+                self.share
+            ));
+        }
+        if self.poll_interval_ms < 100 {
+            errors.push("tracking.poll_interval_ms must be at least 100".into());
+        }
+        if self.watch_interval_ms < self.poll_interval_ms {
+            errors.push("tracking.watch_interval_ms must be at least poll_interval_ms".into());
+        }
+        if self.ttl_hours == 0 {
+            errors.push("tracking.ttl_hours must be at least 1".into());
+        }
+        for s in &self.report {
+            if matches!(s, R::Expired | R::Rejected) {
+                errors.push(format!(
+                    "tracking.report: {s:?} is always reported; list only failed, canceled, needs_input, postponed, completed"
+                ));
+            }
+        }
+        if self.report_concurrency == 0 {
+            errors.push("tracking.report_concurrency must be at least 1".into());
+        }
+        if self.report_retry_initial_ms == 0
+            || self.report_retry_max_ms < self.report_retry_initial_ms
+        {
+            errors.push(
+                "tracking.report_retry_initial_ms must be >= 1 and <= report_retry_max_ms".into(),
+            );
+        }
+        errors
+    }
+
+    /// The outbox's tracking policy; `None` when tracking is off and no
+    /// source reports (with tracking off, rejections of reporting sources
+    /// are still reported).
+    pub fn policy(
+        &self,
+        report_sources: BTreeSet<String>,
+    ) -> Option<crate::outbox::TrackingPolicy> {
+        if !self.enabled && report_sources.is_empty() {
+            return None;
+        }
+        Some(crate::outbox::TrackingPolicy {
+            track_cases: self.enabled,
+            ttl: Duration::from_secs(self.ttl_hours.saturating_mul(3600)),
+            report_sources,
+            report_statuses: self.report.iter().copied().collect(),
+        })
     }
 }
 
@@ -1290,6 +1514,7 @@ title = "Order {/order_id}"
         // SAFETY: tests in this module do not read DUVO_API_KEY concurrently
         // except this one; the value is a throwaway.
         unsafe { std::env::set_var("DUVO_API_KEY", "dv_example_test_key_000000000000000") };
+        unsafe { std::env::set_var("OMS_CALLBACK_SECRET", "example-callback-secret") };
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/config/duvo-bridge.example.toml"

@@ -8,6 +8,8 @@
 //! pointed at the local simulator.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -40,7 +42,59 @@ pub struct DemoArgs {
     pub log_level: String,
 }
 
-fn demo_config(sim: &SimHandle, outbox: &std::path::Path, rate: u32) -> Config {
+/// Secret the demo's callback receiver checks signatures with.
+const DEMO_CALLBACK_SECRET: &str = "demo-callback-secret";
+
+/// The demo's stand-in for the OMS's callback endpoint: counts failure
+/// reports whose signature checks out, and those whose does not.
+#[derive(Clone, Default)]
+struct CallbackCounter {
+    valid: Arc<AtomicU64>,
+    invalid: Arc<AtomicU64>,
+    cases: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+async fn start_callback_receiver() -> anyhow::Result<(String, CallbackCounter)> {
+    let counter = CallbackCounter::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the demo callback receiver")?;
+    let url = format!("http://{}/duvo-callback", listener.local_addr()?);
+    let c = counter.clone();
+    let app = axum::Router::new().route(
+        "/duvo-callback",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+            let c = c.clone();
+            async move {
+                let expected =
+                    crate::report::http::signature(DEMO_CALLBACK_SECRET.as_bytes(), &body);
+                let given = headers
+                    .get(crate::report::http::SIGNATURE_HEADER)
+                    .and_then(|v| v.to_str().ok());
+                if given == Some(expected.as_str()) {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    if let Some(case) = v["case_id"].as_str() {
+                        c.cases
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(case.to_string());
+                    }
+                    c.valid.fetch_add(1, Ordering::Relaxed);
+                    axum::http::StatusCode::NO_CONTENT
+                } else {
+                    c.invalid.fetch_add(1, Ordering::Relaxed);
+                    axum::http::StatusCode::UNAUTHORIZED
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, counter))
+}
+
+fn demo_config(sim: &SimHandle, outbox: &std::path::Path, rate: u32, callback_url: &str) -> Config {
     let mut source = HttpSourceConfig::new("oms", sim.queues()[0]);
     source.title = "Order {/order_id} for {/customer/name|unknown customer}".into();
     source.title_fallback = "Order without id".into();
@@ -50,6 +104,8 @@ fn demo_config(sim: &SimHandle, outbox: &std::path::Path, rate: u32) -> Config {
     ]);
     source.priority_field = Some("/priority".into());
     source.event_id_field = Some("/order_id".into());
+    source.callback_url = Some(callback_url.to_string());
+    source.callback_secret = Some(crate::secret::Secret::new(DEMO_CALLBACK_SECRET));
     let mut cfg = Config::local(&sim.base_url(), &sim.api_keys()[0], outbox, source);
     cfg.duvo.rate_limit_per_minute = rate;
     cfg.shutdown.grace_period_secs = 5;
@@ -88,7 +144,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     .await
     .context("starting the simulator")?;
     let dir = tempfile::tempdir().context("creating a temporary outbox directory")?;
-    let cfg = demo_config(&sim, dir.path(), args.rate_limit);
+    let (callback_url, callbacks) = start_callback_receiver().await?;
+    let cfg = demo_config(&sim, dir.path(), args.rate_limit, &callback_url);
     let shutdown = CancellationToken::new();
     let bridge = crate::app::start(cfg, shutdown.clone())
         .await
@@ -103,6 +160,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  bridge      http://{http}/v1/events");
     println!("  metrics     http://{}/metrics", bridge.admin_addr);
     println!("  outbox      {}", dir.path().display());
+    println!("  callback    {callback_url}  (failure reports, HMAC-signed)");
     println!(
         "  submitting  {} orders in arrays of 200, every {}th marked to fail; API limit {} req/min",
         args.orders, args.fail_every, args.rate_limit
@@ -123,6 +181,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stored_bar = bar("stored");
     let delivered_bar = bar("delivered");
     let finished_bar = bar("finished");
+    let reported_bar = mp.add(ProgressBar::new(0));
+    reported_bar.set_style(style.clone());
+    reported_bar.set_prefix("reported");
 
     // Producer: an OMS posting arrays of 200 with an Idempotency-Key,
     // retrying on 503 as a well-behaved client would.
@@ -183,7 +244,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             st.by_status.get("completed").copied().unwrap_or(0),
             st.by_status.get("failed").copied().unwrap_or(0)
         ));
-        if producer.is_finished() && finished >= n {
+        let failed = st.by_status.get("failed").copied().unwrap_or(0);
+        let reported = callbacks.valid.load(Ordering::Relaxed);
+        reported_bar.set_length(failed);
+        reported_bar.set_position(reported);
+        reported_bar.set_message("failure reports received by the callback");
+        if producer.is_finished() && finished >= n && reported >= failed {
             break;
         }
         if Instant::now() > deadline {
@@ -200,6 +266,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     stored_bar.finish();
     delivered_bar.finish();
     finished_bar.finish();
+    reported_bar.finish();
     let elapsed = started.elapsed();
     let gate = bridge.gate.stats();
     shutdown.cancel();
@@ -236,8 +303,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "failed",
         st.by_status.get("failed").copied().unwrap_or(0)
     );
+    let reported_cases = callbacks
+        .cases
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .len();
+    println!(
+        "  {:<34} {:>10}  (signed callbacks: {}, bad signatures: {})",
+        "failed cases reported back",
+        reported_cases,
+        callbacks.valid.load(Ordering::Relaxed),
+        callbacks.invalid.load(Ordering::Relaxed)
+    );
     println!("  {:<34} {:>10}", "API requests (all)", st.requests);
     println!("  {:<34} {:>10}", "create requests", st.create_requests);
+    println!(
+        "  {:<34} {:>10}",
+        "tracking (list) requests", st.list_requests
+    );
     println!("  {:<34} {:>10.1}", "cases per create request", per_req);
     println!(
         "  {:<34} {:>10}",
@@ -253,6 +336,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             "timed out after {} s before every case finished",
             args.timeout_secs
         );
+    }
+    let failed = st.by_status.get("failed").copied().unwrap_or(0) as usize;
+    if reported_cases != failed {
+        anyhow::bail!("expected {failed} failed cases reported back, got {reported_cases}");
     }
     if st.cases_created as usize != accepted || distinct.len() != accepted {
         anyhow::bail!(

@@ -19,3 +19,4 @@ pub mod shutdown;
 pub mod sim;
 pub mod source;
 pub mod telemetry;
+pub mod track;

@@ -234,4 +234,46 @@ fn describe_all() {
         "duvo_bridge_build_info",
         "Build information; the value is always 1."
     );
+    // Case tracking and reports
+    describe_gauge!(
+        "duvo_bridge_tracked_cases",
+        "Cases followed by the tracker, by phase (open: not finished; watching: failed or canceled, watched for a retry)."
+    );
+    describe_counter!(
+        "duvo_bridge_tracking_requests_total",
+        "Listing requests sent by the case tracker."
+    );
+    describe_counter!(
+        "duvo_bridge_tracking_transitions_total",
+        "Case status transitions the tracker recorded (each at most once)."
+    );
+    describe_counter!(
+        "duvo_bridge_tracking_finished_total",
+        "Tracked cases that completed and were forgotten."
+    );
+    describe_counter!(
+        "duvo_bridge_tracking_expired_total",
+        "Tracked cases still unfinished when their TTL ran out."
+    );
+    describe_gauge!(
+        "duvo_bridge_tracking_watermark_lag_seconds",
+        Unit::Seconds,
+        "How far a queue's listing watermark is behind now, by queue."
+    );
+    describe_counter!(
+        "duvo_bridge_reports_created_total",
+        "Reports created for a source, by source and status."
+    );
+    describe_counter!(
+        "duvo_bridge_reports_sent_total",
+        "Reports acknowledged by their target, by source and reporter kind."
+    );
+    describe_counter!(
+        "duvo_bridge_report_send_failures_total",
+        "Report send attempts that were not acknowledged (retried), by source and reporter kind."
+    );
+    describe_gauge!(
+        "duvo_bridge_reports_pending",
+        "Reports in the outbox waiting for their target's acknowledgement."
+    );
 }

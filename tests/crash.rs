@@ -28,23 +28,13 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_not
     let config = dir.path().join("bridge.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"
-[duvo]
-base_url = "{base}"
-api_key_env = "DUVO_API_KEY"
-rate_limit_per_minute = 1200
-timeout_secs = 5
-[outbox]
-path = "{outbox}"
-[delivery]
-linger_ms = 50
-retry_initial_ms = 20
-retry_max_ms = 500
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-grace_period_secs = 2
+        bridge_toml(
+            &sim,
+            dir.path(),
+            admin,
+            1200,
+            &format!(
+                r#"
 [[sources]]
 type = "http"
 name = "oms"
@@ -52,9 +42,8 @@ listen = "127.0.0.1:{http}"
 queue_id = "{queue}"
 title = "Order {{/order_id}}"
 "#,
-            base = sim.base_url(),
-            outbox = dir.path().join("outbox").display(),
-            queue = sim.queues()[0],
+                queue = sim.queues()[0],
+            ),
         ),
     )
     .unwrap();
@@ -141,4 +130,150 @@ title = "Order {{/order_id}}"
         "the API key must never appear in logs"
     );
     assert_eq!(sim.stats().early_retries, 0);
+}
+
+/// SIGKILL while cases are being tracked and failures reported: after
+/// restarts every failed case has been reported, under one report id per
+/// failure (a re-send after a kill carries the same id, so the receiver can
+/// drop the copy), and no completed case is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_tracking_loses_no_report() {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("CRASH_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let mut sc = sim_config();
+    sc.rate_limit = 1200;
+    sc.fail_ratio = 0.1;
+    sc.process_ms = 1500;
+    let sim = start_sim(sc).await;
+    let sink = CallbackSink::start().await;
+    // The receiver is flaky too: reports stay pending across kills.
+    sink.fail_next
+        .store(40, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let admin = free_port();
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        bridge_toml(
+            &sim,
+            dir.path(),
+            admin,
+            1200,
+            &format!(
+                r#"
+[tracking]
+poll_interval_ms = 250
+watch_interval_ms = 1000
+report_retry_initial_ms = 50
+report_retry_max_ms = 300
+[[sources]]
+type = "http"
+name = "oms"
+listen = "127.0.0.1:{http}"
+queue_id = "{queue}"
+title = "Order {{/order_id}}"
+callback_url = "{callback}"
+callback_secret_env = "OMS_CALLBACK_SECRET"
+"#,
+                queue = sim.queues()[0],
+                callback = sink.url,
+            ),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("bridge.log");
+    let key = sim.api_keys()[0].clone();
+    let env = [("OMS_CALLBACK_SECRET", "kill-test-secret")];
+    let mut bridge = spawn_bridge_with(&config, &key, &log, &env);
+    assert!(wait_ready(admin).await, "bridge ready");
+
+    const N: usize = 3000;
+    let client = reqwest::Client::new();
+    for c in 0..(N / 500) {
+        let r = post_events(
+            &client,
+            format!("127.0.0.1:{http}").parse().unwrap(),
+            &json!(orders(c * 500..(c + 1) * 500)),
+            Some(&format!("chunk-{c}")),
+        )
+        .await;
+        assert_eq!(r.status(), 202);
+    }
+    // Kill while cases end and reports flow (cases end 1.5 s after creation).
+    for kill in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(800..2500))).await;
+        bridge.kill().unwrap();
+        bridge.wait().unwrap();
+        eprintln!(
+            "killed bridge #{kill}; cases {}, callbacks {}",
+            sim.stats().cases_created,
+            sink.count()
+        );
+        bridge = spawn_bridge_with(&config, &key, &log, &env);
+        assert!(wait_ready(admin).await, "ready after restart #{kill}");
+    }
+    let ended = wait_until(Duration::from_secs(90), || async {
+        let s = sim.stats();
+        s.cases_created as usize >= N
+            && s.by_status.get("completed").copied().unwrap_or(0)
+                + s.by_status.get("failed").copied().unwrap_or(0)
+                == s.cases_created
+    })
+    .await;
+    let failed = case_ids_in(&sim, "failed");
+    let reported_all = wait_until(Duration::from_secs(90), || async {
+        let got: std::collections::BTreeSet<String> = sink
+            .received()
+            .iter()
+            .filter_map(|c| c.json["case_id"].as_str().map(str::to_string))
+            .collect();
+        got.len() >= failed.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let _ = bridge.kill();
+    let _ = bridge.wait();
+    if !(ended && reported_all) {
+        eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    assert!(ended, "every case ended: {:?}", sim.stats());
+    assert!(
+        reported_all,
+        "every failed case reported: {} of {}",
+        sink.count(),
+        failed.len()
+    );
+    let per = cases_per_order(&sim);
+    assert_eq!(per.len(), N, "every event is a case");
+    assert!(per.values().all(|n| *n == 1), "no duplicate case");
+    let mut ids_per_case: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for cb in sink.received() {
+        assert_eq!(cb.json["status"], "failed", "{}", cb.json);
+        ids_per_case
+            .entry(cb.json["case_id"].as_str().unwrap().to_string())
+            .or_default()
+            .insert(cb.report_id.clone().unwrap());
+    }
+    let reported: std::collections::BTreeSet<String> = ids_per_case.keys().cloned().collect();
+    assert_eq!(reported, failed, "exactly the failed cases are reported");
+    for (case, ids) in &ids_per_case {
+        assert_eq!(
+            ids.len(),
+            1,
+            "case {case} reported under several ids: {ids:?}"
+        );
+    }
+    eprintln!(
+        "{} failed cases, {} callbacks received ({} re-sends of an acknowledged report)",
+        failed.len(),
+        sink.count(),
+        sink.count() - failed.len()
+    );
 }

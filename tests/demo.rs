@@ -36,5 +36,10 @@ fn demo_delivers_every_order_once_and_summarises() {
     assert_eq!(row("cases created"), 600);
     assert_eq!(row("distinct orders"), 600);
     assert_eq!(row("failed"), 30, "every 20th order is marked to fail");
+    assert_eq!(
+        row("failed cases reported back"),
+        30,
+        "each failed case reported to the callback"
+    );
     assert_eq!(row("early retries"), 0);
 }

@@ -240,6 +240,7 @@ impl Batcher {
                         p.observe(&fb);
                         count_request(&resp.status.as_u16().to_string());
                         let ids: Vec<Uuid> = resp.body.added_cases.iter().map(|c| c.id).collect();
+                        let created_at = resp.body.added_cases.iter().map(|c| c.created_at).min();
                         if ids.len() != b.events.len() {
                             tracing::error!(
                                 batch = b.id,
@@ -250,7 +251,7 @@ impl Batcher {
                             self.pause(&mut schedule, &abort).await;
                             continue;
                         }
-                        self.settle(&b, &ids, &abort).await;
+                        self.settle(&b, &ids, created_at, &abort).await;
                         break;
                     }
                     Err(e) => {
@@ -368,9 +369,15 @@ impl Batcher {
         }
     }
 
-    async fn settle(&self, b: &Batch, ids: &[Uuid], abort: &CancellationToken) {
+    async fn settle(
+        &self,
+        b: &Batch,
+        ids: &[Uuid],
+        created_at: Option<chrono::DateTime<chrono::Utc>>,
+        abort: &CancellationToken,
+    ) {
         loop {
-            match self.outbox.settle_delivered(b, ids).await {
+            match self.outbox.settle_delivered_at(b, ids, created_at).await {
                 Ok(()) => {
                     metrics::counter!("duvo_bridge_batches_sent_total").increment(1);
                     metrics::counter!("duvo_bridge_cases_created_total")

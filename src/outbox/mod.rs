@@ -22,6 +22,8 @@
 mod flusher;
 mod index;
 pub mod record;
+mod reports;
+mod tracking;
 mod types;
 
 use std::collections::{HashMap, HashSet};
@@ -35,17 +37,22 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 pub use types::{
-    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, NewEvent, Origin,
-    OutboxConfig, OutboxError, OutboxStats, ReadySummary,
+    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, ListingOutcome, NewEvent,
+    Origin, OutboxConfig, OutboxError, OutboxStats, QueueTracking, ReadySummary, TrackPhase,
+    Tracking, TrackingPolicy, Transition,
 };
 
 use flusher::FlushShared;
 use index::{ReadyEntry, ReadyIndex};
 use record::{
     BATCH_PREFIX, BatchRecord, DEAD_LETTERS_TREE, EVENT_PREFIX, EVENTS_TREE, EventRecord,
-    batch_key, case_body_size, decode, encode, event_key, expiry_key, expiry_key_id, identity_key,
-    key_u64,
+    REPORT_PREFIX, Watermark, batch_key, case_body_size, case_key, deadline_key, decode, encode,
+    event_key, expiry_key, expiry_key_id, identity_key, key_u64, report_key, watermark_key,
 };
+use reports::ReportIndex;
+use tracking::TrackIndex;
+
+use crate::report::{Report, ReportStatus};
 
 /// Keys per sled batch when purging, so one purge never builds a huge batch.
 const PURGE_CHUNK: usize = 512;
@@ -79,6 +86,12 @@ pub(crate) struct Inner {
     batch_lock: Mutex<()>,
     index: Mutex<ReadyIndex>,
     ready_notify: Notify,
+    /// Serialises read-modify-writes of tracked events (tracker pages,
+    /// expiry) and of reports.
+    track_lock: Mutex<()>,
+    track: Mutex<TrackIndex>,
+    reports: Mutex<ReportIndex>,
+    report_notify: Notify,
     appended: AtomicU64,
     duplicates: AtomicU64,
     corrupt: AtomicU64,
@@ -110,6 +123,8 @@ struct Opened {
     events: sled::Tree,
     dead: sled::Tree,
     index: ReadyIndex,
+    track: TrackIndex,
+    reports: ReportIndex,
     corrupt: u64,
     bytes: u64,
 }
@@ -138,6 +153,10 @@ impl Outbox {
             batch_lock: Mutex::new(()),
             index: Mutex::new(opened.index),
             ready_notify: Notify::new(),
+            track_lock: Mutex::new(()),
+            track: Mutex::new(opened.track),
+            reports: Mutex::new(opened.reports),
+            report_notify: Notify::new(),
             appended: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             corrupt: AtomicU64::new(opened.corrupt),
@@ -146,6 +165,7 @@ impl Outbox {
         tokio::spawn(flusher::run(flush, Arc::downgrade(&inner)));
         let outbox = Outbox { inner };
         outbox.publish_depth();
+        outbox.publish_tracking();
         metrics::gauge!("duvo_bridge_outbox_bytes").set(opened.bytes as f64);
         if outbox.depth() > 0 {
             outbox.wake_batcher();
@@ -179,6 +199,7 @@ impl Outbox {
                 case: Some(ev.case),
                 settled_at_ms: None,
                 origin: ev.origin,
+                tracking: None,
             };
             let bytes = encode(&rec)?;
             prepared.push((rec.identity, rec.queue_id, rec.received_at_ms, size, bytes));
@@ -255,6 +276,7 @@ impl Outbox {
             state: rec.state,
             received_at_ms: rec.received_at_ms,
             title: rec.title,
+            tracking: rec.tracking,
         }))
     }
 
@@ -452,12 +474,27 @@ impl Outbox {
     }
 
     /// The batch was accepted: its events become `Delivered` with the case
-    /// ids in batch order, the payloads are dropped (a tombstone stays for
-    /// `retention`) and the batch record is removed. Waits for the flush.
+    /// ids in batch order and the batch record is removed. Without tracking
+    /// the payloads are dropped (a tombstone stays for `retention`); with
+    /// tracking each case is followed (see [`Outbox::apply_listing`]) and
+    /// the payload is kept for its reports. Waits for the flush.
     pub async fn settle_delivered(
         &self,
         batch: &Batch,
         case_ids: &[Uuid],
+    ) -> Result<(), OutboxError> {
+        self.settle_delivered_at(batch, case_ids, None).await
+    }
+
+    /// [`Outbox::settle_delivered`], with the server's `created_at` of the
+    /// earliest case: the queue's tracking watermark starts there if the
+    /// queue has none (a case's transitions all happen after it was
+    /// created). Without it the watermark starts a minute before now.
+    pub async fn settle_delivered_at(
+        &self,
+        batch: &Batch,
+        case_ids: &[Uuid],
+        created_at: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Result<(), OutboxError> {
         if case_ids.len() != batch.events.len() {
             return Err(OutboxError::Invalid(format!(
@@ -468,6 +505,7 @@ impl Outbox {
             )));
         }
         let now = now_ms();
+        let policy = self.inner.cfg.tracking.as_ref().filter(|p| p.track_cases);
         {
             let _b = lock(&self.inner.batch_lock);
             let rec = self.checked_batch(batch)?;
@@ -478,17 +516,53 @@ impl Outbox {
                     case_id: *case_id,
                     delivered_at_ms: now,
                 };
-                ev.case = None;
                 ev.settled_at_ms = Some(now);
+                match policy {
+                    Some(p) => {
+                        let deadline = now
+                            .saturating_add(u64::try_from(p.ttl.as_millis()).unwrap_or(u64::MAX));
+                        ev.tracking = Some(Tracking {
+                            phase: TrackPhase::Open,
+                            deadline_ms: deadline,
+                            history: Vec::new(),
+                        });
+                        sb.insert(&case_key(*case_id)[..], encode(id)?);
+                        sb.insert(&deadline_key(deadline, *id)[..], encode(&())?);
+                    }
+                    None => {
+                        ev.case = None;
+                        sb.insert(&expiry_key(now, *id)[..], encode(&())?);
+                    }
+                }
                 sb.insert(&event_key(*id)[..], encode(&ev)?);
-                sb.insert(&expiry_key(now, *id)[..], encode(&())?);
+            }
+            if policy.is_some()
+                && self
+                    .inner
+                    .events
+                    .get(watermark_key(rec.queue_id))?
+                    .is_none()
+            {
+                let start = created_at
+                    .unwrap_or_else(|| chrono::Utc::now() - chrono::Duration::seconds(60));
+                sb.insert(
+                    &watermark_key(rec.queue_id)[..],
+                    encode(&Watermark { updated_at: start })?,
+                );
             }
             sb.remove(&batch_key(batch.id)[..]);
             self.inner.events.apply_batch(sb)?;
             let mut ix = lock(&self.inner.index);
             ix.batched = ix.batched.saturating_sub(rec.event_ids.len() as u64);
+            drop(ix);
+            if policy.is_some() {
+                lock(&self.inner.track).add_open(rec.queue_id, rec.event_ids.len() as u64);
+            }
         }
         self.publish_depth();
+        if policy.is_some() {
+            self.publish_tracking();
+        }
         self.inner.flush.wait_durable().await
     }
 
@@ -573,7 +647,7 @@ impl Outbox {
             )));
         }
         let now = now_ms();
-        {
+        let report = {
             let _b = lock(&self.inner.batch_lock);
             let rec = self.checked_batch(batch)?;
             let id = rec.event_ids[0];
@@ -582,6 +656,22 @@ impl Outbox {
                 .case
                 .take()
                 .ok_or_else(|| OutboxError::Missing(format!("payload of events/e/{id}")))?;
+            let report = match &self.inner.cfg.tracking {
+                Some(p) if p.reports(&ev.source, ReportStatus::Rejected) => {
+                    let mut r = self.new_report(
+                        id,
+                        &ev,
+                        None,
+                        ReportStatus::Rejected,
+                        format!("{status} {error}: {message}"),
+                        None,
+                        now,
+                    )?;
+                    r.event = case.data.clone();
+                    Some(r)
+                }
+                _ => None,
+            };
             let dead = DeadLetter {
                 id: EventId(id),
                 source: ev.source.clone(),
@@ -603,6 +693,10 @@ impl Outbox {
             let ev_bytes = encode(&ev)?;
             let dead_bytes = encode(&dead)?;
             let expiry_bytes = encode(&())?;
+            let report_rec = match &report {
+                Some(r) => Some((report_key(r.id), encode(r)?)),
+                None => None,
+            };
             let (ek, xk, bk) = (event_key(id), expiry_key(now, id), batch_key(batch.id));
             let dk = id.to_be_bytes();
             (&self.inner.events, &self.inner.dead).transaction(
@@ -610,15 +704,20 @@ impl Outbox {
                     events.insert(&ek[..], ev_bytes.as_slice())?;
                     events.insert(&xk[..], expiry_bytes.as_slice())?;
                     events.remove(&bk[..])?;
+                    if let Some((rk, rb)) = &report_rec {
+                        events.insert(&rk[..], rb.as_slice())?;
+                    }
                     dead.insert(&dk[..], dead_bytes.as_slice())?;
                     Ok(())
                 },
             )?;
             let mut ix = lock(&self.inner.index);
             ix.batched = ix.batched.saturating_sub(1);
-        }
+            report
+        };
         self.publish_depth();
-        self.inner.flush.wait_durable().await
+        self.announce_when_durable(report.into_iter().collect())
+            .await
     }
 
     /// All dead letters, in event id order. Corrupt entries are logged,
@@ -655,7 +754,7 @@ impl Outbox {
             pending += 1;
             if let Some(id) = expiry_key_id(&key) {
                 match self.read_event(id) {
-                    Ok(Some(ev)) if ev.state.is_settled() => {
+                    Ok(Some(ev)) if ev.state.is_settled() && !ev.is_tracked() => {
                         sb.remove(&event_key(id)[..]);
                         if let Some(identity) = &ev.identity {
                             let ik = identity_key(identity);
@@ -846,6 +945,7 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     }
 
     let mut index = ReadyIndex::default();
+    let mut track = TrackIndex::default();
     let mut orphans = sled::Batch::default();
     let mut orphan_count = 0u64;
     for item in events.scan_prefix([EVENT_PREFIX]) {
@@ -876,7 +976,13 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
                 orphans.insert(key.clone(), encode(&rec)?);
                 orphan_count += 1;
             }
-            EventState::Delivered { .. } | EventState::Rejected { .. } => continue,
+            EventState::Delivered { .. } => {
+                if let Some(t) = &rec.tracking {
+                    track.count(rec.queue_id, t.phase);
+                }
+                continue;
+            }
+            EventState::Rejected { .. } => continue,
         }
         let Some(case) = &rec.case else {
             note_corrupt(&OutboxError::Corrupt {
@@ -898,11 +1004,24 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         events.apply_batch(orphans)?;
         db.flush()?;
     }
+    let mut reports = ReportIndex::default();
+    for item in events.scan_prefix([REPORT_PREFIX]) {
+        let (key, value) = item?;
+        let Some(id) = key_u64(&key) else {
+            continue;
+        };
+        match decode::<Report>(&key, &value) {
+            Ok(r) => reports.insert(&r.source, id),
+            Err(e) => note_corrupt(&e),
+        }
+    }
     let bytes = db.size_on_disk().unwrap_or(0);
     tracing::info!(
         path = %cfg.path.display(),
         ready = index.ready,
         batched = index.batched,
+        tracked = track.total(),
+        reports = reports.len(),
         corrupt,
         bytes,
         "outbox opened"
@@ -912,6 +1031,8 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         events,
         dead,
         index,
+        track,
+        reports,
         corrupt,
         bytes,
     })

@@ -11,6 +11,15 @@
 //! | `i` + identity (UTF-8)                | event id (u64)                 |
 //! | `b` + batch id (u64 BE)               | [`BatchRecord`]                |
 //! | `t` + settled_at_ms (u64 BE) + id     | empty record (expiry index)    |
+//! | `c` + case id (16 bytes)              | event id (u64): tracked cases  |
+//! | `x` + deadline_ms (u64 BE) + id       | empty record (tracking TTL)    |
+//! | `w` + queue id (16 bytes)             | [`Watermark`]                  |
+//! | `r` + report id (u64 BE)              | [`Report`](crate::report::Report) |
+//!
+//! A tracked case's state is in its event record ([`EventRecord::tracking`]);
+//! the `c` key exists exactly while the case is followed (phase open or
+//! watching), and its `x` key is the TTL index. A report is written in the
+//! same sled batch as the change that caused it.
 //!
 //! The `t` keys sort by settle time, so `purge_expired` reads only the
 //! expired range instead of scanning every event.
@@ -26,7 +35,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
-use super::types::{EventState, Origin, OutboxError};
+use super::types::{EventState, Origin, OutboxError, Tracking};
 use crate::duvo::NewCase;
 
 /// Tree holding events, identities, batches and the expiry index.
@@ -42,6 +51,10 @@ pub(crate) const EVENT_PREFIX: u8 = b'e';
 pub(crate) const IDENTITY_PREFIX: u8 = b'i';
 pub(crate) const BATCH_PREFIX: u8 = b'b';
 pub(crate) const EXPIRY_PREFIX: u8 = b't';
+pub(crate) const CASE_PREFIX: u8 = b'c';
+pub(crate) const DEADLINE_PREFIX: u8 = b'x';
+pub(crate) const WATERMARK_PREFIX: u8 = b'w';
+pub(crate) const REPORT_PREFIX: u8 = b'r';
 
 /// Key of an event record in [`EVENTS_TREE`] (public so tools and tests can
 /// inspect the raw database).
@@ -63,21 +76,69 @@ pub fn identity_key(identity: &str) -> Vec<u8> {
 }
 
 pub(crate) fn expiry_key(settled_at_ms: u64, id: u64) -> [u8; 17] {
+    time_key(EXPIRY_PREFIX, settled_at_ms, id)
+}
+
+/// Key of a tracked case's TTL entry.
+pub(crate) fn deadline_key(deadline_ms: u64, id: u64) -> [u8; 17] {
+    time_key(DEADLINE_PREFIX, deadline_ms, id)
+}
+
+fn time_key(prefix: u8, at_ms: u64, id: u64) -> [u8; 17] {
     let mut k = [0u8; 17];
-    k[0] = EXPIRY_PREFIX;
-    k[1..9].copy_from_slice(&settled_at_ms.to_be_bytes());
+    k[0] = prefix;
+    k[1..9].copy_from_slice(&at_ms.to_be_bytes());
     k[9..17].copy_from_slice(&id.to_be_bytes());
     k
 }
 
 /// Event id of an expiry key, if well formed.
 pub(crate) fn expiry_key_id(key: &[u8]) -> Option<u64> {
-    if key.len() != 17 || key[0] != EXPIRY_PREFIX {
+    time_key_id(EXPIRY_PREFIX, key)
+}
+
+/// Event id of a deadline key, if well formed.
+pub(crate) fn deadline_key_id(key: &[u8]) -> Option<u64> {
+    time_key_id(DEADLINE_PREFIX, key)
+}
+
+fn time_key_id(prefix: u8, key: &[u8]) -> Option<u64> {
+    if key.len() != 17 || key[0] != prefix {
         return None;
     }
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[9..17]);
     Some(u64::from_be_bytes(b))
+}
+
+/// Key of a tracked case (case id -> event id).
+pub fn case_key(case_id: Uuid) -> [u8; 17] {
+    prefixed_uuid(CASE_PREFIX, case_id)
+}
+
+/// Key of a queue's tracking watermark.
+pub fn watermark_key(queue_id: Uuid) -> [u8; 17] {
+    prefixed_uuid(WATERMARK_PREFIX, queue_id)
+}
+
+/// Key of a pending report.
+pub fn report_key(id: u64) -> [u8; 9] {
+    prefixed_u64(REPORT_PREFIX, id)
+}
+
+fn prefixed_uuid(prefix: u8, id: Uuid) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = prefix;
+    k[1..].copy_from_slice(id.as_bytes());
+    k
+}
+
+/// The uuid after a one-byte prefix, if the key is exactly that.
+pub(crate) fn key_uuid(key: &[u8]) -> Option<Uuid> {
+    if key.len() != 17 {
+        return None;
+    }
+    Uuid::from_slice(&key[1..]).ok()
 }
 
 /// The u64 after a one-byte prefix, if the key is exactly that.
@@ -104,6 +165,16 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(&BATCH_PREFIX) if key.len() == 9 => format!("events/b/{}", key_u64(key).unwrap_or(0)),
         Some(&IDENTITY_PREFIX) => format!("events/i/{}", String::from_utf8_lossy(&key[1..])),
         Some(&EXPIRY_PREFIX) => format!("events/t/{:02x?}", &key[1..]),
+        Some(&DEADLINE_PREFIX) => format!("events/x/{:02x?}", &key[1..]),
+        Some(&REPORT_PREFIX) if key.len() == 9 => {
+            format!("events/r/{}", key_u64(key).unwrap_or(0))
+        }
+        Some(&CASE_PREFIX) if key.len() == 17 => {
+            format!("events/c/{}", key_uuid(key).unwrap_or_default())
+        }
+        Some(&WATERMARK_PREFIX) if key.len() == 17 => {
+            format!("events/w/{}", key_uuid(key).unwrap_or_default())
+        }
         _ => format!("{key:02x?}"),
     }
 }
@@ -165,6 +236,25 @@ pub(crate) struct EventRecord {
     /// case is tracked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// Case tracking (delivered events, when tracking is on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<Tracking>,
+}
+
+impl EventRecord {
+    /// Followed by the tracker right now (its `c` key exists).
+    pub fn is_tracked(&self) -> bool {
+        self.tracking
+            .as_ref()
+            .is_some_and(|t| t.phase != super::types::TrackPhase::Done)
+    }
+}
+
+/// Where a queue's tracking listing resumes: cases updated at or after
+/// `updated_at` (server clock) have not all been seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watermark {
+    pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// A persisted batch: ids only, the payloads stay in the event records.

@@ -1,6 +1,7 @@
 //! Public data types of the outbox: ids, events, states, batches, config,
 //! statistics and the module's error type.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -9,7 +10,10 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::duvo::NewCase;
+use chrono::{DateTime, Utc};
+
+use crate::duvo::{CaseStatus, NewCase};
+use crate::report::ReportStatus;
 
 /// Identifier of an event in the outbox.
 ///
@@ -126,7 +130,7 @@ impl EventState {
 }
 
 /// What `Outbox::get` shows about an event (no payload: it is dropped once
-/// the event is settled).
+/// the event is settled and no longer tracked).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventView {
     pub id: EventId,
@@ -135,6 +139,107 @@ pub struct EventView {
     pub state: EventState,
     pub received_at_ms: u64,
     pub title: String,
+    /// The case's status history as the tracker saw it (delivered events
+    /// only, while tracked and for `retention` after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<Tracking>,
+}
+
+/// How far the tracker follows a delivered event's case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrackPhase {
+    /// Not finished yet (pending, claimed, needs input, postponed).
+    Open,
+    /// Ended failed or canceled (and reported); still watched because a
+    /// retry in Duvo can send it back to pending and fail it again.
+    Watching,
+    /// No longer followed: completed, expired, or its TTL ran out while
+    /// watching.
+    Done,
+}
+
+/// One status change the tracker saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub status: CaseStatus,
+    /// The case's `updated_at` (server clock): with `status`, what makes a
+    /// transition distinct, so the same one is never reported twice.
+    pub updated_at: DateTime<Utc>,
+    /// When the tracker saw it (unix ms, bridge clock).
+    pub seen_at_ms: u64,
+    /// Whether it produced a report.
+    #[serde(default)]
+    pub reported: bool,
+}
+
+/// Tracking state of a delivered event, kept in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tracking {
+    pub phase: TrackPhase,
+    /// Unix ms after which an open case is reported `expired` and a watched
+    /// one is forgotten.
+    pub deadline_ms: u64,
+    /// Transitions seen, oldest first (the most recent
+    /// [`Tracking::HISTORY_MAX`] are kept).
+    #[serde(default)]
+    pub history: Vec<Transition>,
+}
+
+impl Tracking {
+    pub const HISTORY_MAX: usize = 32;
+
+    /// The last transition handled, if any.
+    pub fn last(&self) -> Option<&Transition> {
+        self.history.last()
+    }
+}
+
+/// Case tracking and report policy of the outbox (`None` in
+/// [`OutboxConfig::tracking`] turns tracking off: delivered events are
+/// settled to tombstones at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackingPolicy {
+    /// Follow delivered cases. Off: only rejections produce reports.
+    pub track_cases: bool,
+    /// How long a delivered case is followed.
+    pub ttl: Duration,
+    /// Sources that have a reporter: only their events produce reports.
+    pub report_sources: BTreeSet<String>,
+    /// Case statuses that produce a report (`failed`, `canceled`, ...).
+    /// `expired` and `rejected` are always reported.
+    pub report_statuses: BTreeSet<ReportStatus>,
+}
+
+impl TrackingPolicy {
+    pub fn reports(&self, source: &str, status: ReportStatus) -> bool {
+        self.report_sources.contains(source)
+            && (matches!(status, ReportStatus::Expired | ReportStatus::Rejected)
+                || self.report_statuses.contains(&status))
+    }
+}
+
+/// Cases tracked in one Duvo queue (in-memory counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueTracking {
+    pub queue_id: Uuid,
+    /// Cases not finished yet.
+    pub open: u64,
+    /// Failed/canceled cases watched for a retry.
+    pub watching: u64,
+}
+
+/// What one page of a listing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ListingOutcome {
+    /// Cases on the page created by this bridge and still tracked.
+    pub ours: u64,
+    /// New transitions recorded (a re-read of a known one is not counted).
+    pub transitions: u64,
+    /// Reports created.
+    pub reports: u64,
+    /// Cases no longer tracked (completed).
+    pub finished: u64,
 }
 
 /// A persisted batch: up to `max_cases` events of one queue sent in one
@@ -249,6 +354,8 @@ pub struct OutboxConfig {
     pub retention: Duration,
     /// sled page cache size.
     pub cache_capacity_bytes: u64,
+    /// Case tracking and reports; `None`: off.
+    pub tracking: Option<TrackingPolicy>,
 }
 
 impl OutboxConfig {
@@ -261,6 +368,7 @@ impl OutboxConfig {
             high_water_bytes: 8 * 1024 * 1024 * 1024,
             retention: Duration::from_secs(24 * 3600),
             cache_capacity_bytes: 256 * 1024 * 1024,
+            tracking: None,
         }
     }
 }
@@ -291,6 +399,9 @@ pub enum OutboxError {
     /// No such batch on disk (already settled or split, or never persisted).
     #[error("unknown batch {0}")]
     UnknownBatch(u64),
+    /// No such report on disk (already settled).
+    #[error("unknown report {0}")]
+    UnknownReport(u64),
     /// A record the indexes point at is missing from disk.
     #[error("outbox record {0} is missing")]
     Missing(String),

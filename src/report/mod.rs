@@ -139,3 +139,6 @@ pub trait Reporter: Send + Sync + 'static {
     /// Deliver one report and return once the target acknowledged it.
     fn send<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<(), ReportError>>;
 }
+
+pub mod dispatch;
+pub mod http;

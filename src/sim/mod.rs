@@ -169,6 +169,8 @@ pub struct SimStats {
     pub requests: u64,
     /// Create requests that reached the handler (past auth, rate limit, faults, queue checks).
     pub create_requests: u64,
+    /// List and search requests that reached the handler.
+    pub list_requests: u64,
     pub cases_created: u64,
     pub rate_limited: u64,
     /// Requests from a key still inside the deadline of a 429 it received.
@@ -212,6 +214,7 @@ impl SimState {
         SimStats {
             requests: Counters::get(&c.requests),
             create_requests: Counters::get(&c.create_requests),
+            list_requests: Counters::get(&c.list_requests),
             cases_created: Counters::get(&c.cases_created),
             rate_limited: Counters::get(&c.rate_limited),
             early_retries: Counters::get(&c.early_retries),

@@ -411,12 +411,14 @@ async fn handle(st: &Arc<SimState>, req: Request, ctx: &mut Ctx) -> Result<Reply
             let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(req.uri())
                 .map_err(|e| Invalid::one_pub(format!("bad query string: {e}")))?;
             let params = validate::list_query(&pairs)?;
+            Counters::inc(&st.counters.list_requests);
             let list = lock(&st.store).list(queue, &params);
             json(StatusCode::OK, &list).map(Reply::from)
         }
         (Route::Search, _) => {
             let body = read_body(req.into_body(), None).await?;
             let params = validate::search_body(&body)?;
+            Counters::inc(&st.counters.list_requests);
             let list = lock(&st.store).list(queue, &params);
             json(StatusCode::OK, &list).map(Reply::from)
         }

@@ -455,6 +455,7 @@ impl IdemStore {
 pub(crate) struct Counters {
     pub requests: AtomicU64,
     pub create_requests: AtomicU64,
+    pub list_requests: AtomicU64,
     pub cases_created: AtomicU64,
     pub rate_limited: AtomicU64,
     pub early_retries: AtomicU64,

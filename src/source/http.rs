@@ -31,7 +31,7 @@ use super::decode::{BodyFormat, decode_events};
 use super::{Source, SourceContext, SourceError};
 use crate::config::HttpSourceConfig;
 use crate::mapping::Mapper;
-use crate::outbox::{AppendOutcome, EventId, NewEvent};
+use crate::outbox::{AppendOutcome, EventId, NewEvent, Origin};
 use crate::secret::Secret;
 
 /// Longest accepted `Idempotency-Key`.
@@ -247,6 +247,32 @@ async fn post_events(
             }
         },
     };
+    let callback_url = match headers.get(crate::report::http::CALLBACK_URL_HEADER) {
+        None => None,
+        Some(_) if !state.cfg.callback_url_header => {
+            count_rejected(src, "callback_url_not_allowed");
+            return error(
+                StatusCode::BAD_REQUEST,
+                "callback_url_not_allowed",
+                "this source does not accept X-Duvo-Callback-Url (set callback_url_header = true)",
+            );
+        }
+        Some(v) => match v
+            .to_str()
+            .ok()
+            .filter(|u| crate::config::check_http_url(u).is_ok())
+        {
+            Some(u) => Some(u.to_string()),
+            None => {
+                count_rejected(src, "bad_callback_url");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_callback_url",
+                    "X-Duvo-Callback-Url must be an absolute http:// or https:// URL",
+                );
+            }
+        },
+    };
     let format = BodyFormat::from_content_type(
         headers
             .get(header::CONTENT_TYPE)
@@ -299,7 +325,9 @@ async fn post_events(
             queue_id: state.queue_id,
             case,
             received_at_ms,
-            origin: None,
+            origin: Some(Origin::Http {
+                callback_url: callback_url.clone(),
+            }),
         });
     }
     match state.ctx.outbox.append(batch).await {

@@ -157,6 +157,16 @@ pub fn free_port() -> u16 {
 /// Start the real binary with `run --config`, the API key in the
 /// environment and its output appended to `log`.
 pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> std::process::Child {
+    spawn_bridge_with(config, key, log, &[])
+}
+
+/// [`spawn_bridge`] with extra environment variables.
+pub fn spawn_bridge_with(
+    config: &Path,
+    key: &str,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -167,6 +177,7 @@ pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> std::process::Child
         .arg(config)
         .env("DUVO_API_KEY", key)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -183,4 +194,120 @@ pub async fn wait_ready(admin: u16) -> bool {
             .unwrap_or(false)
     })
     .await
+}
+
+/// One callback the sink received.
+#[derive(Debug, Clone)]
+pub struct Callback {
+    pub signature: Option<String>,
+    pub report_id: Option<String>,
+    pub body: bytes::Bytes,
+    pub json: serde_json::Value,
+}
+
+/// An HTTP server standing in for a customer's callback endpoint: records
+/// every POST, and answers 503 to the next `fail_next` requests.
+#[derive(Clone)]
+pub struct CallbackSink {
+    pub url: String,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<Callback>>>,
+    pub fail_next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CallbackSink {
+    pub async fn start() -> CallbackSink {
+        CallbackSink::start_on("127.0.0.1:0").await
+    }
+
+    pub async fn start_on(addr: &str) -> CallbackSink {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let url = format!("http://{}/duvo-callback", listener.local_addr().unwrap());
+        let sink = CallbackSink {
+            url,
+            received: Default::default(),
+            fail_next: Default::default(),
+            refused: Default::default(),
+        };
+        let s = sink.clone();
+        let app = axum::Router::new().route(
+            "/duvo-callback",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+                let s = s.clone();
+                async move {
+                    let failing = s
+                        .fail_next
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if failing {
+                        s.refused.fetch_add(1, Ordering::SeqCst);
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let h = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let json = serde_json::from_slice(&body).unwrap_or_default();
+                    s.received.lock().unwrap().push(Callback {
+                        signature: h("x-duvo-bridge-signature"),
+                        report_id: h("x-duvo-bridge-report-id"),
+                        body,
+                        json,
+                    });
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.ok();
+        });
+        sink
+    }
+
+    pub fn received(&self) -> Vec<Callback> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+/// Case ids of the simulator's cases in `status`.
+pub fn case_ids_in(sim: &SimHandle, status: &str) -> std::collections::BTreeSet<String> {
+    sim.cases()
+        .into_iter()
+        .filter(|c| c.status.as_str() == status)
+        .map(|c| c.id.to_string())
+        .collect()
+}
+
+/// The TOML of a bridge run by the binary against `sim`: API key from
+/// `DUVO_API_KEY`, outbox in `dir`, admin on `admin`, short retry delays;
+/// `rest` adds sections and `[[sources]]`.
+pub fn bridge_toml(sim: &SimHandle, dir: &Path, admin: u16, rate: u32, rest: &str) -> String {
+    format!(
+        r#"
+[duvo]
+base_url = "{base}"
+api_key_env = "DUVO_API_KEY"
+rate_limit_per_minute = {rate}
+timeout_secs = 5
+[outbox]
+path = "{outbox}"
+[delivery]
+linger_ms = 50
+retry_initial_ms = 20
+retry_max_ms = 500
+[admin]
+listen = "127.0.0.1:{admin}"
+[shutdown]
+grace_period_secs = 2
+{rest}"#,
+        base = sim.base_url(),
+        outbox = dir.join("outbox").display(),
+    )
 }

@@ -1,0 +1,130 @@
+//! Pending reports in the outbox: written by the tracker (and by `reject`)
+//! in the same sled batch as the change that caused them, removed by the
+//! report dispatcher only after the source's target acknowledged them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::record::{encode, report_key};
+use super::types::OutboxError;
+use super::{Outbox, lock};
+use crate::report::Report;
+
+/// Pending report ids per source, rebuilt from disk at open.
+#[derive(Debug, Default)]
+pub(crate) struct ReportIndex {
+    by_source: BTreeMap<String, BTreeSet<u64>>,
+}
+
+impl ReportIndex {
+    pub fn insert(&mut self, source: &str, id: u64) {
+        self.by_source
+            .entry(source.to_string())
+            .or_default()
+            .insert(id);
+    }
+
+    fn remove(&mut self, source: &str, id: u64) -> bool {
+        let Some(set) = self.by_source.get_mut(source) else {
+            return false;
+        };
+        let removed = set.remove(&id);
+        if set.is_empty() {
+            self.by_source.remove(source);
+        }
+        removed
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_source.values().map(BTreeSet::len).sum()
+    }
+}
+
+impl Outbox {
+    /// Ids of pending reports of `source`, oldest first, at most `max`,
+    /// skipping those in `skip` (the caller's in-flight set).
+    pub fn pending_report_ids(&self, source: &str, max: usize, skip: &BTreeSet<u64>) -> Vec<u64> {
+        let ix = lock(&self.inner.reports);
+        ix.by_source
+            .get(source)
+            .map(|set| {
+                set.iter()
+                    .filter(|id| !skip.contains(id))
+                    .take(max)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Pending reports per source (in-memory count).
+    pub fn pending_reports(&self) -> BTreeMap<String, u64> {
+        lock(&self.inner.reports)
+            .by_source
+            .iter()
+            .map(|(s, set)| (s.clone(), set.len() as u64))
+            .collect()
+    }
+
+    /// A pending report, `None` once settled.
+    pub fn report(&self, id: u64) -> Result<Option<Report>, OutboxError> {
+        let key = report_key(id);
+        match self.inner.events.get(key)? {
+            Some(raw) => self.decode_logged(&key, &raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Bump and persist a report's attempt counter; returns the new count.
+    /// Not flushed: losing an increment in a crash is harmless.
+    pub fn record_report_attempt(&self, id: u64) -> Result<u32, OutboxError> {
+        let _t = lock(&self.inner.track_lock);
+        let mut r = self.report(id)?.ok_or(OutboxError::UnknownReport(id))?;
+        r.attempts = r.attempts.saturating_add(1);
+        self.inner.events.insert(report_key(id), encode(&r)?)?;
+        Ok(r.attempts)
+    }
+
+    /// The target acknowledged the report: remove it and wait for the flush
+    /// (a crash before the flush sends it again, with the same id).
+    pub async fn settle_report(&self, id: u64) -> Result<(), OutboxError> {
+        {
+            let _t = lock(&self.inner.track_lock);
+            let Some(r) = self.report(id)? else {
+                return Err(OutboxError::UnknownReport(id));
+            };
+            self.inner.events.remove(report_key(id))?;
+            lock(&self.inner.reports).remove(&r.source, id);
+        }
+        self.publish_reports();
+        self.inner.flush.wait_durable().await
+    }
+
+    /// Wait until a report may have been created. Cancel-safe; may wake
+    /// spuriously; a wake-up while nobody waits is kept for the next call.
+    pub async fn reports_notified(&self) {
+        self.inner.report_notify.notified().await;
+    }
+
+    pub(crate) fn note_reports_created(&self, reports: &[Report]) {
+        if reports.is_empty() {
+            return;
+        }
+        {
+            let mut ix = lock(&self.inner.reports);
+            for r in reports {
+                ix.insert(&r.source, r.id);
+                metrics::counter!("duvo_bridge_reports_created_total",
+                    "source" => r.source.clone(), "status" => r.status.as_str())
+                .increment(1);
+            }
+        }
+        self.publish_reports();
+        self.inner.report_notify.notify_waiters();
+        self.inner.report_notify.notify_one();
+    }
+
+    fn publish_reports(&self) {
+        let n = lock(&self.inner.reports).len();
+        metrics::gauge!("duvo_bridge_reports_pending").set(n as f64);
+    }
+}

@@ -1,0 +1,259 @@
+//! The outbox's case-tracking records: followed cases, listing pages applied
+//! atomically with the watermark, TTL expiry, reports, and recovery of all of
+//! it after a reopen.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use duvo_bridge::duvo::{Case, CaseStatus, NewCase};
+use duvo_bridge::outbox::{
+    EventId, NewEvent, Origin, Outbox, OutboxConfig, TrackPhase, TrackingPolicy,
+};
+use duvo_bridge::report::ReportStatus;
+use uuid::Uuid;
+
+fn cfg(dir: &tempfile::TempDir, ttl: Duration) -> OutboxConfig {
+    let mut cfg = OutboxConfig::new(dir.path().join("outbox"));
+    cfg.cache_capacity_bytes = 16 * 1024 * 1024;
+    cfg.retention = Duration::from_millis(1);
+    cfg.tracking = Some(TrackingPolicy {
+        track_cases: true,
+        ttl,
+        report_sources: BTreeSet::from(["oms".to_string()]),
+        report_statuses: BTreeSet::from([ReportStatus::Failed, ReportStatus::Canceled]),
+    });
+    cfg
+}
+
+fn ev(queue_id: Uuid, i: usize) -> NewEvent {
+    NewEvent {
+        source: "oms".into(),
+        identity: Some(format!("oms:{i}")),
+        queue_id,
+        case: NewCase {
+            title: format!("Order {i}"),
+            data: Some(format!("{{\"order_id\":{i}}}")),
+            labels: Vec::new(),
+            priority: None,
+        },
+        received_at_ms: 1,
+        origin: Some(Origin::Http { callback_url: None }),
+    }
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+}
+
+fn listed(id: Uuid, queue_id: Uuid, status: CaseStatus, updated: i64) -> Case {
+    Case {
+        id,
+        queue_id,
+        title: "t".into(),
+        data: None,
+        status,
+        labels: Vec::new(),
+        priority: None,
+        claimed_at: None,
+        claimed_by_run_id: None,
+        completed_at: None,
+        postponed_to: None,
+        pending_human_request_id: None,
+        agent_run_status: None,
+        created_at: at(0),
+        updated_at: at(updated),
+    }
+}
+
+/// Append `n` events, claim and deliver them; returns (event ids, case ids).
+async fn delivered(outbox: &Outbox, q: Uuid, n: usize) -> (Vec<EventId>, Vec<Uuid>) {
+    outbox
+        .append((0..n).map(|i| ev(q, i)).collect())
+        .await
+        .unwrap();
+    let batch = outbox.claim_batch(q, 100, 1 << 20).await.unwrap().unwrap();
+    let cases: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+    outbox
+        .settle_delivered_at(&batch, &cases, Some(at(0)))
+        .await
+        .unwrap();
+    (batch.event_ids(), cases)
+}
+
+#[tokio::test]
+async fn a_listing_page_reports_failures_forgets_completions_and_moves_the_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(cfg(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let q = Uuid::new_v4();
+    let (events, cases) = delivered(&outbox, q, 4).await;
+    assert_eq!(outbox.watermark(q).unwrap(), Some(at(0)));
+    assert_eq!(outbox.tracked_queues()[0].open, 4);
+
+    let page = vec![
+        listed(cases[0], q, CaseStatus::Completed, 5),
+        listed(cases[1], q, CaseStatus::Failed, 6),
+        listed(Uuid::new_v4(), q, CaseStatus::Failed, 7), // someone else's case
+    ];
+    let o = outbox.apply_listing(q, &page, at(7)).await.unwrap();
+    assert_eq!((o.ours, o.transitions, o.reports, o.finished), (2, 2, 1, 1));
+    assert_eq!(outbox.watermark(q).unwrap(), Some(at(7)));
+    let t = outbox.tracked_queues()[0];
+    assert_eq!((t.open, t.watching), (2, 1));
+
+    // Re-reading the same page (lookback, or a crash before the next page)
+    // changes nothing and reports nothing.
+    let again = outbox.apply_listing(q, &page, at(7)).await.unwrap();
+    assert_eq!((again.transitions, again.reports), (0, 0));
+    // The watermark never moves backwards.
+    outbox.apply_listing(q, &[], at(3)).await.unwrap();
+    assert_eq!(outbox.watermark(q).unwrap(), Some(at(7)));
+
+    let pending = outbox.pending_reports();
+    assert_eq!(pending.get("oms"), Some(&1));
+    let ids = outbox.pending_report_ids("oms", 10, &BTreeSet::new());
+    let report = outbox.report(ids[0]).unwrap().unwrap();
+    assert_eq!(report.status, ReportStatus::Failed);
+    assert_eq!(report.case_id, Some(cases[1]));
+    assert_eq!(report.event_id, events[1]);
+    assert_eq!(report.event.as_deref(), Some("{\"order_id\":1}"));
+    assert_eq!(report.origin, Some(Origin::Http { callback_url: None }));
+
+    // The completed case is a tombstone now; the failed one is watched.
+    let done = outbox.get(events[0]).unwrap().unwrap();
+    assert_eq!(done.tracking.unwrap().phase, TrackPhase::Done);
+    let watched = outbox.get(events[1]).unwrap().unwrap();
+    let tr = watched.tracking.unwrap();
+    assert_eq!(tr.phase, TrackPhase::Watching);
+    assert_eq!(tr.history.len(), 1);
+    assert!(tr.history[0].reported);
+
+    // Retried in Duvo and failed again: a new transition, a new report.
+    let o = outbox
+        .apply_listing(q, &[listed(cases[1], q, CaseStatus::Failed, 9)], at(9))
+        .await
+        .unwrap();
+    assert_eq!((o.transitions, o.reports), (1, 1));
+    // An older state seen out of order is ignored.
+    let o = outbox
+        .apply_listing(q, &[listed(cases[1], q, CaseStatus::Completed, 8)], at(9))
+        .await
+        .unwrap();
+    assert_eq!(o.transitions, 0);
+
+    // Settling a report removes it; settling twice is an error.
+    outbox.settle_report(ids[0]).await.unwrap();
+    assert!(outbox.report(ids[0]).unwrap().is_none());
+    assert!(outbox.settle_report(ids[0]).await.is_err());
+    assert_eq!(outbox.pending_reports().get("oms"), Some(&1));
+}
+
+#[tokio::test]
+async fn tracking_state_and_reports_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Uuid::new_v4();
+    let (events, cases) = {
+        let outbox = Outbox::open(cfg(&dir, Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let (events, cases) = delivered(&outbox, q, 3).await;
+        outbox
+            .apply_listing(q, &[listed(cases[2], q, CaseStatus::Canceled, 4)], at(4))
+            .await
+            .unwrap();
+        (events, cases)
+    };
+    let outbox = Outbox::open(cfg(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let t = outbox.tracked_queues();
+    assert_eq!(t.len(), 1);
+    assert_eq!((t[0].open, t[0].watching), (2, 1));
+    assert_eq!(outbox.watermark(q).unwrap(), Some(at(4)));
+    assert_eq!(outbox.pending_reports().get("oms"), Some(&1));
+    // The reopened outbox still recognises the handled transition.
+    let o = outbox
+        .apply_listing(q, &[listed(cases[2], q, CaseStatus::Canceled, 4)], at(4))
+        .await
+        .unwrap();
+    assert_eq!(o.reports, 0);
+    // Tracked events are not purged with the tombstones, whatever retention.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    outbox.purge_expired(u64::MAX / 2).unwrap();
+    for id in &events {
+        assert!(
+            outbox.get(*id).unwrap().is_some(),
+            "tracked event {id} kept"
+        );
+    }
+}
+
+#[tokio::test]
+async fn open_cases_past_the_ttl_are_reported_expired_and_watched_ones_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(cfg(&dir, Duration::from_millis(50)))
+        .await
+        .unwrap();
+    let q = Uuid::new_v4();
+    let (events, cases) = delivered(&outbox, q, 3).await;
+    outbox
+        .apply_listing(q, &[listed(cases[0], q, CaseStatus::Failed, 1)], at(1))
+        .await
+        .unwrap();
+    // Before the deadline nothing happens.
+    let none = outbox.expire_tracking(0, 100).await.unwrap();
+    assert_eq!((none.expired, none.forgotten), (0, 0));
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 1_000;
+    let o = outbox.expire_tracking(later, 100).await.unwrap();
+    assert_eq!((o.expired, o.forgotten, o.reports), (2, 1, 2));
+    assert!(outbox.tracked_queues().is_empty());
+    let ids = outbox.pending_report_ids("oms", 10, &BTreeSet::new());
+    let statuses: Vec<ReportStatus> = ids
+        .iter()
+        .map(|id| outbox.report(*id).unwrap().unwrap().status)
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            ReportStatus::Failed,
+            ReportStatus::Expired,
+            ReportStatus::Expired
+        ]
+    );
+    // A forgotten case listed again changes nothing.
+    let o = outbox
+        .apply_listing(q, &[listed(cases[1], q, CaseStatus::Failed, 9)], at(9))
+        .await
+        .unwrap();
+    assert_eq!((o.ours, o.reports), (0, 0));
+    // Idempotent: a second pass finds nothing.
+    let again = outbox.expire_tracking(later, 100).await.unwrap();
+    assert_eq!((again.expired, again.forgotten), (0, 0));
+    // The tombstones now expire like any other.
+    assert!(outbox.purge_expired(later + 10_000).unwrap() >= 3);
+    assert!(outbox.get(events[1]).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn sources_without_a_reporter_are_tracked_but_never_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(&dir, Duration::from_secs(3600));
+    c.tracking.as_mut().unwrap().report_sources.clear();
+    let outbox = Outbox::open(c).await.unwrap();
+    let q = Uuid::new_v4();
+    let (events, cases) = delivered(&outbox, q, 1).await;
+    let o = outbox
+        .apply_listing(q, &[listed(cases[0], q, CaseStatus::Failed, 2)], at(2))
+        .await
+        .unwrap();
+    assert_eq!((o.transitions, o.reports), (1, 0));
+    let tr = outbox.get(events[0]).unwrap().unwrap().tracking.unwrap();
+    assert!(!tr.history[0].reported);
+    assert!(outbox.pending_reports().is_empty());
+}
