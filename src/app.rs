@@ -31,6 +31,7 @@ use crate::outbox::{Outbox, OutboxConfig};
 use crate::report::Reporter;
 use crate::report::dispatch::{DispatchConfig, ReportDispatcher};
 use crate::report::http::HttpReporter;
+use crate::report::kafka::KafkaReporter;
 use crate::source::amqp::AmqpSource;
 use crate::source::http::HttpSource;
 use crate::source::kafka::KafkaSource;
@@ -88,6 +89,7 @@ fn build_reporters(cfg: &Config) -> anyhow::Result<BTreeMap<String, Arc<dyn Repo
         let reporter: Option<Arc<dyn Reporter>> = match s {
             SourceConfig::Http(h) => HttpReporter::from_config(h)?.map(|r| Arc::new(r) as _),
             SourceConfig::Amqp(_) => None,
+            SourceConfig::Kafka(k) => KafkaReporter::from_config(k)?.map(|r| Arc::new(r) as _),
         };
         if let Some(r) = reporter {
             out.insert(s.name().to_string(), r);

@@ -326,6 +326,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Http(h) => h.reports(),
             SourceConfig::Amqp(a) => a.failure_exchange.is_some(),
+            SourceConfig::Kafka(k) => k.failure_topic.is_some(),
         }
     }
 

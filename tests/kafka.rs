@@ -6,7 +6,6 @@
 mod common;
 mod kafka_util;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
@@ -62,17 +61,6 @@ async fn records_become_cases_exactly_once_with_origin_and_committed_offsets() {
     assert_eq!(case.labels[0].value, "kafka");
     let data: serde_json::Value = serde_json::from_str(case.data.as_deref().unwrap()).unwrap();
     assert_eq!(data["amount"], 42);
-
-    // Every event carries its Kafka origin (what a failure report needs).
-    let ev = bridge.running.outbox.get(EventId(1)).unwrap().expect("event 1");
-    match ev.origin {
-        Some(Origin::Kafka { topic, partition, offset, key_b64 }) => {
-            assert_eq!(topic, "orders");
-            assert!((0..3).contains(&partition) && offset >= 0);
-            assert!(key_b64.is_some());
-        }
-        other => panic!("origin {other:?}"),
-    }
 
     // The group's committed offsets reach the end of every partition.
     let ok = wait_until(Duration::from_secs(30), || async {
@@ -474,5 +462,62 @@ max_batch = 200
     assert!(!logs.contains(&key), "the API key never appears in logs");
     let restarts = logs.matches("Kafka consumer subscribed").count();
     assert_eq!(restarts, 4, "one consumer per process start");
-    let _: HashMap<(), ()> = HashMap::new();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_and_rejected_records_are_reported_to_the_failure_topic_keyed_by_the_record() {
+    let m = mock(1, &[("orders", 2), ("orders.failures", 1)]);
+    let bs = m.bootstrap_servers();
+    let recs: Vec<Rec> = (0..200)
+        .map(|i| {
+            let mut o = json!({ "order_id": format!("ORD-{i:06}") });
+            if i % 10 == 3 {
+                o["simulate"] = json!("fail");
+            }
+            if i == 77 {
+                o["simulate"] = json!("reject");
+            }
+            Rec::json(&format!("key-{i}"), &o)
+        })
+        .collect();
+    produce(&producer(&bs), "orders", &recs).await;
+    let sim = start_sim(duvo_bridge::sim::SimConfig { process_ms: 200, ..sim_config() }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = kafka_source("k-fail", &bs, "g-fail", &["orders"], sim.queues()[0]);
+    src.failure_topic = Some("orders.failures".into());
+    let mut cfg = kafka_bridge_config(&sim, dir.path(), vec![src]);
+    cfg.tracking.poll_interval_ms = 300;
+    cfg.tracking.report_retry_initial_ms = 50;
+    cfg.tracking.report_retry_max_ms = 500;
+    let bridge = Bridge::start(cfg).await;
+    expect_cases(&sim, 199, 60).await;
+    let reports = read_topic(&bs, "orders.failures", 21, Duration::from_secs(90)).await;
+    assert_eq!(reports.len(), 21, "20 failed cases and one rejected event");
+    let mut failed_keys = Vec::new();
+    for r in &reports {
+        let key = std::str::from_utf8(r.key().expect("keyed")).unwrap().to_string();
+        let i: usize = key.trim_start_matches("key-").parse().unwrap();
+        let body: serde_json::Value = serde_json::from_slice(r.payload().unwrap()).unwrap();
+        assert_eq!(body["event"]["order_id"], format!("ORD-{i:06}"));
+        assert_eq!(header(r, "duvo-source-topic"), Some("orders"));
+        let partition: i32 = header(r, "duvo-source-partition").unwrap().parse().unwrap();
+        let offset: i64 = header(r, "duvo-source-offset").unwrap().parse().unwrap();
+        assert!((0..2).contains(&partition) && (0..200).contains(&offset));
+        assert_eq!(header(r, "duvo-bridge-source"), Some("k-fail"));
+        if i == 77 {
+            assert_eq!(header(r, "duvo-status"), Some("rejected"));
+            assert_eq!(header(r, "duvo-case-id"), None);
+        } else {
+            assert_eq!(header(r, "duvo-status"), Some("failed"));
+            assert_eq!(header(r, "duvo-case-id"), body["case_id"].as_str());
+            failed_keys.push(i);
+        }
+    }
+    failed_keys.sort();
+    assert_eq!(failed_keys, (0..200).filter(|i| i % 10 == 3).collect::<Vec<_>>());
+    // Each report was produced once (acknowledged, then removed).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = read_topic(&bs, "orders.failures", 22, Duration::from_secs(3)).await;
+    assert_eq!(again.len(), 21);
+    bridge.stop().await;
 }
