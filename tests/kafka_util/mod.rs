@@ -171,6 +171,8 @@ pub struct Bridge {
 
 impl Bridge {
     pub async fn start(cfg: Config) -> Bridge {
+        // Logs go to the test's stderr, shown when a test fails.
+        duvo_bridge::telemetry::init_logging(&cfg.log);
         let stop = CancellationToken::new();
         let running = duvo_bridge::app::start(cfg, stop.clone()).await.expect("bridge starts");
         Bridge { stop, running }

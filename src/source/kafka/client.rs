@@ -127,6 +127,9 @@ pub fn consumer_config(cfg: &KafkaSourceConfig) -> Result<ClientConfig, String> 
 pub fn producer_config(cfg: &KafkaSourceConfig, role: &str) -> ClientConfig {
     let mut c = base(cfg, role);
     apply_passthrough(&mut c, cfg, &[("message.timeout.ms", "30000")]);
+    // The shared map may enable statistics for the consumer; nobody reads
+    // a producer's.
+    c.set("statistics.interval.ms", "0");
     c.set("enable.idempotence", "true");
     c.set("acks", "all");
     c
@@ -141,6 +144,8 @@ pub struct LogContext {
 }
 
 impl ClientContext for LogContext {
+    fn stats(&self, _: rdkafka::statistics::Statistics) {}
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         log_librdkafka(&self.source, &self.scrubber, level, fac, log_message);
     }

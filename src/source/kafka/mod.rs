@@ -69,6 +69,8 @@ const PAUSE_POLL: Duration = Duration::from_millis(100);
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// How long a dead-letter produce may wait for room in the producer queue.
 const DLQ_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a graceful stop retries the final commit during a rebalance.
+const FINAL_COMMIT_FOR: Duration = Duration::from_secs(10);
 /// Identical consumer errors are logged at most this often.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -254,22 +256,14 @@ impl KafkaSource {
             source = %self.cfg.name, brokers = %self.cfg.brokers, group = %self.cfg.group_id,
             topics = ?self.cfg.topics, "Kafka consumer subscribed"
         );
+        let consumer = Arc::new(consumer);
         let end = self
             .consume(&consumer, dead_letters.as_ref(), &shared, ctx)
             .await;
-        // Commit what is stored, then close (leaving the group unless the
-        // membership is static); both block, so off the async workers.
-        let name = self.cfg.name.clone();
-        let closed = tokio::task::spawn_blocking(move || {
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-                Err(e) => {
-                    tracing::warn!(source = %name, error = %e, "final offset commit failed; the stored offsets are committed by the next owner's reads being deduplicated")
-                }
-            }
-            drop(consumer);
-        })
-        .await;
+        self.final_commit(&consumer).await;
+        // Close (leaving the group unless the membership is static); it
+        // blocks, so off the async workers.
+        let closed = tokio::task::spawn_blocking(move || drop(consumer)).await;
         if closed.is_err() {
             tracing::warn!(source = %self.cfg.name, "closing the Kafka consumer panicked");
         }
@@ -281,6 +275,43 @@ impl KafkaSource {
             .await;
         }
         end
+    }
+
+    /// Commit the stored offsets before leaving. A commit refused because a
+    /// rebalance is under way is retried (for up to [`FINAL_COMMIT_FOR`])
+    /// while the consumer is polled so the rebalance can complete; records
+    /// read meanwhile are dropped unstored (whoever owns their partition
+    /// next reads them again).
+    async fn final_commit(&self, consumer: &Arc<StreamConsumer<KafkaContext>>) {
+        let name = &self.cfg.name;
+        let deadline = Instant::now() + FINAL_COMMIT_FOR;
+        loop {
+            let c = consumer.clone();
+            let r = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync))
+                .await;
+            match r {
+                Ok(Ok(())) | Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {
+                    return;
+                }
+                Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress)))
+                    if Instant::now() < deadline =>
+                {
+                    tracing::debug!(source = %name, "final commit: rebalance in progress; polling, then retrying");
+                    let mut stream = consumer.stream();
+                    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                        while let Some(m) = stream.next().await {
+                            drop(m);
+                        }
+                    })
+                    .await;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(source = %name, error = %e, "final offset commit failed; records after the last commit are read again by the partition's next owner");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
     }
 
     /// Read, append, store, until stopped or the consumer fails for good.
