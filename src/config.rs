@@ -736,9 +736,18 @@ pub const KAFKA_RESERVED_KEYS: &[(&str, &str)] = &[
     ("metadata.broker.list", "brokers"),
     ("group.id", "group_id"),
     ("group.instance.id", "group_instance_id"),
-    ("enable.auto.offset.store", "(always false: offsets are stored after the fsync)"),
-    ("enable.auto.commit", "(always true: stored offsets are committed periodically)"),
-    ("enable.idempotence", "(always true for the failure and dead-letter producers)"),
+    (
+        "enable.auto.offset.store",
+        "(always false: offsets are stored after the fsync)",
+    ),
+    (
+        "enable.auto.commit",
+        "(always true: stored offsets are committed periodically)",
+    ),
+    (
+        "enable.idempotence",
+        "(always true for the failure and dead-letter producers)",
+    ),
     ("acks", "(always all)"),
     ("request.required.acks", "(always all)"),
     ("enable.partition.eof", "(not used)"),
@@ -798,7 +807,10 @@ impl KafkaSourceConfig {
                 .clone()
                 .or_else(|| self.priority_field.clone()),
         };
-        (m, r.queue_id.clone().unwrap_or_else(|| self.queue_id.clone()))
+        (
+            m,
+            r.queue_id.clone().unwrap_or_else(|| self.queue_id.clone()),
+        )
     }
 
     /// `group_instance_id`, or the value of `group_instance_id_env`.
@@ -1393,7 +1405,9 @@ fn check_kafka(k: &KafkaSourceConfig) -> Vec<String> {
     let at = format!("sources.{}", k.name);
     check_name(&at, &k.name, &mut errors);
     if k.brokers.trim().is_empty() {
-        errors.push(format!("{at}.brokers must not be empty (host:port[,host:port...])"));
+        errors.push(format!(
+            "{at}.brokers must not be empty (host:port[,host:port...])"
+        ));
     }
     if k.group_id.trim().is_empty() {
         errors.push(format!("{at}.group_id must not be empty"));

@@ -34,9 +34,19 @@ fn assert_exactly_once(sim: &duvo_bridge::sim::SimHandle, n: usize) {
     let missing: Vec<usize> = (0..n)
         .filter(|i| !per.contains_key(&format!("ORD-{i:06}")))
         .collect();
-    assert!(missing.is_empty(), "lost records: {} e.g. {:?}", missing.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "lost records: {} e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     let dups: Vec<_> = per.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(dups.is_empty(), "duplicate cases: {} e.g. {:?}", dups.len(), &dups[..dups.len().min(10)]);
+    assert!(
+        dups.is_empty(),
+        "duplicate cases: {} e.g. {:?}",
+        dups.len(),
+        &dups[..dups.len().min(10)]
+    );
     assert_eq!(per.len(), n, "unexpected extra cases");
 }
 
@@ -57,7 +67,11 @@ async fn records_become_cases_exactly_once_and_offsets_are_committed() {
     produce(&p, "orders", &order_recs(3000..3500)).await;
     expect_cases(&sim, 3500, 60).await;
     assert_exactly_once(&sim, 3500);
-    let case = sim.cases().into_iter().find(|c| c.title == "Order ORD-000042").expect("case");
+    let case = sim
+        .cases()
+        .into_iter()
+        .find(|c| c.title == "Order ORD-000042")
+        .expect("case");
     assert_eq!(case.labels[0].value, "kafka");
     let data: serde_json::Value = serde_json::from_str(case.data.as_deref().unwrap()).unwrap();
     assert_eq!(data["amount"], 42);
@@ -67,11 +81,24 @@ async fn records_become_cases_exactly_once_and_offsets_are_committed() {
         committed(&bs, "g-deliver", "orders", 3).iter().sum::<i64>() == 3500
     })
     .await;
-    assert!(ok, "committed: {:?}", committed(&bs, "g-deliver", "orders", 3));
+    assert!(
+        ok,
+        "committed: {:?}",
+        committed(&bs, "g-deliver", "orders", 3)
+    );
     let text = bridge.metrics().await;
-    assert_eq!(metric_sum(&text, "duvo_bridge_kafka_consumed_total", &["k-deliver"]), 3500.0);
-    assert_eq!(metric_sum(&text, "duvo_bridge_kafka_stored_offset", &["k-deliver"]), 3500.0);
-    assert_eq!(metric_sum(&text, "duvo_bridge_events_stored_total", &["k-deliver"]), 3500.0);
+    assert_eq!(
+        metric_sum(&text, "duvo_bridge_kafka_consumed_total", &["k-deliver"]),
+        3500.0
+    );
+    assert_eq!(
+        metric_sum(&text, "duvo_bridge_kafka_stored_offset", &["k-deliver"]),
+        3500.0
+    );
+    assert_eq!(
+        metric_sum(&text, "duvo_bridge_events_stored_total", &["k-deliver"]),
+        3500.0
+    );
     assert!(bridge.ready().await);
     let ok = wait_until(Duration::from_secs(20), || async {
         let t = bridge.metrics().await;
@@ -95,10 +122,26 @@ async fn undecodable_records_are_wrapped_or_dead_lettered_and_never_stall_the_pa
     };
     let recs = vec![
         Rec::json("a", &json!({"order_id": "A"})),
-        Rec { key: Some(b"t".to_vec()), value: Some(b"plain text".to_vec()), ..Rec::default() },
-        Rec { key: Some(vec![0xff]), value: Some(vec![0xff, 0xfe, 0x00]), ..Rec::default() },
-        Rec { key: Some(b"tomb".to_vec()), value: None, ..Rec::default() },
-        Rec { key: None, value: Some(b"[1,2]".to_vec()), ..Rec::default() },
+        Rec {
+            key: Some(b"t".to_vec()),
+            value: Some(b"plain text".to_vec()),
+            ..Rec::default()
+        },
+        Rec {
+            key: Some(vec![0xff]),
+            value: Some(vec![0xff, 0xfe, 0x00]),
+            ..Rec::default()
+        },
+        Rec {
+            key: Some(b"tomb".to_vec()),
+            value: None,
+            ..Rec::default()
+        },
+        Rec {
+            key: None,
+            value: Some(b"[1,2]".to_vec()),
+            ..Rec::default()
+        },
         with_id(json!({"order_id": "B"}), "X-1"),
         with_id(json!({"order_id": "C"}), "X-1"),
         Rec::json("d", &json!({"order_id": "D", "event_id": "E-9"})),
@@ -138,7 +181,14 @@ async fn undecodable_records_are_wrapped_or_dead_lettered_and_never_stall_the_pa
     let titles: Vec<&str> = wrapped.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(
         titles,
-        ["Order A", "Order B", "Order D", "Untitled event", "Untitled event", "Untitled event"],
+        [
+            "Order A",
+            "Order B",
+            "Order D",
+            "Untitled event",
+            "Untitled event",
+            "Untitled event"
+        ],
         "{wrapped:?}"
     );
     let datas: Vec<&str> = wrapped.iter().map(|(_, d)| d.as_str()).collect();
@@ -146,11 +196,25 @@ async fn undecodable_records_are_wrapped_or_dead_lettered_and_never_stall_the_pa
         assert!(datas.contains(&want), "{want} not in {datas:?}");
     }
     let dl_titles: Vec<String> = via("dlq").into_iter().map(|(t, _)| t).collect();
-    assert_eq!(dl_titles, ["Order A", "Order B", "Order C", "Order D", "Order E"]);
+    assert_eq!(
+        dl_titles,
+        ["Order A", "Order B", "Order C", "Order D", "Order E"]
+    );
 
     assert_eq!(dead.len(), 4, "{dead:?}");
-    let reasons: Vec<&str> = dead.iter().map(|m| header(m, "duvo-bridge-error").unwrap()).collect();
-    assert_eq!(reasons, ["not_json_object", "not_utf8", "null_value", "not_json_object"]);
+    let reasons: Vec<&str> = dead
+        .iter()
+        .map(|m| header(m, "duvo-bridge-error").unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "not_json_object",
+            "not_utf8",
+            "null_value",
+            "not_json_object"
+        ]
+    );
     assert_eq!(dead[1].payload(), Some(&[0xff, 0xfe, 0x00][..]));
     assert_eq!(dead[1].key(), Some(&[0xff][..]));
     assert!(dead[2].payload().is_none());
@@ -163,11 +227,29 @@ async fn undecodable_records_are_wrapped_or_dead_lettered_and_never_stall_the_pa
         committed(&bs, "g-wrap", "mixed", 1) == [9] && committed(&bs, "g-dlq", "mixed", 1) == [9]
     })
     .await;
-    assert!(ok, "wrap {:?} dlq {:?}", committed(&bs, "g-wrap", "mixed", 1), committed(&bs, "g-dlq", "mixed", 1));
+    assert!(
+        ok,
+        "wrap {:?} dlq {:?}",
+        committed(&bs, "g-wrap", "mixed", 1),
+        committed(&bs, "g-dlq", "mixed", 1)
+    );
     let text = bridge.metrics().await;
-    assert_eq!(metric_sum(&text, "duvo_bridge_events_duplicate_total", &["k-wrap"]), 2.0);
-    assert_eq!(metric_sum(&text, "duvo_bridge_events_rejected_total", &["k-wrap", "null_value"]), 1.0);
-    assert_eq!(metric_sum(&text, "duvo_bridge_kafka_dead_lettered_total", &["k-dlq"]), 4.0);
+    assert_eq!(
+        metric_sum(&text, "duvo_bridge_events_duplicate_total", &["k-wrap"]),
+        2.0
+    );
+    assert_eq!(
+        metric_sum(
+            &text,
+            "duvo_bridge_events_rejected_total",
+            &["k-wrap", "null_value"]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&text, "duvo_bridge_kafka_dead_lettered_total", &["k-dlq"]),
+        4.0
+    );
     bridge.stop().await;
 }
 
@@ -208,8 +290,14 @@ async fn two_bridges_in_one_group_share_the_partitions_and_a_leave_hands_over_ex
     produce(&p, "shared", &order_recs(2000..4000)).await;
     expect_cases(&sim, 4000, 60).await;
     let t = b.metrics().await;
-    assert!(metric_sum(&t, "duvo_bridge_kafka_consumed_total", &["k-a"]) > 2000.0, "A kept some partitions");
-    assert!(metric_sum(&t, "duvo_bridge_kafka_consumed_total", &["k-b"]) > 0.0, "B got some");
+    assert!(
+        metric_sum(&t, "duvo_bridge_kafka_consumed_total", &["k-a"]) > 2000.0,
+        "A kept some partitions"
+    );
+    assert!(
+        metric_sum(&t, "duvo_bridge_kafka_consumed_total", &["k-b"]) > 0.0,
+        "B got some"
+    );
 
     // A leaves right after a burst: nothing but its final commit says
     // where B must start on A's partitions.
@@ -226,7 +314,10 @@ async fn two_bridges_in_one_group_share_the_partitions_and_a_leave_hands_over_ex
     .await;
     assert!(ok, "B took over A's partitions");
     b.stop().await;
-    assert_eq!(committed(&bs, "g-shared", "shared", 6).iter().sum::<i64>(), 6000);
+    assert_eq!(
+        committed(&bs, "g-shared", "shared", 6).iter().sum::<i64>(),
+        6000
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +331,13 @@ async fn broker_down_then_up_is_reported_unready_and_loses_nothing() {
     let bridge = Bridge::start(kafka_bridge_config(
         &sim,
         dir.path(),
-        vec![kafka_source("k-flaky", &bs, "g-flaky", &["flaky"], sim.queues()[0])],
+        vec![kafka_source(
+            "k-flaky",
+            &bs,
+            "g-flaky",
+            &["flaky"],
+            sim.queues()[0],
+        )],
     ))
     .await;
     expect_cases(&sim, 1000, 60).await;
@@ -250,12 +347,18 @@ async fn broker_down_then_up_is_reported_unready_and_loses_nothing() {
     let down = wait_until(Duration::from_secs(60), || async { !bridge.ready().await }).await;
     assert!(down, "/readyz turns 503 while no broker is reachable");
     let text = bridge.metrics().await;
-    assert_eq!(metric_sum(&text, "duvo_bridge_kafka_connected", &["k-flaky"]), 0.0);
+    assert_eq!(
+        metric_sum(&text, "duvo_bridge_kafka_connected", &["k-flaky"]),
+        0.0
+    );
 
     m.broker_up(-1).unwrap();
     produce(&p, "flaky", &order_recs(1000..2000)).await;
     expect_cases(&sim, 2000, 90).await;
-    assert!(wait_until(Duration::from_secs(30), || bridge.ready()).await, "ready again");
+    assert!(
+        wait_until(Duration::from_secs(30), || bridge.ready()).await,
+        "ready again"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_exactly_once(&sim, 2000);
     bridge.stop().await;
@@ -284,7 +387,13 @@ async fn over_high_water_the_partitions_pause_and_the_outbox_stays_bounded() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while sim.stats().cases_created < N as u64 && tokio::time::Instant::now() < deadline {
         max_depth = max_depth.max(outbox.depth());
-        if !saw_paused && metric_sum(&bridge.metrics().await, "duvo_bridge_kafka_paused", &["k-burst"]) > 0.0 {
+        if !saw_paused
+            && metric_sum(
+                &bridge.metrics().await,
+                "duvo_bridge_kafka_paused",
+                &["k-burst"],
+            ) > 0.0
+        {
             saw_paused = true;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -295,7 +404,11 @@ async fn over_high_water_the_partitions_pause_and_the_outbox_stays_bounded() {
     assert!(max_depth <= 300 + 50, "outbox depth reached {max_depth}");
     assert_exactly_once(&sim, N);
     let text = bridge.metrics().await;
-    assert_eq!(metric_sum(&text, "duvo_bridge_kafka_paused", &["k-burst"]), 0.0, "resumed at the end");
+    assert_eq!(
+        metric_sum(&text, "duvo_bridge_kafka_paused", &["k-burst"]),
+        0.0,
+        "resumed at the end"
+    );
     bridge.stop().await;
 }
 
@@ -336,7 +449,10 @@ async fn reporter_produces_keyed_records_with_headers_and_fails_while_the_broker
         ReportStatus::Failed,
     );
     rep.send(&with_origin).await.expect("acknowledged");
-    let rejected = Report { case_id: None, ..report(42, None, ReportStatus::Rejected) };
+    let rejected = Report {
+        case_id: None,
+        ..report(42, None, ReportStatus::Rejected)
+    };
     rep.send(&rejected).await.expect("acknowledged");
 
     let got = read_topic(&bs, "orders.failures", 2, Duration::from_secs(30)).await;
@@ -346,7 +462,10 @@ async fn reporter_produces_keyed_records_with_headers_and_fails_while_the_broker
     assert_eq!(header(r, "duvo-source-topic"), Some("orders"));
     assert_eq!(header(r, "duvo-source-partition"), Some("0"));
     assert_eq!(header(r, "duvo-source-offset"), Some("1234"));
-    assert_eq!(header(r, "duvo-case-id"), Some(with_origin.case_id.unwrap().to_string().as_str()));
+    assert_eq!(
+        header(r, "duvo-case-id"),
+        Some(with_origin.case_id.unwrap().to_string().as_str())
+    );
     assert_eq!(header(r, "duvo-status"), Some("failed"));
     assert_eq!(header(r, "duvo-report-id"), Some("41"));
     assert_eq!(header(r, "duvo-event-id"), Some("7"));
@@ -364,11 +483,16 @@ async fn reporter_produces_keyed_records_with_headers_and_fails_while_the_broker
 
     // No acknowledgement, no Ok: the dispatcher keeps the report.
     m.broker_down(-1).unwrap();
-    let err = rep.send(&report(43, None, ReportStatus::Failed)).await.unwrap_err();
+    let err = rep
+        .send(&report(43, None, ReportStatus::Failed))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ReportError::Unreachable(_)), "{err:?}");
     m.broker_up(-1).unwrap();
     let ok = wait_until(Duration::from_secs(30), || async {
-        rep.send(&report(44, None, ReportStatus::Failed)).await.is_ok()
+        rep.send(&report(44, None, ReportStatus::Failed))
+            .await
+            .is_ok()
     })
     .await;
     assert!(ok, "sends again once the broker is back");
@@ -451,9 +575,15 @@ max_batch = 200
         tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
         bridge.kill().unwrap(); // SIGKILL
         bridge.wait().unwrap();
-        eprintln!("killed bridge #{kill}; cases so far {}", sim.stats().cases_created);
+        eprintln!(
+            "killed bridge #{kill}; cases so far {}",
+            sim.stats().cases_created
+        );
         bridge = spawn_bridge(&config, &key, &log);
-        assert!(wait_ready(admin).await, "bridge ready after restart #{kill}");
+        assert!(
+            wait_ready(admin).await,
+            "bridge ready after restart #{kill}"
+        );
     }
     feeder.await.unwrap();
     let ok = wait_until(Duration::from_secs(120), || async {
@@ -491,7 +621,11 @@ async fn failed_and_rejected_records_are_reported_to_the_failure_topic_keyed_by_
         })
         .collect();
     produce(&producer(&bs), "orders", &recs).await;
-    let sim = start_sim(duvo_bridge::sim::SimConfig { process_ms: 200, ..sim_config() }).await;
+    let sim = start_sim(duvo_bridge::sim::SimConfig {
+        process_ms: 200,
+        ..sim_config()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let mut src = kafka_source("k-fail", &bs, "g-fail", &["orders"], sim.queues()[0]);
     src.failure_topic = Some("orders.failures".into());
@@ -505,7 +639,9 @@ async fn failed_and_rejected_records_are_reported_to_the_failure_topic_keyed_by_
     assert_eq!(reports.len(), 21, "20 failed cases and one rejected event");
     let mut failed_keys = Vec::new();
     for r in &reports {
-        let key = std::str::from_utf8(r.key().expect("keyed")).unwrap().to_string();
+        let key = std::str::from_utf8(r.key().expect("keyed"))
+            .unwrap()
+            .to_string();
         let i: usize = key.trim_start_matches("key-").parse().unwrap();
         let body: serde_json::Value = serde_json::from_slice(r.payload().unwrap()).unwrap();
         assert_eq!(body["event"]["order_id"], format!("ORD-{i:06}"));
@@ -524,7 +660,10 @@ async fn failed_and_rejected_records_are_reported_to_the_failure_topic_keyed_by_
         }
     }
     failed_keys.sort();
-    assert_eq!(failed_keys, (0..200).filter(|i| i % 10 == 3).collect::<Vec<_>>());
+    assert_eq!(
+        failed_keys,
+        (0..200).filter(|i| i % 10 == 3).collect::<Vec<_>>()
+    );
     // Each report was produced once (acknowledged, then removed).
     tokio::time::sleep(Duration::from_secs(1)).await;
     // A reader joins its group in about 3 s on the mock cluster.

@@ -36,7 +36,11 @@ impl Drop for Broker {
 fn tansu_binary() -> Option<std::path::PathBuf> {
     let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
     let candidates = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("tansu"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default()
         .into_iter()
         .chain(home.map(|h| h.join(".cargo/bin/tansu")));
@@ -45,7 +49,10 @@ fn tansu_binary() -> Option<std::path::PathBuf> {
 
 async fn broker() -> Broker {
     if let Ok(bs) = std::env::var("DUVO_TEST_KAFKA") {
-        return Broker { bootstrap: bs, child: None };
+        return Broker {
+            bootstrap: bs,
+            child: None,
+        };
     }
     let bin = tansu_binary().expect(
         "tansu not found: `cargo install tansu --locked --features dynostore` (or set DUVO_TEST_KAFKA=host:port)",
@@ -53,7 +60,13 @@ async fn broker() -> Broker {
     let port = free_port();
     let url = format!("tcp://127.0.0.1:{port}");
     let child = Command::new(bin)
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
         .args(["--storage-engine", "memory://tansu/", "--silent"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -65,7 +78,10 @@ async fn broker() -> Broker {
     })
     .await;
     assert!(up, "tansu listens on {port}");
-    Broker { bootstrap: format!("127.0.0.1:{port}"), child: Some(child) }
+    Broker {
+        bootstrap: format!("127.0.0.1:{port}"),
+        child: Some(child),
+    }
 }
 
 async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
@@ -78,7 +94,10 @@ async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) {
         .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
         .collect();
     let res = admin
-        .create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .expect("create topics");
     for r in res {
@@ -91,7 +110,10 @@ async fn tansu_two_bridges_deliver_every_record_once_and_report_failures_to_the_
     const N: usize = 3000;
     let b = broker().await;
     let suffix = uuid::Uuid::new_v4().simple().to_string();
-    let (topic, failures) = (format!("orders-{suffix}"), format!("orders-{suffix}.failures"));
+    let (topic, failures) = (
+        format!("orders-{suffix}"),
+        format!("orders-{suffix}.failures"),
+    );
     create_topics(&b.bootstrap, &[(&topic, 4), (&failures, 1)]).await;
     let recs: Vec<Rec> = (0..N)
         .map(|i| {
@@ -105,7 +127,11 @@ async fn tansu_two_bridges_deliver_every_record_once_and_report_failures_to_the_
     let p = producer(&b.bootstrap);
     produce(&p, &topic, &recs[..N / 2]).await;
 
-    let sim = start_sim(duvo_bridge::sim::SimConfig { process_ms: 200, ..sim_config() }).await;
+    let sim = start_sim(duvo_bridge::sim::SimConfig {
+        process_ms: 200,
+        ..sim_config()
+    })
+    .await;
     let q = sim.queues()[0];
     let group = format!("g-{suffix}");
     let src = |name: &str| {

@@ -60,7 +60,9 @@ impl KafkaReporter {
     /// The reporter of a Kafka source, or `None` without a `failure_topic`.
     /// Must be called inside a tokio runtime (the producer's delivery
     /// reports are served by a task).
-    pub fn from_config(cfg: &KafkaSourceConfig) -> Result<Option<KafkaReporter>, KafkaReporterError> {
+    pub fn from_config(
+        cfg: &KafkaSourceConfig,
+    ) -> Result<Option<KafkaReporter>, KafkaReporterError> {
         let Some(topic) = &cfg.failure_topic else {
             return Ok(None);
         };
@@ -170,7 +172,11 @@ impl KafkaReporter {
     }
 
     fn classify(&self, e: KafkaError) -> ReportError {
-        let text = format!("topic {}: {}", self.topic, self.scrubber.scrub(&e.to_string()));
+        let text = format!(
+            "topic {}: {}",
+            self.topic,
+            self.scrubber.scrub(&e.to_string())
+        );
         match e.rdkafka_error_code() {
             Some(
                 RDKafkaErrorCode::MessageTimedOut
@@ -243,7 +249,16 @@ mod tests {
 
     #[test]
     fn base64_round_trips_and_refuses_garbage() {
-        for input in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar", &[0xff, 0xfe, 0, 1]] {
+        for input in [
+            &b""[..],
+            b"f",
+            b"fo",
+            b"foo",
+            b"foob",
+            b"fooba",
+            b"foobar",
+            &[0xff, 0xfe, 0, 1],
+        ] {
             assert_eq!(base64_decode(&base64(input)).as_deref(), Some(input));
         }
         assert_eq!(base64_decode("Zm9v"), Some(b"foo".to_vec()));

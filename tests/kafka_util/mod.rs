@@ -87,7 +87,12 @@ pub fn order_recs(range: std::ops::Range<usize>) -> Vec<Rec> {
 
 /// Read `n` records of `topic` from the beginning (own group), or fewer
 /// when `timeout` passes.
-pub async fn read_topic(bootstrap: &str, topic: &str, n: usize, timeout: Duration) -> Vec<OwnedMessage> {
+pub async fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
     let c: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
@@ -140,7 +145,13 @@ pub fn committed(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> 
 }
 
 /// A Kafka source with quick group timings for tests.
-pub fn kafka_source(name: &str, bootstrap: &str, group: &str, topics: &[&str], queue: uuid::Uuid) -> KafkaSourceConfig {
+pub fn kafka_source(
+    name: &str,
+    bootstrap: &str,
+    group: &str,
+    topics: &[&str],
+    queue: uuid::Uuid,
+) -> KafkaSourceConfig {
     let mut k = KafkaSourceConfig::new(name, bootstrap, group, topics, queue);
     k.title = "Order {/order_id}".into();
     k.max_batch = 500;
@@ -158,7 +169,11 @@ pub fn kafka_source(name: &str, bootstrap: &str, group: &str, topics: &[&str], q
 }
 
 /// A bridge config against `sim` whose only source is `sources`.
-pub fn kafka_bridge_config(sim: &SimHandle, outbox: &Path, sources: Vec<KafkaSourceConfig>) -> Config {
+pub fn kafka_bridge_config(
+    sim: &SimHandle,
+    outbox: &Path,
+    sources: Vec<KafkaSourceConfig>,
+) -> Config {
     let mut cfg = crate::common::bridge_config(sim, outbox);
     cfg.sources = sources.into_iter().map(SourceConfig::Kafka).collect();
     cfg
@@ -174,7 +189,9 @@ impl Bridge {
         // Logs go to the test's stderr, shown when a test fails.
         duvo_bridge::telemetry::init_logging(&cfg.log);
         let stop = CancellationToken::new();
-        let running = duvo_bridge::app::start(cfg, stop.clone()).await.expect("bridge starts");
+        let running = duvo_bridge::app::start(cfg, stop.clone())
+            .await
+            .expect("bridge starts");
         Bridge { stop, running }
     }
 

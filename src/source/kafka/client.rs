@@ -223,7 +223,10 @@ mod tests {
             .get("builtin.features")
             .unwrap();
         for f in ["ssl", "sasl_plain", "sasl_scram", "sasl_oauthbearer"] {
-            assert!(features.split(',').any(|x| x.trim_end_matches('\0') == f), "{f} not in {features}");
+            assert!(
+                features.split(',').any(|x| x.trim_end_matches('\0') == f),
+                "{f} not in {features}"
+            );
         }
     }
 

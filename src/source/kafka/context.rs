@@ -104,8 +104,11 @@ impl Shared {
         let mut st = self.lock();
         st.paused = paused;
         for tp in &st.assigned {
-            metrics::gauge!("duvo_bridge_kafka_paused", &labels(&self.source, tp))
-                .set(if paused { 1.0 } else { 0.0 });
+            metrics::gauge!("duvo_bridge_kafka_paused", &labels(&self.source, tp)).set(if paused {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 
@@ -132,7 +135,8 @@ impl Shared {
             self.health.set_ready(&self.health_key);
         } else {
             tracing::warn!(source = %self.source, reason, "kafka: no broker reachable");
-            self.health.set_unready(&self.health_key, reason.to_string());
+            self.health
+                .set_unready(&self.health_key, reason.to_string());
         }
     }
 
@@ -173,10 +177,7 @@ impl ClientContext for KafkaContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         let s = &self.shared;
-        if matches!(
-            error,
-            KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)
-        ) {
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
             s.set_connected(false, "all Kafka brokers are down");
         }
         tracing::warn!(

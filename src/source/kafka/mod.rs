@@ -49,8 +49,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 pub use client::{
-    LogContext, Scrubber, check_librdkafka, consumer_config, describe_config_error,
-    producer_config,
+    LogContext, Scrubber, check_librdkafka, consumer_config, describe_config_error, producer_config,
 };
 use context::{KafkaContext, Shared};
 use offsets::{BatchOffsets, Tp};
@@ -234,23 +233,23 @@ impl KafkaSource {
         }
         let dead_letters = match &self.cfg.dead_letter_topic {
             None => None,
-            Some(topic) => match producer_config(&self.cfg, "dead-letters").create_with_context(
-                LogContext {
+            Some(topic) => {
+                match producer_config(&self.cfg, "dead-letters").create_with_context(LogContext {
                     source: self.cfg.name.clone(),
                     scrubber: self.scrubber.clone(),
-                },
-            ) {
-                Ok(producer) => Some(DeadLetters {
-                    topic: topic.clone(),
-                    producer,
-                }),
-                Err(e) => {
-                    return SessionEnd::Failed(format!(
-                        "creating the dead-letter producer: {}",
-                        describe_config_error(&e, &self.cfg.librdkafka)
-                    ));
+                }) {
+                    Ok(producer) => Some(DeadLetters {
+                        topic: topic.clone(),
+                        producer,
+                    }),
+                    Err(e) => {
+                        return SessionEnd::Failed(format!(
+                            "creating the dead-letter producer: {}",
+                            describe_config_error(&e, &self.cfg.librdkafka)
+                        ));
+                    }
                 }
-            },
+            }
         };
         tracing::info!(
             source = %self.cfg.name, brokers = %self.cfg.brokers, group = %self.cfg.group_id,

@@ -137,7 +137,13 @@ mod tests {
 
     #[test]
     fn without_failures_the_next_offset_after_the_highest_is_stored() {
-        let recs = [("a", 0, 10), ("a", 1, 5), ("a", 0, 11), ("a", 0, 14), ("b", 0, 0)];
+        let recs = [
+            ("a", 0, 10),
+            ("a", 1, 5),
+            ("a", 0, 11),
+            ("a", 0, 14),
+            ("b", 0, 0),
+        ];
         let mut b = BatchOffsets::default();
         for (t, p, o) in recs {
             b.record(t, p, o);
@@ -145,14 +151,23 @@ mod tests {
         let out = outcomes(&b, &recs);
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].tp, ("a".to_string(), 0));
-        assert_eq!((out[0].store, out[0].seek, out[0].records), (Some(15), None, 3));
+        assert_eq!(
+            (out[0].store, out[0].seek, out[0].records),
+            (Some(15), None, 3)
+        );
         assert_eq!((out[1].store, out[1].seek), (Some(6), None));
         assert_eq!((out[2].store, out[2].seek), (Some(1), None));
     }
 
     #[test]
     fn a_failure_stops_its_partition_there_and_only_there() {
-        let recs = [("a", 0, 10), ("a", 0, 11), ("a", 0, 12), ("a", 1, 3), ("a", 0, 13)];
+        let recs = [
+            ("a", 0, 10),
+            ("a", 0, 11),
+            ("a", 0, 12),
+            ("a", 1, 3),
+            ("a", 0, 13),
+        ];
         let mut b = BatchOffsets::default();
         for (t, p, o) in recs {
             b.record(t, p, o);
