@@ -30,6 +30,10 @@ def main():
     ap.add_argument("--rate", type=int, default=300, help="API requests per minute (sim; split by the replicas)")
     ap.add_argument("--produce-secs", type=float, default=40.0, help="spread production over this long")
     ap.add_argument("--brokers", help="a running broker (default: start tansu)")
+    ap.add_argument("--tracking-share", type=float, default=1.0,
+                    help="[tracking] share: both replicas list the whole queue (2 x N/100 pages), and the gate "
+                         "paces listing at share x rate even when no create waits, so the default 0.1 takes "
+                         "over an hour to find every failed case of 100,000")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="duvo-kafka-e2e-")
@@ -78,6 +82,8 @@ path = "{work}/outbox-{r}"
 listen = "127.0.0.1:{admin_port}"
 [log]
 format = "json"
+[tracking]
+share = {args.tracking_share}
 [[sources]]
 type = "kafka"
 name = "orders"
@@ -156,7 +162,7 @@ failure_topic = "{failures}"
                        "enable.auto.commit": False})
     reader.subscribe([failures])
     seen, report_ids, bad = {}, set(), 0
-    end = time.time() + 900
+    end = time.time() + 3600
     while time.time() < end and not failing.issubset(seen.keys()):
         m = reader.poll(1.0)
         if m is None or m.error():

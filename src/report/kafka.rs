@@ -58,8 +58,8 @@ impl std::fmt::Debug for KafkaReporter {
 
 impl KafkaReporter {
     /// The reporter of a Kafka source, or `None` without a `failure_topic`.
-    /// Must be called inside a tokio runtime (the producer's delivery
-    /// reports are served by a task).
+    /// The producer connects lazily: a broker that is down now only makes
+    /// the first sends fail (and be retried by the dispatcher).
     pub fn from_config(
         cfg: &KafkaSourceConfig,
     ) -> Result<Option<KafkaReporter>, KafkaReporterError> {
