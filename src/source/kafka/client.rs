@@ -55,6 +55,14 @@ pub fn check_librdkafka(settings: &LibrdkafkaSettings) -> Vec<String> {
         if let Err(e) = one.create_native_config() {
             errors.push(describe_config_error(&e, settings));
         }
+        // Accepted as a value, refused only when the client is created.
+        if matches!(key, "sasl.mechanisms" | "sasl.mechanism")
+            && value.to_ascii_uppercase().contains("GSSAPI")
+        {
+            errors.push(format!(
+                "\"{key}\" = \"{value}\": GSSAPI (Kerberos) is not built in (no libsasl2); use PLAIN or SCRAM-SHA-256/512"
+            ));
+        }
     }
     errors
 }
@@ -208,11 +216,14 @@ mod tests {
             ("sasl.password", "hunter2-very-secret"),
             ("ssl.key.password", "pw-in-toml"),
             ("sasl.oauthbearer.client.secret", "oauth-secret-value"),
+            ("sasl.mechanisms", "GSSAPI"),
         ]);
         let errs = check_librdkafka(&s);
         let all = errs.join("\n");
-        // Unknown key, bad value, and OIDC (needs libcurl, not built in).
-        assert_eq!(errs.len(), 3, "{all}");
+        // Unknown key, bad value, OIDC (needs libcurl) and GSSAPI (needs
+        // libsasl2), neither built in.
+        assert_eq!(errs.len(), 4, "{all}");
+        assert!(all.contains("GSSAPI"), "{all}");
         assert!(all.contains("no.such.property"), "{all}");
         assert!(all.contains("session.timeout.ms"), "{all}");
         assert!(!all.contains("hunter2"), "{all}");
