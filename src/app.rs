@@ -210,8 +210,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         );
         tokio::spawn(dispatcher.run(report_stop.clone(), abort.clone()))
     });
+    metrics::gauge!("duvo_bridge_outbox_high_water_events")
+        .set(cfg.outbox.high_water_events as f64);
+    metrics::gauge!("duvo_bridge_outbox_high_water_bytes").set(cfg.outbox.high_water_bytes as f64);
     let housekeeping = tokio::spawn(housekeeping(
         outbox.clone(),
+        cfg.outbox.path.clone(),
         health.clone(),
         admin_stop.clone(),
     ));
@@ -274,7 +278,12 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
 }
 
 /// Gauges, high-water readiness and retention purge.
-async fn housekeeping(outbox: Outbox, health: Health, stop: CancellationToken) {
+async fn housekeeping(
+    outbox: Outbox,
+    path: std::path::PathBuf,
+    health: Health,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_purge = Instant::now();
     loop {
@@ -285,6 +294,10 @@ async fn housekeeping(outbox: Outbox, health: Health, stop: CancellationToken) {
         let s = outbox.stats();
         metrics::gauge!("duvo_bridge_outbox_depth").set(s.depth as f64);
         metrics::gauge!("duvo_bridge_outbox_bytes").set(outbox.size_on_disk() as f64);
+        if let Ok((available, size)) = volume_space(&path) {
+            metrics::gauge!("duvo_bridge_outbox_volume_available_bytes").set(available as f64);
+            metrics::gauge!("duvo_bridge_outbox_volume_size_bytes").set(size as f64);
+        }
         let oldest = outbox
             .ready_summary()
             .iter()
@@ -314,10 +327,67 @@ async fn housekeeping(outbox: Outbox, health: Health, stop: CancellationToken) {
     }
 }
 
-/// `duvo-bridge run`: start, wait for a signal, drain.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// Bytes available to this (unprivileged) process and total size of the
+/// filesystem holding `path`.
+fn volume_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is written by
+    // statvfs before it is read (only on success).
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    let (frsize, avail, blocks) = (st.f_frsize as u64, st.f_bavail as u64, st.f_blocks as u64);
+    Ok((avail * frsize, blocks * frsize))
+}
+
+/// `duvo-bridge run`: start, tell systemd, reload on SIGHUP (when the
+/// configuration came from `config_path`), wait for a signal, drain.
+pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    // Before anything else: SIGHUP's default action would end the process.
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
-    let bridge = start(cfg, shutdown).await?;
-    bridge.wait().await
+    let bridge = start(cfg.clone(), shutdown.clone()).await?;
+    let (outbox, gate) = (bridge.outbox.clone(), bridge.gate.clone());
+    crate::systemd::ready(&crate::systemd::status_line(&outbox, &gate, false));
+
+    let background = CancellationToken::new();
+    let supervisor = tokio::spawn(crate::systemd::supervise(
+        outbox.clone(),
+        gate.clone(),
+        shutdown.clone(),
+        background.clone(),
+    ));
+    #[cfg(unix)]
+    if let Some(path) = config_path {
+        let reloader = crate::reload::Reloader::new(path, cfg, gate.clone());
+        tokio::spawn(crate::reload::on_sighup(hup, reloader, background.clone()));
+    }
+    let stopping = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let background = background.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    crate::systemd::stopping(&crate::systemd::status_line(&outbox, &gate, true));
+                }
+                _ = background.cancelled() => {}
+            }
+        }
+    });
+    let result = bridge.wait().await;
+    background.cancel();
+    let _ = supervisor.await;
+    let _ = stopping.await;
+    result
 }

@@ -55,33 +55,48 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
-        Command::Validate { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: OK", config.display());
-                0
+        Command::Validate { config } => {
+            match Config::load_with_env(&config, crate::config::process_env()) {
+                Ok((_, overrides)) if overrides.is_empty() => {
+                    println!("{}: OK", config.display());
+                    0
+                }
+                Ok((_, overrides)) => {
+                    println!(
+                        "{}: OK (with environment overrides {})",
+                        config.display(),
+                        overrides.join(", ")
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    EXIT_BAD_CONFIG
+                }
             }
-            Err(e) => {
-                eprintln!("{}: {e}", config.display());
-                EXIT_BAD_CONFIG
-            }
-        },
+        }
         Command::Run {
             config,
             print_config,
         } => {
-            let cfg = match Config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{}: {e}", config.display());
-                    return EXIT_BAD_CONFIG;
-                }
-            };
+            let (cfg, overrides) =
+                match Config::load_with_env(&config, crate::config::process_env()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{}: {e}", config.display());
+                        return EXIT_BAD_CONFIG;
+                    }
+                };
             if print_config {
                 print!("{}", cfg.to_redacted_toml());
                 return 0;
             }
             crate::telemetry::init_logging(&cfg.log);
-            match rt.block_on(crate::app::run(cfg)) {
+            if !overrides.is_empty() {
+                // Names only: a value may be a secret.
+                tracing::info!(variables = ?overrides, "configuration overridden from the environment");
+            }
+            match rt.block_on(crate::app::run(cfg, Some(config))) {
                 Ok(()) => 0,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "duvo-bridge stopped");

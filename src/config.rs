@@ -22,6 +22,8 @@ use crate::duvo::Priority;
 use crate::mapping::{Mapper, MappingConfig};
 use crate::secret::{ApiKey, Secret};
 
+pub mod env;
+
 /// Exit code for a bad configuration (sysexits EX_USAGE / EX_CONFIG family).
 pub const EXIT_BAD_CONFIG: i32 = 64;
 
@@ -71,7 +73,10 @@ pub struct TrackingConfig {
     /// ended failed or canceled (watched only for a retry in Duvo).
     pub watch_interval_ms: u64,
     /// Each listing starts this far before the watermark, to catch updates
-    /// committed out of order on the server. Re-read cases cost nothing.
+    /// the server commits out of `updated_at` order. Re-read cases are
+    /// recognised and cost no report, but they fill pages: on a busy queue
+    /// every listing re-reads what changed in this span. 0 (the default)
+    /// trusts the server's ordering, as the API contract does.
     pub lookback_ms: u64,
     /// A case still unfinished this long after it was created is reported
     /// `expired` and no longer followed; a failed one stops being watched.
@@ -96,7 +101,7 @@ impl Default for TrackingConfig {
             share: 0.1,
             poll_interval_ms: 2000,
             watch_interval_ms: 30_000,
-            lookback_ms: 1000,
+            lookback_ms: 0,
             ttl_hours: 72,
             report: vec![
                 crate::report::ReportStatus::Failed,
@@ -119,9 +124,13 @@ pub struct DuvoConfig {
     pub version_prefix: String,
     /// Name of the environment variable holding the API key.
     pub api_key_env: Option<String>,
-    /// File holding the API key (e.g. a systemd credential or a mounted
-    /// Kubernetes secret). Surrounding whitespace is trimmed.
+    /// File holding the API key (e.g. a mounted Kubernetes secret).
+    /// Surrounding whitespace is trimmed.
     pub api_key_file: Option<PathBuf>,
+    /// Name of a systemd credential holding the API key
+    /// (`LoadCredential=<name>:<path>` in the unit): the key is read from
+    /// `$CREDENTIALS_DIRECTORY/<name>`, a file only this service can read.
+    pub api_key_credential: Option<String>,
     /// The key itself. Discouraged (it ends up in a file readable by whoever
     /// reads the config); prefer `api_key_env` or `api_key_file`.
     pub api_key: Option<Secret>,
@@ -144,6 +153,7 @@ impl Default for DuvoConfig {
             version_prefix: "/v2".into(),
             api_key_env: Some("DUVO_API_KEY".into()),
             api_key_file: None,
+            api_key_credential: None,
             api_key: None,
             rate_limit_per_minute: 300,
             rate_share: 1.0,
@@ -154,8 +164,8 @@ impl Default for DuvoConfig {
 }
 
 impl DuvoConfig {
-    /// Resolve the API key from `api_key`, `api_key_file` or `api_key_env`,
-    /// in that order.
+    /// Resolve the API key from `api_key`, `api_key_file`,
+    /// `api_key_credential` or `api_key_env`, in that order.
     pub fn resolve_api_key(&self) -> Result<ApiKey, String> {
         if let Some(k) = &self.api_key {
             if k.is_empty() {
@@ -172,6 +182,9 @@ impl DuvoConfig {
                     path.display()
                 )),
             };
+        }
+        if let Some(name) = &self.api_key_credential {
+            return read_credential("duvo.api_key_credential", name).map(ApiKey::new);
         }
         if let Some(var) = &self.api_key_env {
             return match std::env::var(var) {
@@ -871,6 +884,11 @@ pub struct HttpSourceConfig {
     /// Unset: no authentication (bind to localhost then).
     #[serde(default)]
     pub auth_token_env: Option<String>,
+    /// Name of a systemd credential holding the bearer token
+    /// (`$CREDENTIALS_DIRECTORY/<name>`); takes precedence over
+    /// `auth_token_env`.
+    #[serde(default)]
+    pub auth_token_credential: Option<String>,
     /// Largest accepted request body, bytes.
     #[serde(default = "default_http_max_body")]
     pub max_body_bytes: usize,
@@ -936,6 +954,7 @@ impl HttpSourceConfig {
             priority_field: None,
             event_id_field: None,
             auth_token_env: None,
+            auth_token_credential: None,
             max_body_bytes: default_http_max_body(),
             max_events_per_request: default_http_max_events(),
             callback_url: None,
@@ -986,6 +1005,10 @@ impl HttpSourceConfig {
     }
 
     pub fn auth_token(&self) -> Result<Option<Secret>, String> {
+        if let Some(name) = &self.auth_token_credential {
+            let at = format!("sources.{}.auth_token_credential", self.name);
+            return read_credential(&at, name).map(|t| Some(Secret::new(t)));
+        }
         match &self.auth_token_env {
             None => Ok(None),
             Some(var) => match std::env::var(var) {
@@ -1020,19 +1043,36 @@ impl Config {
         cfg
     }
 
-    /// Read, parse and validate a file.
+    /// Read a file, apply the `DUVO_BRIDGE__*` environment overrides (see
+    /// [`env`]), parse and validate.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_with_env(path, process_env()).map(|(c, _)| c)
+    }
+
+    /// [`Config::load`] with the environment given; also returns the names
+    /// of the override variables applied.
+    pub fn load_with_env(
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Vec<String>), ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
-        Config::parse(&text)
+        let mut table = parse_table(&text)?;
+        let (applied, env_errors) = match env::apply(&mut table, vars) {
+            Ok(applied) => (applied, Vec::new()),
+            Err(errors) => (Vec::new(), errors),
+        };
+        Config::from_table(table, env_errors).map(|c| (c, applied))
     }
 
     /// Parse and validate TOML text, collecting every error.
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("TOML syntax: {e}")]))?;
-        let mut errors = Vec::new();
+        Config::from_table(parse_table(text)?, Vec::new())
+    }
+
+    /// Deserialise and check `table`; `errors` already found are reported
+    /// with the rest.
+    fn from_table(table: toml::Table, mut errors: Vec<String>) -> Result<Config, ConfigErrors> {
         let mut cfg = Config::default();
 
         fn section<T: serde::de::DeserializeOwned + Default>(
@@ -1240,6 +1280,39 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
+}
+
+/// Read the systemd credential `name` from `$CREDENTIALS_DIRECTORY`
+/// (trimmed); `at` names the config key in errors.
+fn read_credential(at: &str, name: &str) -> Result<String, String> {
+    if name.is_empty() || name.contains('/') {
+        return Err(format!("{at} {name:?} must be a credential name (no '/')"));
+    }
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+        return Err(format!(
+            "{at} {name:?}: CREDENTIALS_DIRECTORY is not set \
+             (run under systemd with LoadCredential={name}:<file>)"
+        ));
+    };
+    let path = Path::new(&dir).join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => Err(format!("{at}: {} is empty", path.display())),
+        Err(e) => Err(format!("{at}: {} cannot be read: {e}", path.display())),
+    }
+}
+
+fn parse_table(text: &str) -> Result<toml::Table, ConfigErrors> {
+    text.parse()
+        .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("TOML syntax: {e}")]))
+}
+
+/// The process environment (variables that are not UTF-8 cannot be
+/// overrides and are skipped).
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }
 
 /// An absolute http(s) URL with a host.

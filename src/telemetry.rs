@@ -8,24 +8,64 @@ use std::sync::OnceLock;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Install the global tracing subscriber. `RUST_LOG` wins over the config.
-/// Safe to call more than once (later calls are no-ops), which in-process
-/// tests and the demo rely on.
+/// Handle on the installed filter, for [`set_log_level`].
+static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Install the global tracing subscriber. `RUST_LOG` wins over the config
+/// at start. Safe to call more than once (later calls are no-ops), which
+/// in-process tests and the demo rely on.
 pub fn init_logging(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match cfg.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let installed = match cfg.format {
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt.json().flatten_event(true))
+            .try_init(),
+        LogFormat::Pretty => tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt.compact())
+            .try_init(),
     };
+    if installed.is_ok() {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Why [`set_log_level`] did not apply a level.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    #[error("log level {level:?}: {err}")]
+    Parse {
+        level: String,
+        err: tracing_subscriber::filter::ParseError,
+    },
+    #[error("logging was not initialised by this process")]
+    NotInstalled,
+    #[error("cannot swap the log filter: {0}")]
+    Reload(#[from] reload::Error),
+}
+
+/// Replace the log filter at run time (SIGHUP with a changed `log.level`).
+pub fn set_log_level(level: &str) -> Result<(), LogLevelError> {
+    let filter = EnvFilter::try_new(level).map_err(|err| LogLevelError::Parse {
+        level: level.to_string(),
+        err,
+    })?;
+    LOG_FILTER
+        .get()
+        .ok_or(LogLevelError::NotInstalled)?
+        .reload(filter)?;
+    Ok(())
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -88,6 +128,25 @@ fn describe_all() {
         "duvo_bridge_outbox_bytes",
         Unit::Bytes,
         "Size of the outbox database on disk."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_high_water_bytes",
+        Unit::Bytes,
+        "Configured outbox size on disk above which intake pauses (outbox.high_water_bytes)."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_high_water_events",
+        "Configured undelivered events above which intake pauses (outbox.high_water_events)."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_volume_available_bytes",
+        Unit::Bytes,
+        "Free space available to the bridge on the filesystem holding the outbox."
+    );
+    describe_gauge!(
+        "duvo_bridge_outbox_volume_size_bytes",
+        Unit::Bytes,
+        "Size of the filesystem holding the outbox."
     );
     describe_gauge!(
         "duvo_bridge_outbox_oldest_event_age_seconds",
@@ -241,7 +300,7 @@ fn describe_all() {
     );
     describe_counter!(
         "duvo_bridge_tracking_requests_total",
-        "Listing requests sent by the case tracker."
+        "Listing requests sent by the case tracker, by stream (reports, cleanup)."
     );
     describe_counter!(
         "duvo_bridge_tracking_transitions_total",
@@ -252,13 +311,17 @@ fn describe_all() {
         "Tracked cases that completed and were forgotten."
     );
     describe_counter!(
+        "duvo_bridge_tracking_rereads_total",
+        "Listing pages read again from the start of a tie instant because a case there changed between pages."
+    );
+    describe_counter!(
         "duvo_bridge_tracking_expired_total",
         "Tracked cases still unfinished when their TTL ran out."
     );
     describe_gauge!(
         "duvo_bridge_tracking_watermark_lag_seconds",
         Unit::Seconds,
-        "How far a queue's listing watermark is behind now, by queue."
+        "How far a queue's listing watermark is behind now, by queue and stream."
     );
     describe_counter!(
         "duvo_bridge_reports_created_total",

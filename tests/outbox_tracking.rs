@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use duvo_bridge::duvo::{Case, CaseStatus, NewCase};
 use duvo_bridge::outbox::{
-    EventId, NewEvent, Origin, Outbox, OutboxConfig, TrackPhase, TrackingPolicy,
+    EventId, ListingStream, NewEvent, Origin, Outbox, OutboxConfig, TrackPhase, TrackingPolicy,
 };
 use duvo_bridge::report::ReportStatus;
 use uuid::Uuid;
@@ -89,7 +89,10 @@ async fn a_listing_page_reports_failures_forgets_completions_and_moves_the_water
         .unwrap();
     let q = Uuid::new_v4();
     let (events, cases) = delivered(&outbox, q, 4).await;
-    assert_eq!(outbox.watermark(q).unwrap(), Some(at(0)));
+    assert_eq!(
+        outbox.watermark(q, ListingStream::Reports).unwrap(),
+        Some(at(0))
+    );
     assert_eq!(outbox.tracked_queues()[0].open, 4);
 
     let page = vec![
@@ -97,19 +100,39 @@ async fn a_listing_page_reports_failures_forgets_completions_and_moves_the_water
         listed(cases[1], q, CaseStatus::Failed, 6),
         listed(Uuid::new_v4(), q, CaseStatus::Failed, 7), // someone else's case
     ];
-    let o = outbox.apply_listing(q, &page, at(7)).await.unwrap();
+    let o = outbox
+        .apply_listing(q, ListingStream::Reports, &page, at(7))
+        .await
+        .unwrap();
     assert_eq!((o.ours, o.transitions, o.reports, o.finished), (2, 2, 1, 1));
-    assert_eq!(outbox.watermark(q).unwrap(), Some(at(7)));
+    assert_eq!(
+        outbox.watermark(q, ListingStream::Reports).unwrap(),
+        Some(at(7))
+    );
+    // Each stream has its own watermark.
+    assert_eq!(
+        outbox.watermark(q, ListingStream::Cleanup).unwrap(),
+        Some(at(0))
+    );
     let t = outbox.tracked_queues()[0];
     assert_eq!((t.open, t.watching), (2, 1));
 
     // Re-reading the same page (lookback, or a crash before the next page)
     // changes nothing and reports nothing.
-    let again = outbox.apply_listing(q, &page, at(7)).await.unwrap();
+    let again = outbox
+        .apply_listing(q, ListingStream::Reports, &page, at(7))
+        .await
+        .unwrap();
     assert_eq!((again.transitions, again.reports), (0, 0));
     // The watermark never moves backwards.
-    outbox.apply_listing(q, &[], at(3)).await.unwrap();
-    assert_eq!(outbox.watermark(q).unwrap(), Some(at(7)));
+    outbox
+        .apply_listing(q, ListingStream::Reports, &[], at(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox.watermark(q, ListingStream::Reports).unwrap(),
+        Some(at(7))
+    );
 
     let pending = outbox.pending_reports();
     assert_eq!(pending.get("oms"), Some(&1));
@@ -132,13 +155,23 @@ async fn a_listing_page_reports_failures_forgets_completions_and_moves_the_water
 
     // Retried in Duvo and failed again: a new transition, a new report.
     let o = outbox
-        .apply_listing(q, &[listed(cases[1], q, CaseStatus::Failed, 9)], at(9))
+        .apply_listing(
+            q,
+            ListingStream::Reports,
+            &[listed(cases[1], q, CaseStatus::Failed, 9)],
+            at(9),
+        )
         .await
         .unwrap();
     assert_eq!((o.transitions, o.reports), (1, 1));
     // An older state seen out of order is ignored.
     let o = outbox
-        .apply_listing(q, &[listed(cases[1], q, CaseStatus::Completed, 8)], at(9))
+        .apply_listing(
+            q,
+            ListingStream::Reports,
+            &[listed(cases[1], q, CaseStatus::Completed, 8)],
+            at(9),
+        )
         .await
         .unwrap();
     assert_eq!(o.transitions, 0);
@@ -160,7 +193,12 @@ async fn tracking_state_and_reports_survive_a_reopen() {
             .unwrap();
         let (events, cases) = delivered(&outbox, q, 3).await;
         outbox
-            .apply_listing(q, &[listed(cases[2], q, CaseStatus::Canceled, 4)], at(4))
+            .apply_listing(
+                q,
+                ListingStream::Reports,
+                &[listed(cases[2], q, CaseStatus::Canceled, 4)],
+                at(4),
+            )
             .await
             .unwrap();
         (events, cases)
@@ -171,11 +209,19 @@ async fn tracking_state_and_reports_survive_a_reopen() {
     let t = outbox.tracked_queues();
     assert_eq!(t.len(), 1);
     assert_eq!((t[0].open, t[0].watching), (2, 1));
-    assert_eq!(outbox.watermark(q).unwrap(), Some(at(4)));
+    assert_eq!(
+        outbox.watermark(q, ListingStream::Reports).unwrap(),
+        Some(at(4))
+    );
     assert_eq!(outbox.pending_reports().get("oms"), Some(&1));
     // The reopened outbox still recognises the handled transition.
     let o = outbox
-        .apply_listing(q, &[listed(cases[2], q, CaseStatus::Canceled, 4)], at(4))
+        .apply_listing(
+            q,
+            ListingStream::Reports,
+            &[listed(cases[2], q, CaseStatus::Canceled, 4)],
+            at(4),
+        )
         .await
         .unwrap();
     assert_eq!(o.reports, 0);
@@ -199,7 +245,12 @@ async fn open_cases_past_the_ttl_are_reported_expired_and_watched_ones_forgotten
     let q = Uuid::new_v4();
     let (events, cases) = delivered(&outbox, q, 3).await;
     outbox
-        .apply_listing(q, &[listed(cases[0], q, CaseStatus::Failed, 1)], at(1))
+        .apply_listing(
+            q,
+            ListingStream::Reports,
+            &[listed(cases[0], q, CaseStatus::Failed, 1)],
+            at(1),
+        )
         .await
         .unwrap();
     // Before the deadline nothing happens.
@@ -228,7 +279,12 @@ async fn open_cases_past_the_ttl_are_reported_expired_and_watched_ones_forgotten
     );
     // A forgotten case listed again changes nothing.
     let o = outbox
-        .apply_listing(q, &[listed(cases[1], q, CaseStatus::Failed, 9)], at(9))
+        .apply_listing(
+            q,
+            ListingStream::Reports,
+            &[listed(cases[1], q, CaseStatus::Failed, 9)],
+            at(9),
+        )
         .await
         .unwrap();
     assert_eq!((o.ours, o.reports), (0, 0));
@@ -249,7 +305,12 @@ async fn sources_without_a_reporter_are_tracked_but_never_reported() {
     let q = Uuid::new_v4();
     let (events, cases) = delivered(&outbox, q, 1).await;
     let o = outbox
-        .apply_listing(q, &[listed(cases[0], q, CaseStatus::Failed, 2)], at(2))
+        .apply_listing(
+            q,
+            ListingStream::Reports,
+            &[listed(cases[0], q, CaseStatus::Failed, 2)],
+            at(2),
+        )
         .await
         .unwrap();
     assert_eq!((o.transitions, o.reports), (1, 0));

@@ -874,6 +874,22 @@ impl RateGate {
         self.0.notify.notify_waiters();
     }
 
+    /// Change this replica's share of the server's limit at run time
+    /// (config reload); clamped to `(0, 1]` like [`RateGate::new`].
+    pub fn set_share(&self, share: f64) {
+        {
+            let mut st = self.0.lock();
+            st.cfg.share = RateGateConfig { share, ..st.cfg }.sanitized().share;
+            st.recompute_rate(Instant::now());
+        }
+        self.0.notify.notify_waiters();
+    }
+
+    /// The settings in force (after run-time changes).
+    pub fn config(&self) -> RateGateConfig {
+        self.0.lock().cfg
+    }
+
     /// Counters and current state.
     pub fn stats(&self) -> GateStats {
         self.0.lock().snapshot(Instant::now())

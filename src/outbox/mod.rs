@@ -37,9 +37,9 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 pub use types::{
-    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, ListingOutcome, NewEvent,
-    Origin, OutboxConfig, OutboxError, OutboxStats, QueueTracking, ReadySummary, TrackPhase,
-    Tracking, TrackingPolicy, Transition,
+    AppendOutcome, Batch, DeadLetter, EventId, EventState, EventView, ListingOutcome,
+    ListingStream, NewEvent, Origin, OutboxConfig, OutboxError, OutboxStats, QueueTracking,
+    ReadySummary, TrackPhase, Tracking, TrackingPolicy, Transition,
 };
 
 use flusher::FlushShared;
@@ -536,19 +536,15 @@ impl Outbox {
                 }
                 sb.insert(&event_key(*id)[..], encode(&ev)?);
             }
-            if policy.is_some()
-                && self
-                    .inner
-                    .events
-                    .get(watermark_key(rec.queue_id))?
-                    .is_none()
-            {
+            if policy.is_some() {
                 let start = created_at
                     .unwrap_or_else(|| chrono::Utc::now() - chrono::Duration::seconds(60));
-                sb.insert(
-                    &watermark_key(rec.queue_id)[..],
-                    encode(&Watermark { updated_at: start })?,
-                );
+                for stream in ListingStream::ALL {
+                    let wk = watermark_key(rec.queue_id, stream);
+                    if self.inner.events.get(wk)?.is_none() {
+                        sb.insert(&wk[..], encode(&Watermark { updated_at: start })?);
+                    }
+                }
             }
             sb.remove(&batch_key(batch.id)[..]);
             self.inner.events.apply_batch(sb)?;

@@ -13,7 +13,7 @@
 //! | `t` + settled_at_ms (u64 BE) + id     | empty record (expiry index)    |
 //! | `c` + case id (16 bytes)              | event id (u64): tracked cases  |
 //! | `x` + deadline_ms (u64 BE) + id       | empty record (tracking TTL)    |
-//! | `w` + queue id (16 bytes)             | [`Watermark`]                  |
+//! | `w` + queue id (16 bytes) + stream    | [`Watermark`]                  |
 //! | `r` + report id (u64 BE)              | [`Report`](crate::report::Report) |
 //!
 //! A tracked case's state is in its event record ([`EventRecord::tracking`]);
@@ -35,7 +35,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
-use super::types::{EventState, Origin, OutboxError, Tracking};
+use super::types::{EventState, ListingStream, Origin, OutboxError, Tracking};
 use crate::duvo::NewCase;
 
 /// Tree holding events, identities, batches and the expiry index.
@@ -116,9 +116,12 @@ pub fn case_key(case_id: Uuid) -> [u8; 17] {
     prefixed_uuid(CASE_PREFIX, case_id)
 }
 
-/// Key of a queue's tracking watermark.
-pub fn watermark_key(queue_id: Uuid) -> [u8; 17] {
-    prefixed_uuid(WATERMARK_PREFIX, queue_id)
+/// Key of a queue's tracking watermark for one listing stream.
+pub fn watermark_key(queue_id: Uuid, stream: ListingStream) -> [u8; 18] {
+    let mut k = [0u8; 18];
+    k[..17].copy_from_slice(&prefixed_uuid(WATERMARK_PREFIX, queue_id));
+    k[17] = stream.byte();
+    k
 }
 
 /// Key of a pending report.
@@ -172,9 +175,11 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(&CASE_PREFIX) if key.len() == 17 => {
             format!("events/c/{}", key_uuid(key).unwrap_or_default())
         }
-        Some(&WATERMARK_PREFIX) if key.len() == 17 => {
-            format!("events/w/{}", key_uuid(key).unwrap_or_default())
-        }
+        Some(&WATERMARK_PREFIX) if key.len() == 18 => format!(
+            "events/w/{}/{}",
+            key_uuid(&key[..17]).unwrap_or_default(),
+            key[17] as char
+        ),
         _ => format!("{key:02x?}"),
     }
 }

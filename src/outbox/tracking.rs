@@ -18,7 +18,8 @@ use super::record::{
     expiry_key, report_key, watermark_key,
 };
 use super::types::{
-    EventState, ListingOutcome, OutboxError, QueueTracking, TrackPhase, Tracking, Transition,
+    EventState, ListingOutcome, ListingStream, OutboxError, QueueTracking, TrackPhase, Tracking,
+    Transition,
 };
 use super::{EventId, Outbox, lock, now_ms};
 use crate::duvo::{Case, CaseStatus};
@@ -170,8 +171,12 @@ impl Outbox {
 
     /// The listing watermark of a queue: every transition before it has
     /// been applied. `None` when the queue was never tracked.
-    pub fn watermark(&self, queue_id: Uuid) -> Result<Option<DateTime<Utc>>, OutboxError> {
-        let key = watermark_key(queue_id);
+    pub fn watermark(
+        &self,
+        queue_id: Uuid,
+        stream: ListingStream,
+    ) -> Result<Option<DateTime<Utc>>, OutboxError> {
+        let key = watermark_key(queue_id, stream);
         match self.inner.events.get(key)? {
             Some(raw) => Ok(Some(
                 self.decode_logged::<Watermark>(&key, &raw)?.updated_at,
@@ -181,9 +186,10 @@ impl Outbox {
     }
 
     /// Apply one page of a listing of `queue_id` (terminal and flagged
-    /// cases, ascending `updated_at`) and move the queue's watermark to
+    /// cases, ascending `updated_at`) and move the stream's watermark to
     /// `watermark` (never backwards), in one atomic sled batch, then wait for
-    /// the flush.
+    /// the flush. Which statuses a stream lists is the tracker's business;
+    /// any status on any stream is applied the same way.
     ///
     /// Cases not created by this bridge, or no longer followed, are skipped.
     /// For a followed case, a (status, `updated_at`) pair already in its
@@ -196,6 +202,7 @@ impl Outbox {
     pub async fn apply_listing(
         &self,
         queue_id: Uuid,
+        stream: ListingStream,
         cases: &[Case],
         watermark: DateTime<Utc>,
     ) -> Result<ListingOutcome, OutboxError> {
@@ -287,7 +294,7 @@ impl Outbox {
                 ev.tracking = Some(tr);
                 sb.insert(&event_key(id)[..], encode(&ev)?);
             }
-            let wk = watermark_key(queue_id);
+            let wk = watermark_key(queue_id, stream);
             let current = match self.inner.events.get(wk)? {
                 Some(raw) => self
                     .decode_logged::<Watermark>(&wk, &raw)

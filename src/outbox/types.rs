@@ -219,6 +219,35 @@ impl TrackingPolicy {
     }
 }
 
+/// The two listings the tracker keeps per queue, each with its own
+/// watermark: reported statuses first (small and urgent: failures), and
+/// completions (large, only bookkeeping: forgetting finished cases), so a
+/// burst of completions never delays a failure report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListingStream {
+    Reports,
+    Cleanup,
+}
+
+impl ListingStream {
+    pub const ALL: [ListingStream; 2] = [ListingStream::Reports, ListingStream::Cleanup];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListingStream::Reports => "reports",
+            ListingStream::Cleanup => "cleanup",
+        }
+    }
+
+    pub(crate) fn byte(self) -> u8 {
+        match self {
+            ListingStream::Reports => b'r',
+            ListingStream::Cleanup => b'c',
+        }
+    }
+}
+
 /// Cases tracked in one Duvo queue (in-memory counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QueueTracking {

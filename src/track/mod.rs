@@ -3,16 +3,21 @@
 //!
 //! Tracking spends requests from the same per-key budget as creating, so it
 //! is built to be frugal:
-//! - one listing per queue, not one request per case: `GET
-//!   /queues/{id}/cases?status=completed,failed,canceled[,...]
-//!   &updated_at_from=<watermark>&sort_by=updated_at&sort_order=asc&limit=100`;
+//! - listings per queue, never one request per case: `GET
+//!   /queues/{id}/cases?status=...&updated_at_from=<watermark>
+//!   &sort_by=updated_at&sort_order=asc&limit=100`;
+//! - two streams per queue, each with its own watermark: the *reports*
+//!   stream (`failed,canceled` and any other reported status) and the
+//!   *cleanup* stream (`completed`, only to forget finished cases). A burst
+//!   of completions is worked off in slices between report listings, so it
+//!   never delays a failure report;
 //! - pages are read back to back only while they come back full; then the
-//!   queue rests for `poll_interval_ms` (open cases) or `watch_interval_ms`
-//!   (only failed/canceled cases watched for a retry); a queue with nothing
-//!   tracked is never listed;
+//!   reports stream rests for `poll_interval_ms` (open cases) and the
+//!   cleanup stream for `watch_interval_ms`; a queue with nothing tracked
+//!   is never listed;
 //! - every request takes a [`RequestClass::Track`] permit from the rate
-//!   gate, which caps tracking at `tracking.share` of the budget while
-//!   creates wait, and never starves it.
+//!   gate, which caps tracking at `tracking.share` of the budget and never
+//!   starves it.
 //!
 //! Paging is by key, not by offset: the next page starts at the last
 //! `updated_at` seen, skipping the cases already read at exactly that
@@ -35,7 +40,7 @@ use crate::config::TrackingConfig;
 use crate::deliver::gate::{RateGate, RequestClass, ServerFeedback};
 use crate::deliver::retry::{RetryPolicy, RetrySchedule};
 use crate::duvo::{ApiError, CaseStatus, DuvoClient, ListQuery, SortBy, SortOrder};
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{ListingStream, Outbox, OutboxError};
 use crate::report::ReportStatus;
 
 /// Cases per listing page (the API's maximum).
@@ -49,34 +54,53 @@ pub struct TrackerConfig {
     pub poll_interval: Duration,
     pub watch_interval: Duration,
     pub lookback: Duration,
-    /// Statuses listed: the terminal ones plus any derived status that is
-    /// reported.
-    pub statuses: Vec<CaseStatus>,
+    /// Statuses of the reports stream: failed and canceled (the terminal
+    /// endings worth reporting) plus any other reported status.
+    pub report_statuses: Vec<CaseStatus>,
+    /// Whether completions are listed on their own stream (they are, unless
+    /// `completed` is itself reported and so on the reports stream).
+    pub cleanup: bool,
 }
 
 impl TrackerConfig {
     pub fn from_config(cfg: &TrackingConfig) -> Self {
-        let mut statuses = vec![
-            CaseStatus::Completed,
-            CaseStatus::Failed,
-            CaseStatus::Canceled,
-        ];
-        if cfg.report.contains(&ReportStatus::NeedsInput) {
-            statuses.push(CaseStatus::NeedsInput);
+        let mut report_statuses = vec![CaseStatus::Failed, CaseStatus::Canceled];
+        for (r, s) in [
+            (ReportStatus::NeedsInput, CaseStatus::NeedsInput),
+            (ReportStatus::Postponed, CaseStatus::Postponed),
+            (ReportStatus::Completed, CaseStatus::Completed),
+        ] {
+            if cfg.report.contains(&r) {
+                report_statuses.push(s);
+            }
         }
-        if cfg.report.contains(&ReportStatus::Postponed) {
-            statuses.push(CaseStatus::Postponed);
-        }
+        let cleanup = !report_statuses.contains(&CaseStatus::Completed);
         TrackerConfig {
             poll_interval: Duration::from_millis(cfg.poll_interval_ms),
             watch_interval: Duration::from_millis(cfg.watch_interval_ms),
             lookback: Duration::from_millis(cfg.lookback_ms),
-            statuses,
+            report_statuses,
+            cleanup,
+        }
+    }
+
+    fn statuses(&self, stream: ListingStream) -> Vec<CaseStatus> {
+        match stream {
+            ListingStream::Reports => self.report_statuses.clone(),
+            ListingStream::Cleanup => vec![CaseStatus::Completed],
+        }
+    }
+
+    fn streams(&self) -> &'static [ListingStream] {
+        if self.cleanup {
+            &ListingStream::ALL
+        } else {
+            &[ListingStream::Reports]
         }
     }
 }
 
-/// Why one listing cycle of a queue stopped early.
+/// Why one listing turn stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum TrackError {
     #[error("listing cases failed: {0}")]
@@ -96,11 +120,37 @@ pub struct CaseTracker {
     retry: RetryPolicy,
 }
 
-/// Per-queue schedule.
-struct QueueState {
+/// Schedule of one (queue, stream) listing.
+struct Unit {
     next_at: Instant,
     failures: Option<RetrySchedule>,
+    /// Where the next page starts (`updated_at_from`, offset of the cases
+    /// at exactly that instant already read). The persisted watermark alone
+    /// cannot say it when many cases share one `updated_at`; after a
+    /// restart the listing resumes at the watermark and re-reads those.
+    cursor: Option<Cursor>,
+    /// The last turn stopped at `max_pages` on a full page.
+    more: bool,
 }
+
+/// A key-set position in a listing sorted by `updated_at` ascending.
+///
+/// The API pages by offset only, so the position is "from `from`, skipping
+/// the `seen` cases at exactly that instant". Offsets shift when a case
+/// already read at that instant changes again (a failed case retried): to
+/// notice it, the next page overlaps the last by one case, which must be
+/// `last_id`, still at `from`; if it is not, the cases at that instant are
+/// read again from offset 0 (a re-read is recognised and costs no report).
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    from: DateTime<Utc>,
+    seen: u64,
+    last_id: Option<Uuid>,
+}
+
+/// Cleanup pages read per turn before failure listings get their chance
+/// again: a burst of completions is worked off in slices.
+const CLEANUP_PAGES_PER_TURN: usize = 2;
 
 impl CaseTracker {
     pub fn new(
@@ -124,8 +174,19 @@ impl CaseTracker {
     }
 
     /// Run until `stop` is cancelled.
+    ///
+    /// Scheduling: the reports stream of a queue with open cases is listed
+    /// every `poll_interval` (sooner while its pages come back full); the
+    /// cleanup stream (completions) every `watch_interval` while its pages
+    /// come back short, and slice by slice while they are full, always
+    /// after any reports stream that is due. Queues whose cases all ended
+    /// failed/canceled are listed every `watch_interval`.
     pub async fn run(mut self, stop: CancellationToken) {
-        let mut queues: HashMap<Uuid, QueueState> = HashMap::new();
+        let mut units: HashMap<(Uuid, ListingStream), Unit> = HashMap::new();
+        // Per queue, when its last speculative listing (one not continuing a
+        // full page) started: at most one per poll interval, whichever
+        // stream, so an idle queue costs one request per interval.
+        let mut last_speculative: HashMap<Uuid, Instant> = HashMap::new();
         let mut next_expiry = Instant::now();
         loop {
             if stop.is_cancelled() {
@@ -137,35 +198,70 @@ impl CaseTracker {
                 next_expiry = now + EXPIRY_EVERY;
             }
             let tracked = self.outbox.tracked_queues();
-            queues.retain(|q, _| tracked.iter().any(|t| t.queue_id == *q));
+            units.retain(|(q, _), _| tracked.iter().any(|t| t.queue_id == *q));
+            last_speculative.retain(|q, _| tracked.iter().any(|t| t.queue_id == *q));
             let mut wake = next_expiry;
-            let mut due: Option<(Instant, Uuid)> = None;
+            // Continuations first (reports before cleanup), then speculative
+            // listings by how long they have been due, so the cleanup stream
+            // gets the per-queue slot too.
+            let mut due: Option<((bool, ListingStream, Instant), Uuid, ListingStream)> = None;
             for t in &tracked {
-                // A queue seen for the first time is listed one interval
-                // later: its cases were only just created.
-                let st = queues.entry(t.queue_id).or_insert_with(|| QueueState {
-                    next_at: now + self.cfg.poll_interval,
-                    failures: None,
-                });
-                if t.open > 0 {
-                    st.next_at = st.next_at.min(now + self.cfg.poll_interval);
-                }
-                if st.next_at <= now {
-                    if due.is_none_or(|(at, _)| st.next_at < at) {
-                        due = Some((st.next_at, t.queue_id));
+                let slot_at = last_speculative
+                    .get(&t.queue_id)
+                    .map_or(now, |at| *at + self.cfg.poll_interval);
+                for &stream in self.cfg.streams() {
+                    // A queue seen for the first time is listed one interval
+                    // later: its cases were only just created.
+                    let u = units.entry((t.queue_id, stream)).or_insert_with(|| Unit {
+                        next_at: now + self.cfg.poll_interval,
+                        failures: None,
+                        cursor: None,
+                        more: false,
+                    });
+                    if stream == ListingStream::Reports && t.open > 0 && u.failures.is_none() {
+                        u.next_at = u.next_at.min(now + self.cfg.poll_interval);
                     }
-                } else {
-                    wake = wake.min(st.next_at);
+                    let continuation = u.more;
+                    let at = if continuation {
+                        u.next_at
+                    } else {
+                        u.next_at.max(slot_at)
+                    };
+                    if at <= now {
+                        let key = if continuation {
+                            (false, stream, u.next_at)
+                        } else {
+                            (true, ListingStream::Reports, u.next_at)
+                        };
+                        if due.is_none_or(|(k, _, _)| key < k) {
+                            due = Some((key, t.queue_id, stream));
+                        }
+                    } else {
+                        wake = wake.min(at);
+                    }
                 }
             }
-            let Some((_, queue)) = due else {
+            let Some(((speculative, _, _), queue, stream)) = due else {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake.min(now + self.cfg.poll_interval)) => {}
                     _ = stop.cancelled() => return,
                 }
                 continue;
             };
-            let result = self.list_queue(queue, &stop).await;
+            if speculative {
+                last_speculative.insert(queue, now);
+            }
+            let max_pages = match stream {
+                ListingStream::Reports => usize::MAX,
+                ListingStream::Cleanup => CLEANUP_PAGES_PER_TURN,
+            };
+            let (mut cursor, continuation) = units
+                .get_mut(&(queue, stream))
+                .map(|u| (u.cursor.take(), u.more))
+                .unwrap_or_default();
+            let result = self
+                .list(queue, stream, max_pages, &mut cursor, continuation, &stop)
+                .await;
             let now = Instant::now();
             let open = self
                 .outbox
@@ -174,50 +270,76 @@ impl CaseTracker {
                 .find(|t| t.queue_id == queue)
                 .map(|t| t.open)
                 .unwrap_or(0);
-            let Some(st) = queues.get_mut(&queue) else {
+            let Some(u) = units.get_mut(&(queue, stream)) else {
                 continue;
             };
+            u.cursor = cursor;
+            u.more = matches!(result, Ok(true));
             match result {
-                Ok(()) => {
-                    st.failures = None;
-                    st.next_at = now
-                        + if open > 0 {
-                            self.cfg.poll_interval
-                        } else {
-                            self.cfg.watch_interval
-                        };
+                Ok(more) => {
+                    u.failures = None;
+                    u.next_at = if more {
+                        now
+                    } else if stream == ListingStream::Reports && open > 0 {
+                        now + self.cfg.poll_interval
+                    } else {
+                        now + self.cfg.watch_interval
+                    };
                 }
                 Err(TrackError::Stopped) => return,
                 Err(e) => {
-                    let delay = st
+                    let delay = u
                         .failures
                         .get_or_insert_with(|| self.retry.new_schedule())
                         .next_delay()
                         .max(self.cfg.poll_interval);
-                    tracing::warn!(%queue, error = %e, retry_in_ms = delay.as_millis() as u64,
+                    tracing::warn!(%queue, stream = stream.as_str(), error = %e,
+                        retry_in_ms = delay.as_millis() as u64,
                         "case tracking: listing failed; the watermark stays, nothing is lost");
-                    st.next_at = now + delay;
+                    u.next_at = now + delay;
                 }
             }
         }
     }
 
-    /// One listing cycle of a queue: pages from the watermark until a page
-    /// comes back short.
-    async fn list_queue(
+    /// One listing turn of a queue's stream: pages from the watermark until
+    /// a page comes back short (returns `false`) or `max_pages` full pages
+    /// were read (returns `true`: more to read).
+    ///
+    /// `cursor` carries the key-set position from one turn to the next. A
+    /// turn that does not continue a full page starts `lookback` before the
+    /// watermark when a lookback is configured (re-reading what changed in
+    /// that span, on purpose), else where the last turn stopped.
+    async fn list(
         &mut self,
         queue: Uuid,
+        stream: ListingStream,
+        max_pages: usize,
+        cursor: &mut Option<Cursor>,
+        continuation: bool,
         stop: &CancellationToken,
-    ) -> Result<(), TrackError> {
+    ) -> Result<bool, TrackError> {
         let watermark = self
             .outbox
-            .watermark(queue)?
+            .watermark(queue, stream)?
             .unwrap_or_else(|| Utc::now() - chrono::Duration::seconds(60));
         let lookback = chrono::Duration::from_std(self.cfg.lookback).unwrap_or_default();
-        let mut from: DateTime<Utc> = watermark - lookback;
-        let mut offset: u64 = 0;
+        let resume = cursor.take();
+        let mut cur = match resume {
+            Some(c) if continuation || lookback.is_zero() => c,
+            _ => Cursor {
+                from: watermark - lookback,
+                seen: 0,
+                last_id: None,
+            },
+        };
         let mut high = watermark;
+        let mut pages = 0usize;
         loop {
+            let (offset, expect) = match cur.last_id {
+                Some(id) if cur.seen > 0 => (cur.seen - 1, Some(id)),
+                _ => (cur.seen, None),
+            };
             let permit = tokio::select! {
                 p = self.gate.acquire(RequestClass::Track) => p,
                 _ = stop.cancelled() => return Err(TrackError::Stopped),
@@ -225,8 +347,8 @@ impl CaseTracker {
             let q = ListQuery {
                 limit: Some(PAGE_SIZE),
                 offset: (offset > 0).then_some(offset),
-                status: self.cfg.statuses.clone(),
-                updated_at_from: Some(from),
+                status: self.cfg.statuses(stream),
+                updated_at_from: Some(cur.from),
                 sort_by: Some(SortBy::UpdatedAt),
                 sort_order: Some(SortOrder::Asc),
                 ..ListQuery::default()
@@ -244,7 +366,7 @@ impl CaseTracker {
                         &ServerFeedback::from_info(&resp.rate, SystemTime::now())
                             .with_status(resp.status.as_u16()),
                     );
-                    count_request(&resp.status.as_u16().to_string());
+                    count_request(stream, &resp.status.as_u16().to_string());
                     resp.body.cases
                 }
                 Err(e) => {
@@ -257,56 +379,79 @@ impl CaseTracker {
                         None => drop(permit),
                     }
                     count_request(
+                        stream,
                         &e.status()
                             .map(|s| s.as_u16().to_string())
                             .unwrap_or_else(|| "transport_error".into()),
                     );
                     if e.status().map(|s| s.as_u16()) == Some(400)
-                        && self.cfg.statuses.contains(&CaseStatus::Canceled)
+                        && self.cfg.report_statuses.contains(&CaseStatus::Canceled)
+                        && stream == ListingStream::Reports
                     {
                         // The contract does not list `canceled` among the
                         // filter values; if this server refuses it, track
                         // without it (canceled cases then end by TTL).
                         tracing::warn!(error = %e,
                             "the API refused the status filter; listing without `canceled` from now on");
-                        self.cfg.statuses.retain(|s| *s != CaseStatus::Canceled);
+                        self.cfg
+                            .report_statuses
+                            .retain(|s| *s != CaseStatus::Canceled);
                     }
                     return Err(e.into());
                 }
             };
+            if let Some(id) = expect
+                && offset > 0
+                && page.first().map(|c| (c.id, c.updated_at)) != Some((id, cur.from))
+            {
+                // The cases at `cur.from` changed since the last page: read
+                // them again from the start rather than skip one.
+                metrics::counter!("duvo_bridge_tracking_rereads_total").increment(1);
+                cur.seen = 0;
+                cur.last_id = None;
+                continue;
+            }
+            pages += 1;
             let full = page.len() as u32 >= PAGE_SIZE;
             if let Some(last) = page.last() {
                 let last_at = last.updated_at;
                 if last_at > high {
                     high = last_at;
                 }
-                // Key-set paging: resume at the last instant, skipping the
-                // cases of this page already read at exactly that instant.
-                let at_last = page
-                    .iter()
-                    .rev()
-                    .take_while(|c| c.updated_at == last_at)
-                    .count() as u64;
-                if last_at == from {
-                    offset += page.len() as u64;
+                if last_at == cur.from {
+                    cur.seen = offset + page.len() as u64;
                 } else {
-                    from = last_at;
-                    offset = at_last;
+                    cur.from = last_at;
+                    cur.seen = page
+                        .iter()
+                        .rev()
+                        .take_while(|c| c.updated_at == last_at)
+                        .count() as u64;
                 }
+                cur.last_id = Some(last.id);
             }
-            let outcome = self.outbox.apply_listing(queue, &page, high).await?;
+            let outcome = self
+                .outbox
+                .apply_listing(queue, stream, &page, high)
+                .await?;
             if outcome.transitions > 0 {
-                tracing::debug!(%queue, ours = outcome.ours, transitions = outcome.transitions,
-                    reports = outcome.reports, finished = outcome.finished, "case tracking page applied");
+                tracing::debug!(%queue, stream = stream.as_str(), ours = outcome.ours,
+                    transitions = outcome.transitions, reports = outcome.reports,
+                    finished = outcome.finished, "case tracking page applied");
             }
             metrics::counter!("duvo_bridge_tracking_transitions_total")
                 .increment(outcome.transitions);
             metrics::counter!("duvo_bridge_tracking_finished_total").increment(outcome.finished);
             let lag = (Utc::now() - high).num_milliseconds().max(0) as f64 / 1000.0;
-            metrics::gauge!("duvo_bridge_tracking_watermark_lag_seconds", "queue" => queue.to_string())
-                .set(lag);
+            metrics::gauge!("duvo_bridge_tracking_watermark_lag_seconds",
+                "queue" => queue.to_string(), "stream" => stream.as_str())
+            .set(lag);
+            *cursor = Some(cur);
             if !full {
-                return Ok(());
+                return Ok(false);
+            }
+            if pages >= max_pages {
+                return Ok(true);
             }
         }
     }
@@ -339,8 +484,9 @@ impl CaseTracker {
     }
 }
 
-fn count_request(outcome: &str) {
+fn count_request(stream: ListingStream, outcome: &str) {
     metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "list_cases", "outcome" => outcome.to_string())
         .increment(1);
-    metrics::counter!("duvo_bridge_tracking_requests_total").increment(1);
+    metrics::counter!("duvo_bridge_tracking_requests_total", "stream" => stream.as_str())
+        .increment(1);
 }

@@ -311,3 +311,74 @@ grace_period_secs = 2
         outbox = dir.join("outbox").display(),
     )
 }
+
+/// Send `signal` (e.g. "TERM", "HUP") to a child process with kill(1).
+pub fn send_signal(child: &std::process::Child, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{signal} {}", child.id());
+}
+
+/// The value of an unlabelled sample `name` on the admin listener's
+/// `/metrics`, if the scrape works and the sample is there.
+pub async fn scrape_metric(admin: u16, name: &str) -> Option<f64> {
+    let body = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A bridge configuration file for the real binary: one HTTP source `oms`
+/// on `http`, the admin listener on `admin`, the outbox under `dir`, the
+/// API key from `DUVO_API_KEY`; `extra_duvo` lines are added to `[duvo]`
+/// and `extra` at the end of the file (before the source).
+pub fn write_binary_config(
+    dir: &Path,
+    base_url: &str,
+    queue: uuid::Uuid,
+    http: u16,
+    admin: u16,
+    extra_duvo: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("bridge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[duvo]
+base_url = "{base_url}"
+timeout_secs = 5
+{extra_duvo}
+[outbox]
+path = "{outbox}"
+[delivery]
+linger_ms = 50
+retry_initial_ms = 20
+retry_max_ms = 500
+[admin]
+listen = "127.0.0.1:{admin}"
+[shutdown]
+grace_period_secs = 3
+{extra}
+[[sources]]
+type = "http"
+name = "oms"
+listen = "127.0.0.1:{http}"
+queue_id = "{queue}"
+title = "Order {{/order_id}}"
+"#,
+            outbox = dir.join("outbox").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
