@@ -32,8 +32,10 @@ use crate::report::Reporter;
 use crate::report::amqp::AmqpReporter;
 use crate::report::dispatch::{DispatchConfig, ReportDispatcher};
 use crate::report::http::HttpReporter;
+use crate::report::kafka::KafkaReporter;
 use crate::source::amqp::AmqpSource;
 use crate::source::http::HttpSource;
+use crate::source::kafka::KafkaSource;
 use crate::source::{Source, SourceContext};
 use crate::track::{CaseTracker, TrackerConfig};
 
@@ -88,6 +90,7 @@ fn build_reporters(cfg: &Config) -> anyhow::Result<BTreeMap<String, Arc<dyn Repo
         let reporter: Option<Arc<dyn Reporter>> = match s {
             SourceConfig::Http(h) => HttpReporter::from_config(h)?.map(|r| Arc::new(r) as _),
             SourceConfig::Amqp(a) => AmqpReporter::from_config(a)?.map(|r| Arc::new(r) as _),
+            SourceConfig::Kafka(k) => KafkaReporter::from_config(k)?.map(|r| Arc::new(r) as _),
         };
         if let Some(r) = reporter {
             out.insert(s.name().to_string(), r);
@@ -141,6 +144,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             }
             SourceConfig::Amqp(a) => {
                 sources.push(Box::new(AmqpSource::new(a.clone())?));
+            }
+            SourceConfig::Kafka(k) => {
+                sources.push(Box::new(KafkaSource::new(k.clone())?));
             }
         }
     }

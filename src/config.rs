@@ -330,6 +330,7 @@ impl ShutdownConfig {
 pub enum SourceConfig {
     Http(HttpSourceConfig),
     Amqp(AmqpSourceConfig),
+    Kafka(KafkaSourceConfig),
 }
 
 impl SourceConfig {
@@ -338,6 +339,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Http(h) => h.reports(),
             SourceConfig::Amqp(a) => a.reports(),
+            SourceConfig::Kafka(k) => k.failure_topic.is_some(),
         }
     }
 
@@ -345,6 +347,7 @@ impl SourceConfig {
         match self {
             SourceConfig::Http(h) => &h.name,
             SourceConfig::Amqp(a) => &a.name,
+            SourceConfig::Kafka(k) => &k.name,
         }
     }
 }
@@ -569,6 +572,343 @@ pub fn redact_amqp_uri(uri: &str) -> String {
             format!("{scheme}://{user}:***@{host}{tail}")
         }
         None => format!("{scheme}://{authority}{tail}"),
+    }
+}
+
+/// What to do with a Kafka record whose value is not a JSON object (plain
+/// text, another JSON value, bytes that are not UTF-8, an empty value).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaUndecodablePolicy {
+    /// Make a case anyway: `data` is the text (base64 when not UTF-8) and
+    /// the title is `title_fallback`.
+    #[default]
+    Wrap,
+    /// Produce the record unchanged (key, value, headers, plus
+    /// `duvo-bridge-error` and the source topic/partition/offset headers) to
+    /// `dead_letter_topic`, then move on.
+    DeadLetter,
+}
+
+/// Per-topic routing: the cases of records from `topic` go to this queue
+/// with this mapping. Keys left out are taken from the source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaRoute {
+    /// A topic from `topics` (exact name).
+    pub topic: String,
+    /// Duvo queue for this topic's cases.
+    #[serde(default)]
+    pub queue_id: Option<String>,
+    /// Title template for this topic.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Title when the template renders empty (and for wrapped non-JSON).
+    #[serde(default)]
+    pub title_fallback: Option<String>,
+    /// Labels for this topic (replace the source's labels).
+    #[serde(default)]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Static priority for this topic.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// JSON pointer whose value overrides `priority`.
+    #[serde(default)]
+    pub priority_field: Option<String>,
+}
+
+/// librdkafka settings passed through unchanged (`[sources.librdkafka]`),
+/// e.g. `"security.protocol" = "ssl"`. Values may be strings, numbers or
+/// booleans. Values of secret-looking keys (anything containing `password`
+/// or `secret`, and `ssl.key.pem`, `sasl.oauthbearer.config`) are kept as
+/// [`Secret`]s and shown as `[redacted]` in `--print-config`, logs, errors
+/// and `Debug`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct LibrdkafkaSettings(std::collections::BTreeMap<String, Secret>);
+
+impl LibrdkafkaSettings {
+    /// Whether the value of `key` must never be shown.
+    pub fn is_secret_key(key: &str) -> bool {
+        let k = key.to_ascii_lowercase();
+        k.contains("password")
+            || k.contains("secret")
+            || matches!(k.as_str(), "ssl.key.pem" | "sasl.oauthbearer.config")
+    }
+
+    pub fn insert(&mut self, key: &str, value: &str) {
+        self.0.insert(key.to_string(), Secret::new(value));
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(Secret::expose)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    /// Every setting with its real value (to hand to librdkafka only).
+    pub fn iter_exposed(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.expose()))
+    }
+
+    /// Every setting, secret values replaced by `[redacted]`.
+    pub fn iter_redacted(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| {
+            let shown = if Self::is_secret_key(k) {
+                crate::secret::REDACTED
+            } else {
+                v.expose()
+            };
+            (k.as_str(), shown)
+        })
+    }
+
+    /// The secret values, to scrub them from text a library produced.
+    pub fn secret_values(&self) -> impl Iterator<Item = &str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| Self::is_secret_key(k))
+            .map(|(_, v)| v.expose())
+    }
+}
+
+impl std::fmt::Debug for LibrdkafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter_redacted()).finish()
+    }
+}
+
+impl Serialize for LibrdkafkaSettings {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.iter_redacted() {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for LibrdkafkaSettings {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            S(String),
+            I(i64),
+            F(f64),
+            B(bool),
+        }
+        let raw = std::collections::BTreeMap::<String, Scalar>::deserialize(d)?;
+        Ok(LibrdkafkaSettings(
+            raw.into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Scalar::S(s) => s,
+                        Scalar::I(i) => i.to_string(),
+                        Scalar::F(f) => f.to_string(),
+                        Scalar::B(b) => b.to_string(),
+                    };
+                    (k, Secret::new(v))
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// Kafka source: a consumer-group member (librdkafka) reading `topics`.
+/// Offsets are stored only once every record below them is fsync'd in the
+/// outbox, and committed every `auto.commit.interval.ms` (1 s unless set in
+/// `[sources.librdkafka]`) and when partitions are revoked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Unique name; appears in metrics and event identities.
+    pub name: String,
+    /// Bootstrap brokers, `host:port[,host:port...]` (`bootstrap.servers`).
+    pub brokers: String,
+    /// Consumer group; replicas with the same group share the partitions.
+    pub group_id: String,
+    /// Topics to consume (a name starting with `^` is a regex subscription).
+    pub topics: Vec<String>,
+    /// Static group membership (`group.instance.id`): a replica that
+    /// restarts within `session.timeout.ms` (45 s by default) gets its
+    /// partitions back without a rebalance, so the records it had stored but
+    /// not yet committed are re-read by *it* and deduplicated by its own
+    /// outbox. Strongly recommended with several replicas; each replica
+    /// needs its own value.
+    #[serde(default)]
+    pub group_instance_id: Option<String>,
+    /// Environment variable holding `group_instance_id` (e.g. the pod name
+    /// of a StatefulSet), for replicas that share one config file.
+    #[serde(default)]
+    pub group_instance_id_env: Option<String>,
+    /// Duvo queue the cases go to (per topic: `routes`).
+    pub queue_id: String,
+    /// Title template: `{/json/pointer}` fields, `{/ptr|fallback}`.
+    #[serde(default = "default_title")]
+    pub title: String,
+    /// Title when the template renders empty (and for wrapped non-JSON).
+    #[serde(default = "default_title_fallback")]
+    pub title_fallback: String,
+    /// Labels; values may be templates like the title.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Static priority: none, medium or high.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// JSON pointer whose value (none/medium/high) overrides `priority`.
+    #[serde(default)]
+    pub priority_field: Option<String>,
+    /// Per-topic queue and mapping (`[[sources.routes]]`); topics without a
+    /// route use the keys above.
+    #[serde(default)]
+    pub routes: Vec<KafkaRoute>,
+    /// Record header carrying a producer-supplied id used for dedupe
+    /// (checked before `message_id_field`). Without either, a record's
+    /// identity is its topic, partition and offset.
+    #[serde(default)]
+    pub message_id_header: Option<String>,
+    /// JSON pointer of a producer-supplied id used for dedupe when the
+    /// record has no `message_id_header` (e.g. `/event_id`).
+    #[serde(default)]
+    pub message_id_field: Option<String>,
+    /// Policy for values that are not a JSON object: `wrap` or
+    /// `dead_letter` (needs `dead_letter_topic`).
+    #[serde(default)]
+    pub on_undecodable: KafkaUndecodablePolicy,
+    /// Topic for records that cannot become a case (undecodable with
+    /// `on_undecodable = "dead_letter"`, or too large for the API). Without
+    /// it, a too-large record is logged with its coordinates and skipped.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Topic for failure reports (a case ended failed, or the API refused
+    /// the event): keyed by the original record key, with headers naming the
+    /// source topic/partition/offset, case id, status and report id.
+    #[serde(default)]
+    pub failure_topic: Option<String>,
+    /// Most records appended to the outbox in one call (one fsync).
+    #[serde(default = "default_kafka_max_batch")]
+    pub max_batch: usize,
+    /// librdkafka settings passed through (TLS, SASL, timeouts...). The
+    /// bridge sets `bootstrap.servers`, `group.id`, `group.instance.id`,
+    /// `enable.auto.offset.store` (false), `enable.auto.commit` (true),
+    /// `enable.idempotence` and `acks` itself; defaults it sets unless given
+    /// here: `auto.offset.reset = "earliest"`, `auto.commit.interval.ms =
+    /// 1000`, `statistics.interval.ms = 5000`.
+    #[serde(default)]
+    pub librdkafka: LibrdkafkaSettings,
+}
+
+fn default_kafka_max_batch() -> usize {
+    1000
+}
+
+/// librdkafka keys the bridge sets itself, with the config key to use instead.
+pub const KAFKA_RESERVED_KEYS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "brokers"),
+    ("metadata.broker.list", "brokers"),
+    ("group.id", "group_id"),
+    ("group.instance.id", "group_instance_id"),
+    (
+        "enable.auto.offset.store",
+        "(always false: offsets are stored after the fsync)",
+    ),
+    (
+        "enable.auto.commit",
+        "(always true: stored offsets are committed periodically)",
+    ),
+    (
+        "enable.idempotence",
+        "(always true for the failure and dead-letter producers)",
+    ),
+    ("acks", "(always all)"),
+    ("request.required.acks", "(always all)"),
+    ("enable.partition.eof", "(not used)"),
+    ("transactional.id", "(not used)"),
+];
+
+impl KafkaSourceConfig {
+    /// A source with every default, consuming `topics` from `brokers`.
+    pub fn new(name: &str, brokers: &str, group_id: &str, topics: &[&str], queue_id: Uuid) -> Self {
+        KafkaSourceConfig {
+            name: name.to_string(),
+            brokers: brokers.to_string(),
+            group_id: group_id.to_string(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            group_instance_id: None,
+            group_instance_id_env: None,
+            queue_id: queue_id.to_string(),
+            title: default_title(),
+            title_fallback: default_title_fallback(),
+            labels: Default::default(),
+            priority: None,
+            priority_field: None,
+            routes: Vec::new(),
+            message_id_header: None,
+            message_id_field: None,
+            on_undecodable: KafkaUndecodablePolicy::Wrap,
+            dead_letter_topic: None,
+            failure_topic: None,
+            max_batch: default_kafka_max_batch(),
+            librdkafka: LibrdkafkaSettings::default(),
+        }
+    }
+
+    /// The source-wide mapping (topics without a route).
+    pub fn mapping(&self) -> MappingConfig {
+        MappingConfig {
+            title: self.title.clone(),
+            title_fallback: self.title_fallback.clone(),
+            labels: self.labels.clone(),
+            priority: self.priority,
+            priority_field: self.priority_field.clone(),
+        }
+    }
+
+    /// A route's mapping and queue id, with the source's keys filled in.
+    pub fn route_mapping(&self, r: &KafkaRoute) -> (MappingConfig, String) {
+        let m = MappingConfig {
+            title: r.title.clone().unwrap_or_else(|| self.title.clone()),
+            title_fallback: r
+                .title_fallback
+                .clone()
+                .unwrap_or_else(|| self.title_fallback.clone()),
+            labels: r.labels.clone().unwrap_or_else(|| self.labels.clone()),
+            priority: r.priority.or(self.priority),
+            priority_field: r
+                .priority_field
+                .clone()
+                .or_else(|| self.priority_field.clone()),
+        };
+        (
+            m,
+            r.queue_id.clone().unwrap_or_else(|| self.queue_id.clone()),
+        )
+    }
+
+    /// `group_instance_id`, or the value of `group_instance_id_env`.
+    pub fn group_instance_id(&self) -> Result<Option<String>, String> {
+        match (&self.group_instance_id, &self.group_instance_id_env) {
+            (Some(_), Some(_)) => Err(format!(
+                "sources.{}: set group_instance_id or group_instance_id_env, not both",
+                self.name
+            )),
+            (Some(id), None) if id.is_empty() => Err(format!(
+                "sources.{}.group_instance_id must not be empty",
+                self.name
+            )),
+            (Some(id), None) => Ok(Some(id.clone())),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+                _ => Err(format!(
+                    "sources.{}.group_instance_id_env: environment variable {var} is not set or empty",
+                    self.name
+                )),
+            },
+            (None, None) => Ok(None),
+        }
     }
 }
 
@@ -985,6 +1325,7 @@ impl Config {
                     }
                 }
                 SourceConfig::Amqp(a) => errors.extend(check_amqp(a)),
+                SourceConfig::Kafka(k) => errors.extend(check_kafka(k)),
             }
         }
         for (i, (a, addr)) in listens.iter().enumerate() {
@@ -1224,6 +1565,94 @@ fn check_amqp(a: &AmqpSourceConfig) -> Vec<String> {
                 errors.push(format!("{at}.failure_exchange_type needs declare = true"));
             }
         }
+    }
+    errors
+}
+
+fn check_kafka(k: &KafkaSourceConfig) -> Vec<String> {
+    let mut errors = Vec::new();
+    let at = format!("sources.{}", k.name);
+    check_name(&at, &k.name, &mut errors);
+    if k.brokers.trim().is_empty() {
+        errors.push(format!(
+            "{at}.brokers must not be empty (host:port[,host:port...])"
+        ));
+    }
+    if k.group_id.trim().is_empty() {
+        errors.push(format!("{at}.group_id must not be empty"));
+    }
+    if k.topics.is_empty() {
+        errors.push(format!("{at}.topics must name at least one topic"));
+    }
+    let mut seen = BTreeSet::new();
+    for t in &k.topics {
+        if t.trim().is_empty() {
+            errors.push(format!("{at}.topics: a topic name is empty"));
+        } else if !seen.insert(t.as_str()) {
+            errors.push(format!("{at}.topics: {t:?} is listed twice"));
+        }
+    }
+    if let Err(e) = k.group_instance_id() {
+        errors.push(e);
+    }
+    check_routing(
+        &at,
+        &k.queue_id,
+        &k.mapping(),
+        ("message_id_field", k.message_id_field.as_deref()),
+        &mut errors,
+    );
+    let mut routed = BTreeSet::new();
+    for r in &k.routes {
+        let rat = format!("{at}.routes.{}", r.topic);
+        if !k.topics.contains(&r.topic) || r.topic.starts_with('^') {
+            errors.push(format!(
+                "{rat}: the topic is not listed (by exact name) in {at}.topics"
+            ));
+        }
+        if !routed.insert(r.topic.as_str()) {
+            errors.push(format!("{rat}: a topic has at most one route"));
+        }
+        let (mapping, queue_id) = k.route_mapping(r);
+        check_routing(&rat, &queue_id, &mapping, ("", None), &mut errors);
+    }
+    if matches!(&k.message_id_header, Some(h) if h.is_empty()) {
+        errors.push(format!("{at}.message_id_header must not be empty"));
+    }
+    for (key, topic) in [
+        ("dead_letter_topic", &k.dead_letter_topic),
+        ("failure_topic", &k.failure_topic),
+    ] {
+        match topic {
+            Some(t) if t.trim().is_empty() => {
+                errors.push(format!("{at}.{key} must not be empty"));
+            }
+            Some(t) if k.topics.contains(t) => errors.push(format!(
+                "{at}.{key} {t:?} is also consumed by this source (a loop)"
+            )),
+            _ => {}
+        }
+    }
+    if k.on_undecodable == KafkaUndecodablePolicy::DeadLetter && k.dead_letter_topic.is_none() {
+        errors.push(format!(
+            "{at}: on_undecodable = \"dead_letter\" needs dead_letter_topic"
+        ));
+    }
+    if k.max_batch == 0 || k.max_batch > 100_000 {
+        errors.push(format!(
+            "{at}.max_batch must be within 1..=100000 (got {})",
+            k.max_batch
+        ));
+    }
+    for (key, instead) in KAFKA_RESERVED_KEYS {
+        if k.librdkafka.contains_key(key) {
+            errors.push(format!(
+                "{at}.librdkafka.\"{key}\" is set by the bridge; use {instead}"
+            ));
+        }
+    }
+    for e in crate::source::kafka::check_librdkafka(&k.librdkafka) {
+        errors.push(format!("{at}.librdkafka: {e}"));
     }
     errors
 }
@@ -1478,6 +1907,134 @@ failure_routing_key = "k"
             "on_undecodable = \"reject\"\ndead_letter_exchange = \"dlx\"\n",
         ))
         .unwrap();
+    }
+
+    #[test]
+    fn kafka_source_parses_with_defaults_redacts_secrets_and_checks_every_key() {
+        let good = format!(
+            "{GOOD}{}",
+            r#"
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = "127.0.0.1:9092"
+group_id = "duvo-bridge"
+topics = ["orders", "returns"]
+queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
+title = "Order {/order_id}"
+failure_topic = "orders.duvo-failures"
+[[sources.routes]]
+topic = "returns"
+queue_id = "2b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a12"
+title = "Return {/return_id}"
+[sources.librdkafka]
+"security.protocol" = "sasl_ssl"
+"sasl.mechanisms" = "SCRAM-SHA-512"
+"sasl.username" = "bridge"
+"sasl.password" = "kafka-pa55word"
+"ssl.key.password" = "key-pa55word"
+"ssl.keystore.password" = "store-pa55word"
+"session.timeout.ms" = 30000
+"#
+        );
+        let c = Config::parse(&good).unwrap();
+        let SourceConfig::Kafka(k) = &c.sources[1] else {
+            panic!("kafka source expected");
+        };
+        assert_eq!(k.max_batch, 1000);
+        assert_eq!(k.on_undecodable, KafkaUndecodablePolicy::Wrap);
+        assert_eq!(k.librdkafka.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(k.librdkafka.get("sasl.password"), Some("kafka-pa55word"));
+        let (m, q) = k.route_mapping(&k.routes[0]);
+        assert_eq!(m.title, "Return {/return_id}");
+        assert_eq!(q, "2b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a12");
+        let printed = c.to_redacted_toml();
+        let debug = format!("{c:?}");
+        for shown in [&printed, &debug] {
+            assert!(!shown.contains("pa55word"), "{shown}");
+            assert!(shown.contains("sasl_ssl"), "{shown}");
+            assert!(shown.contains("bridge"), "{shown}");
+        }
+        // The printed config is itself a valid config (secrets aside).
+        assert!(Config::parse(&printed).is_ok(), "{printed}");
+
+        let bad = format!(
+            "{GOOD}{}",
+            r#"
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = ""
+group_id = ""
+topics = ["orders", "orders"]
+queue_id = "nope"
+title = "Order {/order_id"
+message_id_field = "event_id"
+message_id_header = ""
+on_undecodable = "dead_letter"
+failure_topic = "orders"
+max_batch = 0
+group_instance_id = "a"
+group_instance_id_env = "B"
+[[sources.routes]]
+topic = "elsewhere"
+queue_id = "also-not-a-uuid"
+[sources.librdkafka]
+"group.id" = "sneaky"
+"no.such.property" = 1
+"sasl.password" = "kafka-pa55word"
+"#
+        );
+        let errs = Config::parse(&bad).unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "sources.orders.brokers must not be empty",
+            "sources.orders.group_id must not be empty",
+            "\"orders\" is listed twice",
+            "sources.orders.queue_id \"nope\"",
+            "sources.orders.title",
+            "message_id_field",
+            "message_id_header must not be empty",
+            "needs dead_letter_topic",
+            "failure_topic \"orders\" is also consumed",
+            "max_batch must be within",
+            "not both",
+            "sources.orders.routes.elsewhere: the topic is not listed",
+            "sources.orders.routes.elsewhere.queue_id",
+            "librdkafka.\"group.id\" is set by the bridge; use group_id",
+            "no.such.property",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        assert!(!all.contains("pa55word"), "{all}");
+        let typo = format!(
+            "{GOOD}[[sources]]\ntype = \"kafka\"\nname = \"k\"\nbrokers = \"h:1\"\ngroup_id = \"g\"\ntopics = [\"t\"]\nqueue_id = \"7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11\"\nfailure_topik = \"x\"\n"
+        );
+        let errs = Config::parse(&typo).unwrap_err().0.join("\n");
+        assert!(errs.contains("failure_topik"), "{errs}");
+    }
+
+    #[test]
+    fn commented_kafka_example_in_repo_is_valid_once_uncommented() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/duvo-bridge.example.toml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text
+            .find("# [[sources]]\n# type = \"kafka\"")
+            .expect("a commented kafka example");
+        let block: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("# #"))
+            .map(|l| format!("{}\n", l.trim_start_matches('#').trim_start()))
+            .collect();
+        let cfg = format!("{GOOD}{block}");
+        match Config::parse(&cfg) {
+            Ok(c) => assert!(matches!(c.sources[1], SourceConfig::Kafka(_))),
+            Err(e) => panic!("{e}\n{block}"),
+        }
     }
 
     #[test]

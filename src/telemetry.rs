@@ -240,6 +240,55 @@ fn describe_all() {
         "duvo_bridge_amqp_reconnects_total",
         "AMQP sessions lost (connection or channel closed) and reopened, by source."
     );
+    // Kafka source (labels: source, and topic + partition where named)
+    describe_counter!(
+        "duvo_bridge_kafka_consumed_total",
+        "Kafka records read, by source, topic and partition."
+    );
+    describe_gauge!(
+        "duvo_bridge_kafka_stored_offset",
+        "Next offset to read, stored after every record below it was durably handled, by partition."
+    );
+    describe_gauge!(
+        "duvo_bridge_kafka_committed_offset",
+        "Offset the broker confirmed as committed for the group, by partition."
+    );
+    describe_gauge!(
+        "duvo_bridge_kafka_lag",
+        "Records on the broker beyond the stored offset (not yet durable in the outbox), by partition."
+    );
+    describe_gauge!(
+        "duvo_bridge_kafka_paused",
+        "1 while a partition is paused because the outbox is over its high-water mark."
+    );
+    describe_gauge!(
+        "duvo_bridge_kafka_connected",
+        "1 while the Kafka consumer reaches the cluster, by source."
+    );
+    describe_counter!(
+        "duvo_bridge_kafka_rebalances_total",
+        "Consumer-group rebalances seen, by source and kind (assign, revoke)."
+    );
+    describe_counter!(
+        "duvo_bridge_kafka_commit_failures_total",
+        "Offset commits the broker refused or that failed (retried at the next interval)."
+    );
+    describe_counter!(
+        "duvo_bridge_kafka_offset_store_errors_total",
+        "Offsets that could not be stored because the partition was no longer assigned."
+    );
+    describe_counter!(
+        "duvo_bridge_kafka_consumer_errors_total",
+        "Errors reported by the Kafka consumer (librdkafka retries them)."
+    );
+    describe_counter!(
+        "duvo_bridge_kafka_consumer_restarts_total",
+        "Kafka consumers re-created after a fatal error, by source."
+    );
+    describe_counter!(
+        "duvo_bridge_kafka_dead_lettered_total",
+        "Records produced to the dead-letter topic, by source and reason."
+    );
     describe_gauge!(
         "duvo_bridge_amqp_reporter_connected",
         "1 while the failure reporter of an AMQP source has an open connection, by source."

@@ -306,6 +306,7 @@ fn amqp_source(uri: &str, queue: &str, cfg: &Config) -> AmqpSourceConfig {
     let queue_id = match &cfg.sources[0] {
         SourceConfig::Http(h) => h.queue_id.parse().unwrap(),
         SourceConfig::Amqp(a) => a.queue_id.parse().unwrap(),
+        SourceConfig::Kafka(k) => k.queue_id.parse().unwrap(),
     };
     let mut a = AmqpSourceConfig::new("rabbit", uri, queue, queue_id);
     a.title = "Order {/order_id}".into();

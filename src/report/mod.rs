@@ -10,6 +10,8 @@
 //! the removal sends the report again, with the same [`Report::id`], which
 //! receivers can use to discard the copy.
 
+pub mod kafka;
+
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

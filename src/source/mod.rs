@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod decode;
 pub mod http;
+pub mod kafka;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;

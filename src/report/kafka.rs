@@ -1,0 +1,281 @@
+//! Failure reports to a Kafka topic: an idempotent producer
+//! (`enable.idempotence=true`, `acks=all`) writes one record per report to
+//! the source's `failure_topic`, keyed by the original record's key, with
+//! headers naming where the event came from and what happened to it, and
+//! the report's JSON body ([`Report::body`]) as value. `send` returns `Ok`
+//! only after the broker acknowledged the record (its delivery report).
+//!
+//! Headers (values are UTF-8 text): `duvo-report-id`, `duvo-event-id`,
+//! `duvo-status`, `duvo-bridge-source`, `duvo-queue-id`, `duvo-case-id` (when
+//! a case exists), `duvo-source-topic`, `duvo-source-partition`,
+//! `duvo-source-offset` (when the event came from Kafka), and
+//! `content-type: application/json`.
+
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::{Report, ReportError, Reporter};
+use crate::config::KafkaSourceConfig;
+use crate::outbox::Origin;
+use crate::source::kafka::{LogContext, Scrubber, describe_config_error, producer_config};
+
+/// How long `send` waits for room in librdkafka's queue before giving up
+/// (the delivery itself is bounded by `message.timeout.ms`).
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a Kafka reporter cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaReporterError {
+    #[error("source {source_name}: failure-report producer: {message}")]
+    Producer {
+        source_name: String,
+        message: String,
+    },
+}
+
+/// Sends a source's failure reports to its `failure_topic`.
+pub struct KafkaReporter {
+    source: String,
+    topic: String,
+    producer: FutureProducer<LogContext>,
+    scrubber: Scrubber,
+}
+
+impl std::fmt::Debug for KafkaReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaReporter")
+            .field("source", &self.source)
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaReporter {
+    /// The reporter of a Kafka source, or `None` without a `failure_topic`.
+    /// The producer connects lazily: a broker that is down now only makes
+    /// the first sends fail (and be retried by the dispatcher).
+    pub fn from_config(
+        cfg: &KafkaSourceConfig,
+    ) -> Result<Option<KafkaReporter>, KafkaReporterError> {
+        let Some(topic) = &cfg.failure_topic else {
+            return Ok(None);
+        };
+        let scrubber = Scrubber::new(&cfg.librdkafka);
+        let producer = producer_config(cfg, "reports")
+            .create_with_context(LogContext {
+                source: cfg.name.clone(),
+                scrubber: scrubber.clone(),
+            })
+            .map_err(|e| KafkaReporterError::Producer {
+                source_name: cfg.name.clone(),
+                message: describe_config_error(&e, &cfg.librdkafka),
+            })?;
+        Ok(Some(KafkaReporter {
+            source: cfg.name.clone(),
+            topic: topic.clone(),
+            producer,
+            scrubber,
+        }))
+    }
+
+    /// The topic reports go to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    async fn produce(&self, report: &Report) -> Result<(), ReportError> {
+        let body = serde_json::to_vec(&report.body())
+            .map_err(|e| ReportError::Refused(format!("encoding the report: {e}")))?;
+        let report_id = report.id.to_string();
+        let event_id = report.event_id.to_string();
+        let queue_id = report.queue_id.to_string();
+        let case_id = report.case_id.map(|c| c.to_string());
+        let mut headers = OwnedHeaders::new_with_capacity(10)
+            .insert(Header {
+                key: "duvo-report-id",
+                value: Some(report_id.as_str()),
+            })
+            .insert(Header {
+                key: "duvo-event-id",
+                value: Some(event_id.as_str()),
+            })
+            .insert(Header {
+                key: "duvo-status",
+                value: Some(report.status.as_str()),
+            })
+            .insert(Header {
+                key: "duvo-bridge-source",
+                value: Some(report.source.as_str()),
+            })
+            .insert(Header {
+                key: "duvo-queue-id",
+                value: Some(queue_id.as_str()),
+            })
+            .insert(Header {
+                key: "content-type",
+                value: Some("application/json"),
+            });
+        if let Some(c) = &case_id {
+            headers = headers.insert(Header {
+                key: "duvo-case-id",
+                value: Some(c.as_str()),
+            });
+        }
+        let mut key = None;
+        if let Some(Origin::Kafka {
+            topic,
+            partition,
+            offset,
+            key_b64,
+        }) = &report.origin
+        {
+            let (partition, offset) = (partition.to_string(), offset.to_string());
+            headers = headers
+                .insert(Header {
+                    key: "duvo-source-topic",
+                    value: Some(topic.as_str()),
+                })
+                .insert(Header {
+                    key: "duvo-source-partition",
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: "duvo-source-offset",
+                    value: Some(offset.as_str()),
+                });
+            key = match key_b64.as_deref().map(base64_decode) {
+                Some(Some(k)) => Some(k),
+                Some(None) => {
+                    return Err(ReportError::Refused(
+                        "the origin's key_b64 is not valid base64".into(),
+                    ));
+                }
+                None => None,
+            };
+        }
+        let mut rec = FutureRecord::<[u8], [u8]>::to(&self.topic)
+            .payload(&body)
+            .headers(headers);
+        if let Some(k) = &key {
+            rec = rec.key(k.as_slice());
+        }
+        match self.producer.send(rec, QUEUE_TIMEOUT).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(self.classify(e)),
+        }
+    }
+
+    fn classify(&self, e: KafkaError) -> ReportError {
+        let text = format!(
+            "topic {}: {}",
+            self.topic,
+            self.scrubber.scrub(&e.to_string())
+        );
+        match e.rdkafka_error_code() {
+            Some(
+                RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition,
+            ) => ReportError::Unreachable(text),
+            _ => ReportError::Refused(text),
+        }
+    }
+}
+
+impl Reporter for KafkaReporter {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn send<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<(), ReportError>> {
+        self.produce(report).boxed()
+    }
+}
+
+/// Standard base64 (padded) back to bytes; `None` when malformed.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    fn val(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let bytes = text.as_bytes();
+    if bytes.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let last = i == bytes.len() / 4 - 1;
+        let pad = chunk.iter().rev().take_while(|c| **c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for c in &chunk[..4 - pad] {
+            n = (n << 6) | val(*c)?;
+        }
+        n <<= 6 * pad as u32;
+        out.push((n >> 16) as u8);
+        if pad < 2 {
+            out.push((n >> 8) as u8);
+        }
+        if pad < 1 {
+            out.push(n as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::amqp::base64;
+
+    #[test]
+    fn base64_round_trips_and_refuses_garbage() {
+        for input in [
+            &b""[..],
+            b"f",
+            b"fo",
+            b"foo",
+            b"foob",
+            b"fooba",
+            b"foobar",
+            &[0xff, 0xfe, 0, 1],
+        ] {
+            assert_eq!(base64_decode(&base64(input)).as_deref(), Some(input));
+        }
+        assert_eq!(base64_decode("Zm9v"), Some(b"foo".to_vec()));
+        assert_eq!(base64_decode("Zm9"), None);
+        assert_eq!(base64_decode("Zm9*"), None);
+        assert_eq!(base64_decode("Zg==Zg=="), None);
+        assert_eq!(base64_decode("Z==="), None);
+    }
+
+    #[tokio::test]
+    async fn no_failure_topic_means_no_reporter() {
+        let cfg = KafkaSourceConfig::new("k", "127.0.0.1:1", "g", &["t"], uuid::Uuid::nil());
+        assert!(KafkaReporter::from_config(&cfg).unwrap().is_none());
+        let mut with = cfg.clone();
+        with.failure_topic = Some("t.failures".into());
+        let r = KafkaReporter::from_config(&with).unwrap().unwrap();
+        assert_eq!(r.kind(), "kafka");
+        assert_eq!(r.topic(), "t.failures");
+    }
+}

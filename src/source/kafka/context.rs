@@ -1,0 +1,339 @@
+//! The consumer's context: rebalance, commit, statistics and error
+//! callbacks, and the partition state they share with the consume loop.
+//!
+//! Every callback runs inside a poll of the consumer, and the consume loop
+//! polls only between batches (never while an append is in flight), so the
+//! assignment the loop sees cannot change under a running append. Records
+//! that were received in a batch but whose partition was revoked before the
+//! batch was appended are recognised by the *epoch* (a counter bumped at
+//! every revocation) and dropped unappended: the partition's next owner
+//! reads them from the committed offset.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::client::{Scrubber, log_librdkafka};
+use super::offsets::Tp;
+use crate::admin::Health;
+
+/// Partition state shared by the consume loop and the callbacks.
+pub struct Shared {
+    pub source: String,
+    health: Health,
+    health_key: String,
+    scrubber: Scrubber,
+    /// Bumped at every revocation.
+    epoch: AtomicU64,
+    state: Mutex<PartState>,
+}
+
+#[derive(Default)]
+struct PartState {
+    assigned: BTreeSet<Tp>,
+    /// Epoch at which each partition was last revoked.
+    revoked_at: HashMap<Tp, u64>,
+    /// Last offset stored (next record to read) per partition.
+    stored: HashMap<Tp, i64>,
+    /// Last offset the broker confirmed as committed per partition.
+    committed: HashMap<Tp, i64>,
+    paused: bool,
+    connected: Option<bool>,
+}
+
+fn labels(source: &str, tp: &Tp) -> [(&'static str, String); 3] {
+    [
+        ("source", source.to_string()),
+        ("topic", tp.0.clone()),
+        ("partition", tp.1.to_string()),
+    ]
+}
+
+impl Shared {
+    pub fn new(source: &str, health: Health, health_key: String, scrubber: Scrubber) -> Shared {
+        Shared {
+            source: source.to_string(),
+            health,
+            health_key,
+            scrubber,
+            epoch: AtomicU64::new(0),
+            state: Mutex::new(PartState::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PartState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn scrub(&self, text: &str) -> String {
+        self.scrubber.scrub(text)
+    }
+
+    /// The current epoch; read it after a record was received.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Whether a record of `tp` received at `epoch` may still be appended
+    /// and its offset stored (its partition was not revoked since).
+    pub fn still_owned(&self, tp: &Tp, epoch: u64) -> bool {
+        let st = self.lock();
+        st.assigned.contains(tp) && st.revoked_at.get(tp).is_none_or(|r| *r <= epoch)
+    }
+
+    pub fn assigned(&self) -> Vec<Tp> {
+        self.lock().assigned.iter().cloned().collect()
+    }
+
+    pub fn note_stored(&self, tp: &Tp, offset: i64) {
+        self.lock().stored.insert(tp.clone(), offset);
+        metrics::gauge!("duvo_bridge_kafka_stored_offset", &labels(&self.source, tp))
+            .set(offset as f64);
+    }
+
+    /// Record the backpressure state and publish the per-partition gauge.
+    pub fn set_paused(&self, paused: bool) {
+        let mut st = self.lock();
+        st.paused = paused;
+        for tp in &st.assigned {
+            metrics::gauge!("duvo_bridge_kafka_paused", &labels(&self.source, tp)).set(if paused {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Broker connectivity as seen by the callbacks: drives `/readyz` and
+    /// `duvo_bridge_kafka_connected`.
+    pub fn set_connected(&self, up: bool, reason: &str) {
+        let changed = {
+            let mut st = self.lock();
+            let changed = st.connected != Some(up);
+            st.connected = Some(up);
+            changed
+        };
+        if !changed {
+            return;
+        }
+        metrics::gauge!("duvo_bridge_kafka_connected", "source" => self.source.clone())
+            .set(if up { 1.0 } else { 0.0 });
+        if up {
+            tracing::info!(source = %self.source, "kafka: connected to the cluster");
+            self.health.set_ready(&self.health_key);
+        } else {
+            tracing::warn!(source = %self.source, reason, "kafka: no broker reachable");
+            self.health
+                .set_unready(&self.health_key, reason.to_string());
+        }
+    }
+
+    /// The stored offsets of `tps` not yet known to be committed.
+    fn uncommitted(&self, tps: &[Tp]) -> Vec<(Tp, i64)> {
+        let st = self.lock();
+        tps.iter()
+            .filter_map(|tp| {
+                let s = *st.stored.get(tp)?;
+                (st.committed.get(tp) != Some(&s)).then(|| (tp.clone(), s))
+            })
+            .collect()
+    }
+}
+
+fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+/// The consumer's [`ConsumerContext`].
+pub struct KafkaContext {
+    pub shared: Arc<Shared>,
+}
+
+impl ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_librdkafka(
+            &self.shared.source,
+            &self.shared.scrubber,
+            level,
+            fac,
+            log_message,
+        );
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let s = &self.shared;
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
+            s.set_connected(false, "all Kafka brokers are down");
+        }
+        tracing::warn!(
+            source = %s.source,
+            error = %s.scrub(&error.to_string()),
+            reason = %s.scrub(reason),
+            "kafka consumer error"
+        );
+    }
+
+    fn stats(&self, st: Statistics) {
+        let s = &self.shared;
+        let up = st
+            .brokers
+            .values()
+            .any(|b| b.state == "UP" && b.nodeid >= 0);
+        if up {
+            s.set_connected(true, "");
+        }
+        let assigned = s.lock().assigned.clone();
+        for (topic, t) in &st.topics {
+            for (p, ps) in &t.partitions {
+                let tp = (topic.clone(), *p);
+                if *p < 0 || !assigned.contains(&tp) {
+                    continue;
+                }
+                // Lag behind what is durable in the outbox; before the first
+                // store, behind the committed offset.
+                let lag = if ps.consumer_lag_stored >= 0 {
+                    ps.consumer_lag_stored
+                } else {
+                    ps.consumer_lag
+                };
+                if lag >= 0 {
+                    metrics::gauge!("duvo_bridge_kafka_lag", &labels(&s.source, &tp))
+                        .set(lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for KafkaContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let s = &self.shared;
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let tps = tps_of(tpl);
+                // Commit what is stored for the revoked partitions before
+                // they go, so the next owner starts right after the last
+                // record that is durable here.
+                let pending = s.uncommitted(&tps);
+                if !pending.is_empty() && !consumer.assignment_lost() {
+                    let mut c = TopicPartitionList::new();
+                    for ((t, p), o) in &pending {
+                        let _ = c.add_partition_offset(t, *p, Offset::Offset(*o));
+                    }
+                    match consumer.commit(&c, CommitMode::Sync) {
+                        Ok(()) => {
+                            let mut st = s.lock();
+                            for (tp, o) in &pending {
+                                st.committed.insert(tp.clone(), *o);
+                                metrics::gauge!(
+                                    "duvo_bridge_kafka_committed_offset",
+                                    &labels(&s.source, tp)
+                                )
+                                .set(*o as f64);
+                            }
+                        }
+                        Err(e) => tracing::warn!(
+                            source = %s.source, error = %e,
+                            "commit on revocation failed; the next owner re-reads from the last commit (dedupe absorbs what this replica re-reads)"
+                        ),
+                    }
+                }
+                let epoch = s.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                let mut st = s.lock();
+                for tp in &tps {
+                    st.assigned.remove(tp);
+                    st.revoked_at.insert(tp.clone(), epoch);
+                    metrics::gauge!("duvo_bridge_kafka_paused", &labels(&s.source, tp)).set(0.0);
+                }
+                drop(st);
+                metrics::counter!("duvo_bridge_kafka_rebalances_total", "source" => s.source.clone(), "kind" => "revoke").increment(1);
+                tracing::info!(
+                    source = %s.source,
+                    partitions = %fmt_tps(&tps),
+                    lost = consumer.assignment_lost(),
+                    "kafka: partitions revoked"
+                );
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(source = %s.source, error = %e, "kafka: rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let s = &self.shared;
+        if let Rebalance::Assign(tpl) = rebalance {
+            let tps = tps_of(tpl);
+            let paused = {
+                let mut st = s.lock();
+                for tp in &tps {
+                    st.assigned.insert(tp.clone());
+                }
+                st.paused
+            };
+            if paused
+                && !tps.is_empty()
+                && let Err(e) = consumer.pause(tpl)
+            {
+                tracing::warn!(source = %s.source, error = %e, "kafka: pausing new partitions failed");
+            }
+            for tp in &tps {
+                metrics::gauge!("duvo_bridge_kafka_paused", &labels(&s.source, tp))
+                    .set(if paused { 1.0 } else { 0.0 });
+            }
+            // Joining the group took a working coordinator connection.
+            s.set_connected(true, "");
+            metrics::counter!("duvo_bridge_kafka_rebalances_total", "source" => s.source.clone(), "kind" => "assign").increment(1);
+            tracing::info!(source = %s.source, partitions = %fmt_tps(&tps), "kafka: partitions assigned");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let s = &self.shared;
+        match result {
+            Ok(()) => {
+                let mut st = s.lock();
+                for e in offsets.elements() {
+                    if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
+                        let tp = (e.topic().to_string(), e.partition());
+                        metrics::gauge!(
+                            "duvo_bridge_kafka_committed_offset",
+                            &labels(&s.source, &tp)
+                        )
+                        .set(o as f64);
+                        st.committed.insert(tp, o);
+                    }
+                }
+            }
+            // Nothing was stored since the last commit.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                metrics::counter!("duvo_bridge_kafka_commit_failures_total", "source" => s.source.clone()).increment(1);
+                tracing::warn!(source = %s.source, error = %e, "kafka: offset commit failed (retried at the next interval)");
+            }
+        }
+    }
+}
+
+pub fn fmt_tps(tps: &[Tp]) -> String {
+    tps.iter()
+        .map(|(t, p)| format!("{t}[{p}]"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

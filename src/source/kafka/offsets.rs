@@ -1,0 +1,201 @@
+//! Which offset may be stored per partition after a batch.
+//!
+//! The invariant: the offset stored for a partition is one past the highest
+//! offset below which *every* record of that partition in the batch is
+//! durably handled (appended to the outbox, produced to the dead-letter
+//! topic, or deliberately skipped). A record that failed stops the
+//! partition there: nothing at or above it is stored, and the consumer is
+//! sent back to it (`seek`) so it is read again; records after it that did
+//! make it into the outbox come back as duplicates and are absorbed by the
+//! outbox's dedupe.
+
+/// A topic and partition.
+pub type Tp = (String, i32);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    /// Lowest offset of the partition in the batch.
+    first: i64,
+    /// Highest offset seen (records arrive in offset order per partition).
+    last: i64,
+    /// Lowest offset that failed, if any.
+    failed: Option<i64>,
+}
+
+/// What to do for one partition once a batch is handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionOutcome {
+    pub tp: Tp,
+    /// Offset to store (the next record to read), if there was progress.
+    pub store: Option<i64>,
+    /// Offset to seek back to, when a record failed.
+    pub seek: Option<i64>,
+    /// Records of the partition in the batch.
+    pub records: u64,
+}
+
+/// Per-partition progress of one batch. Partitions are few per batch, so a
+/// vector with linear lookup beats a map.
+#[derive(Debug, Default)]
+pub struct BatchOffsets {
+    parts: Vec<(Tp, Progress, u64)>,
+}
+
+impl BatchOffsets {
+    fn slot(&mut self, topic: &str, partition: i32, offset: i64) -> &mut (Tp, Progress, u64) {
+        let i = match self
+            .parts
+            .iter()
+            .position(|((t, p), _, _)| *p == partition && t == topic)
+        {
+            Some(i) => i,
+            None => {
+                self.parts.push((
+                    (topic.to_string(), partition),
+                    Progress {
+                        first: offset,
+                        last: offset,
+                        failed: None,
+                    },
+                    0,
+                ));
+                self.parts.len() - 1
+            }
+        };
+        &mut self.parts[i]
+    }
+
+    /// A record of the batch (handled successfully unless `fail`ed later).
+    pub fn record(&mut self, topic: &str, partition: i32, offset: i64) {
+        let (_, p, n) = self.slot(topic, partition, offset);
+        *n += 1;
+        p.first = p.first.min(offset);
+        p.last = p.last.max(offset);
+    }
+
+    /// The record at `offset` could not be handled.
+    pub fn fail(&mut self, topic: &str, partition: i32, offset: i64) {
+        let (_, p, _) = self.slot(topic, partition, offset);
+        p.failed = Some(p.failed.map_or(offset, |f| f.min(offset)));
+    }
+
+    /// Every record of the batch failed (the outbox append failed).
+    pub fn fail_all(&mut self) {
+        for (_, p, _) in &mut self.parts {
+            p.failed = Some(p.first);
+        }
+    }
+
+    /// Whether the record at `offset` comes after a failure in its
+    /// partition (so handling it now would be wasted: it is read again).
+    pub fn blocked(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.parts
+            .iter()
+            .find(|((t, p), _, _)| *p == partition && t == topic)
+            .and_then(|(_, p, _)| p.failed)
+            .is_some_and(|f| offset >= f)
+    }
+
+    /// The outcome per partition, given the offsets seen in the batch.
+    /// `offsets_of` lists the batch's offsets of a partition (to find the
+    /// highest one below a failure).
+    pub fn outcomes(&self, offsets_of: impl Fn(&Tp) -> Vec<i64>) -> Vec<PartitionOutcome> {
+        self.parts
+            .iter()
+            .map(|(tp, p, n)| {
+                let (store, seek) = match p.failed {
+                    None => (Some(p.last + 1), None),
+                    Some(f) => {
+                        let below = offsets_of(tp).into_iter().filter(|o| *o < f).max();
+                        (below.map(|o| o + 1), Some(f))
+                    }
+                };
+                PartitionOutcome {
+                    tp: tp.clone(),
+                    store,
+                    seek,
+                    records: *n,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcomes(b: &BatchOffsets, offsets: &[(&str, i32, i64)]) -> Vec<PartitionOutcome> {
+        b.outcomes(|(t, p)| {
+            offsets
+                .iter()
+                .filter(|(tt, pp, _)| tt == t && pp == p)
+                .map(|(_, _, o)| *o)
+                .collect()
+        })
+    }
+
+    #[test]
+    fn without_failures_the_next_offset_after_the_highest_is_stored() {
+        let recs = [
+            ("a", 0, 10),
+            ("a", 1, 5),
+            ("a", 0, 11),
+            ("a", 0, 14),
+            ("b", 0, 0),
+        ];
+        let mut b = BatchOffsets::default();
+        for (t, p, o) in recs {
+            b.record(t, p, o);
+        }
+        let out = outcomes(&b, &recs);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].tp, ("a".to_string(), 0));
+        assert_eq!(
+            (out[0].store, out[0].seek, out[0].records),
+            (Some(15), None, 3)
+        );
+        assert_eq!((out[1].store, out[1].seek), (Some(6), None));
+        assert_eq!((out[2].store, out[2].seek), (Some(1), None));
+    }
+
+    #[test]
+    fn a_failure_stops_its_partition_there_and_only_there() {
+        let recs = [
+            ("a", 0, 10),
+            ("a", 0, 11),
+            ("a", 0, 12),
+            ("a", 1, 3),
+            ("a", 0, 13),
+        ];
+        let mut b = BatchOffsets::default();
+        for (t, p, o) in recs {
+            b.record(t, p, o);
+        }
+        b.fail("a", 0, 12);
+        assert!(b.blocked("a", 0, 13));
+        assert!(b.blocked("a", 0, 12));
+        assert!(!b.blocked("a", 0, 11));
+        assert!(!b.blocked("a", 1, 3));
+        b.fail("a", 0, 13); // a later failure does not move the stop
+        let out = outcomes(&b, &recs);
+        assert_eq!((out[0].store, out[0].seek), (Some(12), Some(12)));
+        assert_eq!((out[1].store, out[1].seek), (Some(4), None));
+    }
+
+    #[test]
+    fn a_failure_on_the_first_record_stores_nothing_and_fail_all_rewinds_everything() {
+        let recs = [("a", 0, 10), ("a", 0, 11), ("a", 1, 7)];
+        let mut b = BatchOffsets::default();
+        for (t, p, o) in recs {
+            b.record(t, p, o);
+        }
+        b.fail("a", 0, 10);
+        let out = outcomes(&b, &recs);
+        assert_eq!((out[0].store, out[0].seek), (None, Some(10)));
+        b.fail_all();
+        let out = outcomes(&b, &recs);
+        assert_eq!((out[0].store, out[0].seek), (None, Some(10)));
+        assert_eq!((out[1].store, out[1].seek), (None, Some(7)));
+    }
+}
