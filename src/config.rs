@@ -1720,6 +1720,7 @@ title = "Order {/order_id}"
         let block = &amqp[amqp.find("# [[sources]]").expect("a commented [[sources]]")..];
         let uncommented: String = block
             .lines()
+            .take_while(|l| l.starts_with('#'))
             .filter(|l| !l.starts_with("# #"))
             .filter_map(|l| l.strip_prefix("# "))
             .map(|l| format!("{l}\n"))
