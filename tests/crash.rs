@@ -10,14 +10,20 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_nothing() {
+/// A random generator seeded from `CRASH_SEED`, or randomly (printed, so a
+/// failing run can be replayed).
+fn seeded_rng() -> rand::rngs::StdRng {
     let seed: u64 = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
     eprintln!("CRASH_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_nothing() {
+    let mut rng = seeded_rng();
 
     let mut sc = sim_config();
     sc.rate_limit = 1200; // 20 requests/s: delivery overlaps with posting
@@ -138,12 +144,7 @@ title = "Order {{/order_id}}"
 /// drop the copy), and no completed case is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_tracking_loses_no_report() {
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("CRASH_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
 
     let mut sc = sim_config();
     sc.rate_limit = 1200;

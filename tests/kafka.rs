@@ -444,7 +444,7 @@ async fn reporter_produces_keyed_records_with_headers_and_fails_while_the_broker
             topic: "orders".into(),
             partition: 0,
             offset: 1234,
-            key_b64: Some(duvo_bridge::source::amqp::base64(b"ORD-1\xff")),
+            key_b64: Some(duvo_bridge::source::decode::base64(b"ORD-1\xff")),
         }),
         ReportStatus::Failed,
     );

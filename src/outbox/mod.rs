@@ -648,26 +648,23 @@ impl Outbox {
             let rec = self.checked_batch(batch)?;
             let id = rec.event_ids[0];
             let mut ev = self.read_existing_event(id)?;
+            // The report carries the payload: build it before taking it.
+            let report = match &self.inner.cfg.tracking {
+                Some(p) if p.reports(&ev.source, ReportStatus::Rejected) => Some(self.new_report(
+                    id,
+                    &ev,
+                    None,
+                    ReportStatus::Rejected,
+                    format!("{status} {error}: {message}"),
+                    None,
+                    now,
+                )?),
+                _ => None,
+            };
             let case = ev
                 .case
                 .take()
                 .ok_or_else(|| OutboxError::Missing(format!("payload of events/e/{id}")))?;
-            let report = match &self.inner.cfg.tracking {
-                Some(p) if p.reports(&ev.source, ReportStatus::Rejected) => {
-                    let mut r = self.new_report(
-                        id,
-                        &ev,
-                        None,
-                        ReportStatus::Rejected,
-                        format!("{status} {error}: {message}"),
-                        None,
-                        now,
-                    )?;
-                    r.event = case.data.clone();
-                    Some(r)
-                }
-                _ => None,
-            };
             let dead = DeadLetter {
                 id: EventId(id),
                 source: ev.source.clone(),

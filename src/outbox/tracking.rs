@@ -239,7 +239,6 @@ impl Outbox {
                 }
                 outcome.ours += 1;
                 let Some(status) = effective_status(case) else {
-                    ev.tracking = Some(tr);
                     continue;
                 };
                 let known = tr

@@ -23,6 +23,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use super::{Report, ReportError, Reporter};
 use crate::config::KafkaSourceConfig;
 use crate::outbox::Origin;
+use crate::source::decode::base64_decode;
 use crate::source::kafka::{LogContext, Scrubber, describe_config_error, producer_config};
 
 /// How long `send` waits for room in librdkafka's queue before giving up
@@ -203,49 +204,10 @@ impl Reporter for KafkaReporter {
     }
 }
 
-/// Standard base64 (padded) back to bytes; `None` when malformed.
-pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let bytes = text.as_bytes();
-    if bytes.len() % 4 != 0 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    for (i, chunk) in bytes.chunks(4).enumerate() {
-        let last = i == bytes.len() / 4 - 1;
-        let pad = chunk.iter().rev().take_while(|c| **c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut n = 0u32;
-        for c in &chunk[..4 - pad] {
-            n = (n << 6) | val(*c)?;
-        }
-        n <<= 6 * pad as u32;
-        out.push((n >> 16) as u8);
-        if pad < 2 {
-            out.push((n >> 8) as u8);
-        }
-        if pad < 1 {
-            out.push(n as u8);
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::amqp::base64;
+    use crate::source::decode::base64;
 
     #[test]
     fn base64_round_trips_and_refuses_garbage() {

@@ -49,6 +49,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use super::decode::base64;
 use super::{Source, SourceContext, SourceError};
 use crate::config::{AmqpSourceConfig, UndecodablePolicy};
 use crate::deliver::retry::RetryPolicy;
@@ -699,34 +700,6 @@ fn amqp_value_id(v: &AMQPValue) -> Option<String> {
 fn count_rejected(source: &str, reason: &'static str, n: usize) {
     metrics::counter!("duvo_bridge_events_rejected_total", "source" => source.to_string(), "reason" => reason)
         .increment(n as u64);
-}
-
-/// Standard base64 with padding, for wrapping bodies that are not UTF-8
-/// (a dependency for twenty lines is not worth it).
-pub fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
-        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
 }
 
 impl Source for AmqpSource {

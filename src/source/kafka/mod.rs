@@ -54,7 +54,7 @@ pub use client::{
 use context::{KafkaContext, Shared};
 use offsets::{BatchOffsets, Tp};
 
-use super::amqp::base64;
+use super::decode::base64;
 use super::{Source, SourceContext, SourceError};
 use crate::config::{KafkaSourceConfig, KafkaUndecodablePolicy};
 use crate::deliver::retry::RetryPolicy;
