@@ -259,6 +259,11 @@ impl ConsumerContext for KafkaContext {
                     st.assigned.remove(tp);
                     st.revoked_at.insert(tp.clone(), epoch);
                     metrics::gauge!("duvo_bridge_kafka_paused", &labels(&s.source, tp)).set(0.0);
+                    // This replica no longer knows the partition's lag: NaN
+                    // rather than the last value, so a stale number (or a
+                    // stale 0) never speaks for the partition's next owner
+                    // in DuvoBridgeKafkaPartitionStuck.
+                    metrics::gauge!("duvo_bridge_kafka_lag", &labels(&s.source, tp)).set(f64::NAN);
                 }
                 drop(st);
                 metrics::counter!("duvo_bridge_kafka_rebalances_total", "source" => s.source.clone(), "kind" => "revoke").increment(1);
