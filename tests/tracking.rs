@@ -292,3 +292,89 @@ async fn a_per_request_callback_url_is_used_when_allowed() {
     assert_eq!(default_sink.count(), 0);
     h.stop().await;
 }
+
+/// A long run of completions (many full cleanup pages, paced by the
+/// tracking share) must not hold a failure report back: the tracker
+/// alternates reports listings with cleanup slices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_reported_while_a_burst_of_completions_is_still_being_cleaned_up() {
+    let sink = CallbackSink::start().await;
+    let h = Harness::start(
+        duvo_bridge::sim::SimConfig {
+            process_ms: 100,
+            ..sim_config()
+        },
+        |cfg| {
+            with_callback(cfg, &sink.url, "TRACK_TEST_SECRET_BURST");
+            // 600/min, a tenth for tracking: about one listing a second,
+            // so 2,000 completions take some 20 cleanup pages (seconds).
+            cfg.duvo.rate_limit_per_minute = 600;
+            cfg.tracking.share = 0.1;
+        },
+    )
+    .await;
+    for chunk in 0..4 {
+        let body = serde_json::Value::Array(orders(chunk * 500..(chunk + 1) * 500));
+        assert_eq!(h.post(&body, None).await.status(), 202);
+    }
+    expect_cases(&h.sim, 2000, 60).await;
+    let completed = wait_until(Duration::from_secs(30), || async {
+        h.sim
+            .stats()
+            .by_status
+            .get("completed")
+            .copied()
+            .unwrap_or(0)
+            == 2000
+    })
+    .await;
+    assert!(completed, "cases did not complete: {:?}", h.sim.stats());
+
+    // Now a few cases that fail, behind the whole burst of completions.
+    let failing: Vec<serde_json::Value> = (9000..9005)
+        .map(|i| {
+            let mut o = order(i);
+            o["simulate"] = "fail".into();
+            o
+        })
+        .collect();
+    assert_eq!(
+        h.post(&serde_json::Value::Array(failing), None)
+            .await
+            .status(),
+        202
+    );
+    let reported = wait_until(Duration::from_secs(60), || async { sink.count() >= 5 }).await;
+    let still_open: u64 = h
+        .bridge
+        .outbox
+        .tracked_queues()
+        .iter()
+        .map(|q| q.open)
+        .sum();
+    assert!(
+        reported,
+        "failures not reported: {} callbacks",
+        sink.count()
+    );
+    // Reported while most completions were still waiting to be forgotten:
+    // with cleanup slices first, the reports would only come after the
+    // last completion page (nothing left open).
+    assert!(
+        still_open >= 500,
+        "failures were reported only after the cleanup caught up ({still_open} cases still open)"
+    );
+    let cbs = sink.received();
+    assert!(cbs.iter().all(|c| c.json["status"] == "failed"), "{cbs:?}");
+    // And the cleanup does finish: every completion is forgotten.
+    let forgotten = wait_until(Duration::from_secs(90), || async {
+        h.bridge.outbox.tracked_queues().iter().all(|q| q.open == 0)
+    })
+    .await;
+    assert!(
+        forgotten,
+        "completions not forgotten: {:?}",
+        h.bridge.outbox.tracked_queues()
+    );
+    h.stop().await;
+}

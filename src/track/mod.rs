@@ -188,6 +188,10 @@ impl CaseTracker {
         // stream, so an idle queue costs one request per interval.
         let mut last_speculative: HashMap<Uuid, Instant> = HashMap::new();
         let mut next_expiry = Instant::now();
+        // Whether the last turn was a cleanup slice: then any due reports
+        // listing (and speculative listing) goes before the next slice, so a
+        // long run of full completion pages never holds failures back.
+        let mut after_cleanup = false;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -203,8 +207,10 @@ impl CaseTracker {
             let mut wake = next_expiry;
             // Continuations first (reports before cleanup), then speculative
             // listings by how long they have been due, so the cleanup stream
-            // gets the per-queue slot too.
-            let mut due: Option<((bool, ListingStream, Instant), Uuid, ListingStream)> = None;
+            // gets the per-queue slot too. Right after a cleanup slice,
+            // cleanup continuations go last: reports and cleanup alternate
+            // while both have work.
+            let mut due: Option<((u8, ListingStream, Instant), Uuid, ListingStream)> = None;
             for t in &tracked {
                 let slot_at = last_speculative
                     .get(&t.queue_id)
@@ -228,10 +234,12 @@ impl CaseTracker {
                         u.next_at.max(slot_at)
                     };
                     if at <= now {
-                        let key = if continuation {
-                            (false, stream, u.next_at)
-                        } else {
-                            (true, ListingStream::Reports, u.next_at)
+                        let key = match (continuation, stream) {
+                            (true, ListingStream::Cleanup) if after_cleanup => {
+                                (2, stream, u.next_at)
+                            }
+                            (true, _) => (0, stream, u.next_at),
+                            (false, _) => (1, ListingStream::Reports, u.next_at),
                         };
                         if due.is_none_or(|(k, _, _)| key < k) {
                             due = Some((key, t.queue_id, stream));
@@ -241,16 +249,17 @@ impl CaseTracker {
                     }
                 }
             }
-            let Some(((speculative, _, _), queue, stream)) = due else {
+            let Some(((rank, _, _), queue, stream)) = due else {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake.min(now + self.cfg.poll_interval)) => {}
                     _ = stop.cancelled() => return,
                 }
                 continue;
             };
-            if speculative {
+            if rank == 1 {
                 last_speculative.insert(queue, now);
             }
+            after_cleanup = stream == ListingStream::Cleanup;
             let max_pages = match stream {
                 ListingStream::Reports => usize::MAX,
                 ListingStream::Cleanup => CLEANUP_PAGES_PER_TURN,
