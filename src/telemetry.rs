@@ -286,6 +286,10 @@ fn describe_all() {
         "Kafka consumers re-created after a fatal error, by source."
     );
     describe_counter!(
+        "duvo_bridge_kafka_offset_gaps_total",
+        "Batches that started past the offset stored last for their partition (compaction, transaction markers, or records the broker skipped)."
+    );
+    describe_counter!(
         "duvo_bridge_kafka_dead_lettered_total",
         "Records produced to the dead-letter topic, by source and reason."
     );

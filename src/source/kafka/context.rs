@@ -93,6 +93,12 @@ impl Shared {
         self.lock().assigned.iter().cloned().collect()
     }
 
+    /// The offset last stored for `tp` in this process (the next record
+    /// it expects to read), if any.
+    pub fn stored(&self, tp: &Tp) -> Option<i64> {
+        self.lock().stored.get(tp).copied()
+    }
+
     pub fn note_stored(&self, tp: &Tp, offset: i64) {
         self.lock().stored.insert(tp.clone(), offset);
         metrics::gauge!("duvo_bridge_kafka_stored_offset", &labels(&self.source, tp))
@@ -258,6 +264,11 @@ impl ConsumerContext for KafkaContext {
                 for tp in &tps {
                     st.assigned.remove(tp);
                     st.revoked_at.insert(tp.clone(), epoch);
+                    // What this replica stored is history once the partition
+                    // is gone: if it comes back, reading resumes from the
+                    // group's committed offset (possibly another replica's).
+                    st.stored.remove(tp);
+                    st.committed.remove(tp);
                     metrics::gauge!("duvo_bridge_kafka_paused", &labels(&s.source, tp)).set(0.0);
                     // This replica no longer knows the partition's lag: NaN
                     // rather than the last value, so a stale number (or a

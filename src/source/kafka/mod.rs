@@ -557,6 +557,26 @@ impl KafkaSource {
                 .map(|(_, _, o)| *o)
                 .collect()
         });
+        for o in &outcomes {
+            tracing::debug!(
+                source = src, topic = %o.tp.0, partition = o.tp.1, first = o.first,
+                records = o.records, store = ?o.store, seek = ?o.seek, "kafka: batch handled"
+            );
+            // A batch that starts past the offset stored last means the
+            // consumer was handed records with a hole before them. Kafka
+            // allows that (compaction, transaction markers), but on a plain
+            // topic it means the broker skipped records: say so loudly, the
+            // stored offset would otherwise move past them silently.
+            if let Some(expected) = shared.stored(&o.tp).filter(|e| o.first > *e) {
+                metrics::counter!("duvo_bridge_kafka_offset_gaps_total", "source" => src.to_string(), "topic" => o.tp.0.clone(), "partition" => o.tp.1.to_string())
+                    .increment(1);
+                tracing::warn!(
+                    source = src, topic = %o.tp.0, partition = o.tp.1, expected, first = o.first,
+                    skipped = o.first - expected,
+                    "kafka: the broker returned records after a gap in offsets (normal for compacted or transactional topics; otherwise records were skipped by the broker)"
+                );
+            }
+        }
         let mut tpl = TopicPartitionList::new();
         for o in &outcomes {
             if let Some(s) = o.store {

@@ -26,6 +26,8 @@ struct Progress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionOutcome {
     pub tp: Tp,
+    /// Lowest offset of the partition in the batch.
+    pub first: i64,
     /// Offset to store (the next record to read), if there was progress.
     pub store: Option<i64>,
     /// Offset to seek back to, when a record failed.
@@ -112,6 +114,7 @@ impl BatchOffsets {
                 };
                 PartitionOutcome {
                     tp: tp.clone(),
+                    first: p.first,
                     store,
                     seek,
                     records: *n,
