@@ -133,7 +133,7 @@ enum Outcome {
 /// it fails, the destination backs off longer; once one is acknowledged the
 /// destination's schedule is dropped and all its reports are eligible
 /// again. So a dead target with thousands of pending reports costs one
-/// attempt per backoff period. Reports stay in the outbox throughout: only
+/// attempt per backoff period, and probes use at most half the slots. Reports stay in the outbox throughout: only
 /// an acknowledgement removes one.
 async fn run_source(
     outbox: Outbox,
@@ -180,9 +180,14 @@ async fn run_source(
                 });
                 tasks.insert(handle.id(), id);
             };
-            // Probes first: one report per destination whose deadline passed.
+            // Probes first: one report per destination whose deadline passed,
+            // in at most half the slots, so that many dead destinations
+            // (whose probes may each hang until the send times out) cannot
+            // take every slot from the reports to healthy ones.
+            let probe_cap = (cfg.concurrency / 2).max(1);
+            let mut probes = parked.values().filter(|b| b.probe.is_some()).count();
             for b in parked.values_mut() {
-                if room == 0 {
+                if room == 0 || probes >= probe_cap {
                     break;
                 }
                 if b.probe.is_none()
@@ -193,6 +198,7 @@ async fn run_source(
                     b.probe = Some(id);
                     spawn(id, &mut sends, &mut tasks, &mut in_flight);
                     room -= 1;
+                    probes += 1;
                 }
             }
             // A due destination with nothing known to send is forgotten.
@@ -237,8 +243,9 @@ async fn run_source(
                         }
                     };
                     if let Some(b) = dest.as_ref().and_then(|d| parked.get_mut(d)) {
-                        if b.probe.is_none() && b.until <= now {
+                        if b.probe.is_none() && b.until <= now && probes < probe_cap {
                             b.probe = Some(id);
+                            probes += 1;
                         } else {
                             b.held.insert(id);
                             held.insert(id);
@@ -254,6 +261,7 @@ async fn run_source(
                 }
             }
         } else if sends.is_empty() {
+            backing_off.set(0.0);
             return;
         }
         backing_off.set(parked.len() as f64);
@@ -463,6 +471,30 @@ mod tests {
         }
     }
 
+    /// Like [`Fake`], but a send to a dead destination hangs for a while
+    /// before failing (a callback that times out).
+    struct Slow(Fake);
+
+    impl Reporter for Slow {
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+        fn send<'a>(
+            &'a self,
+            report: &'a Report,
+        ) -> futures::future::BoxFuture<'a, Result<(), ReportError>> {
+            Box::pin(async move {
+                if report.title.starts_with("dead") {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                self.0.send(report).await
+            })
+        }
+        fn destination(&self, report: &Report) -> String {
+            report.title.clone()
+        }
+    }
+
     fn report(id: u64, dest: &str) -> Report {
         Report {
             id,
@@ -542,6 +574,56 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), run)
             .await
             .expect("the dispatcher stops once nothing is in flight")
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_of_many_dead_destinations_leave_slots_for_healthy_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("db")))
+            .await
+            .unwrap();
+        // 30 distinct dead destinations, each send to them hanging 300 ms.
+        for id in 1..=30 {
+            outbox.insert_report_for_test(&report(id, &format!("dead-{id}")));
+        }
+        let slow = Arc::new(Slow(Fake::default()));
+        for id in 1..=30 {
+            slow.0.dead.lock().unwrap().insert(format!("dead-{id}"));
+        }
+        let cfg = DispatchConfig {
+            concurrency: 4,
+            retry: RetryPolicy {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(50),
+                ..RetryPolicy::default()
+            },
+        };
+        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+        let reporters = BTreeMap::from([("src".to_string(), slow.clone() as Arc<dyn Reporter>)]);
+        let run = tokio::spawn(
+            ReportDispatcher::new(outbox.clone(), reporters, cfg).run(stop.clone(), abort.clone()),
+        );
+        // Every dead destination has failed once and is due again and again.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        for id in 31..=40 {
+            outbox.insert_report_for_test(&report(id, "alive"));
+        }
+        let started = Instant::now();
+        let pending = |outbox: &Outbox| outbox.pending_reports().get("src").copied().unwrap_or(0);
+        while pending(&outbox) > 30 {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "healthy reports starved by probes: {} pending",
+                pending(&outbox)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        abort.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
             .unwrap();
     }
 }
