@@ -88,8 +88,9 @@ pub struct TrackingConfig {
     pub report: Vec<crate::report::ReportStatus>,
     /// Reports in flight at once per source.
     pub report_concurrency: usize,
-    /// First retry delay of a report whose target did not acknowledge it,
-    /// ms (doubles up to `report_retry_max_ms`; reports are never dropped).
+    /// First retry delay of a report destination that did not acknowledge a
+    /// report, ms (doubles up to `report_retry_max_ms`, per destination;
+    /// reports are never dropped).
     pub report_retry_initial_ms: u64,
     pub report_retry_max_ms: u64,
 }

@@ -348,6 +348,10 @@ fn describe_all() {
         "Report send attempts that were not acknowledged (retried), by source and reporter kind."
     );
     describe_gauge!(
+        "duvo_bridge_report_destinations_backing_off",
+        "Report destinations (callback URL, exchange and routing key, topic) whose last send failed and that get one probe per backoff period until one is acknowledged, by source."
+    );
+    describe_gauge!(
         "duvo_bridge_reports_pending",
         "Reports in the outbox waiting for their target's acknowledgement."
     );

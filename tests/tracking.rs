@@ -378,3 +378,85 @@ async fn failures_are_reported_while_a_burst_of_completions_is_still_being_clean
     );
     h.stop().await;
 }
+
+/// Head-of-line blocking: reports to dead per-request callback URLs were
+/// created first (lower ids) and outnumber the report slots, yet the reports
+/// to a healthy callback go out promptly; the dead ones stay pending in the
+/// outbox and are delivered once their endpoint comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_to_dead_callbacks_do_not_block_the_healthy_ones() {
+    let healthy = CallbackSink::start().await;
+    // Two endpoints nobody listens on (connection refused) until revived.
+    let dead_ports = [free_port(), free_port()];
+    let dead_url = |port: u16| format!("http://127.0.0.1:{port}/duvo-callback");
+    let h = Harness::start(
+        duvo_bridge::sim::SimConfig {
+            process_ms: 100,
+            ..sim_config()
+        },
+        |cfg| {
+            with_callback(cfg, &healthy.url, "TRACK_TEST_SECRET_5");
+            cfg.tracking.report_concurrency = 2;
+            if let duvo_bridge::config::SourceConfig::Http(h) = &mut cfg.sources[0] {
+                h.callback_url_header = true;
+            }
+        },
+    )
+    .await;
+    let post_failing = |range: std::ops::Range<usize>, url: String| {
+        let mut events = orders(range);
+        for e in events.iter_mut() {
+            e["simulate"] = "fail".into();
+        }
+        let req = h
+            .client
+            .post(format!("http://{}/v1/events", h.addr))
+            .header("X-Duvo-Callback-Url", url)
+            .json(&serde_json::Value::Array(events));
+        async move { req.send().await.unwrap().status() }
+    };
+    // First the dead ones: 6 reports, more than the 2 slots...
+    assert_eq!(post_failing(0..3, dead_url(dead_ports[0])).await, 202);
+    assert_eq!(post_failing(3..6, dead_url(dead_ports[1])).await, 202);
+    let pending = |n: u64| {
+        let outbox = h.bridge.outbox.clone();
+        move || {
+            let outbox = outbox.clone();
+            async move { outbox.pending_reports().get("oms").copied().unwrap_or(0) >= n }
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), pending(6)).await,
+        "the 6 reports to dead callbacks exist: {:?}",
+        h.bridge.outbox.pending_reports()
+    );
+    // ...then the healthy ones, with higher report ids.
+    assert_eq!(post_failing(6..10, healthy.url.clone()).await, 202);
+    assert!(
+        wait_until(Duration::from_secs(20), || async { healthy.count() == 4 }).await,
+        "reports to the healthy callback went out despite the dead ones: {} of 4, pending {:?}",
+        healthy.count(),
+        h.bridge.outbox.pending_reports()
+    );
+    // The dead ones are kept, not dropped.
+    assert_eq!(
+        h.bridge.outbox.pending_reports().get("oms").copied(),
+        Some(6)
+    );
+    // Their endpoints come back: they are delivered (retry max is 500 ms).
+    let revived = [
+        CallbackSink::start_on(&format!("127.0.0.1:{}", dead_ports[0])).await,
+        CallbackSink::start_on(&format!("127.0.0.1:{}", dead_ports[1])).await,
+    ];
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            revived.iter().all(|s| s.count() == 3) && h.bridge.outbox.pending_reports().is_empty()
+        })
+        .await,
+        "revived endpoints got {:?}, pending {:?}",
+        revived.iter().map(CallbackSink::count).collect::<Vec<_>>(),
+        h.bridge.outbox.pending_reports()
+    );
+    assert_eq!(healthy.count(), 4, "each report acknowledged once");
+    h.stop().await;
+}

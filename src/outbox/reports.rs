@@ -56,6 +56,38 @@ impl Outbox {
             .unwrap_or_default()
     }
 
+    /// Like [`Outbox::pending_report_ids`], for a caller that walks the
+    /// pending ids with a cursor: starts at id `from`, leaves out the ids
+    /// for which `skip(id)` is true, and looks at `scan` ids at most, so a
+    /// long run of skipped ids (the report dispatcher skips reports whose
+    /// destination is backing off) is walked in bounded steps, never with
+    /// the index lock held for the whole outbox. Also returns the last id
+    /// looked at (continue after it), `None` when there was none.
+    pub fn pending_report_ids_where(
+        &self,
+        source: &str,
+        from: u64,
+        max: usize,
+        scan: usize,
+        mut skip: impl FnMut(u64) -> bool,
+    ) -> (Vec<u64>, Option<u64>) {
+        let ix = lock(&self.inner.reports);
+        let mut out = Vec::new();
+        let mut last = None;
+        if let Some(set) = ix.by_source.get(source) {
+            for &id in set.range(from..).take(scan) {
+                if out.len() >= max {
+                    break;
+                }
+                last = Some(id);
+                if !skip(id) {
+                    out.push(id);
+                }
+            }
+        }
+        (out, last)
+    }
+
     /// Pending reports per source (in-memory count).
     pub fn pending_reports(&self) -> BTreeMap<String, u64> {
         lock(&self.inner.reports)
@@ -103,6 +135,16 @@ impl Outbox {
     /// spuriously; a wake-up while nobody waits is kept for the next call.
     pub async fn reports_notified(&self) {
         self.inner.report_notify.notified().await;
+    }
+
+    /// Write `report` as pending (unit tests of the dispatcher).
+    #[cfg(test)]
+    pub(crate) fn insert_report_for_test(&self, report: &Report) {
+        self.inner
+            .events
+            .insert(report_key(report.id), encode(report).unwrap())
+            .unwrap();
+        self.note_reports_created(std::slice::from_ref(report));
     }
 
     pub(crate) fn note_reports_created(&self, reports: &[Report]) {

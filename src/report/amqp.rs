@@ -480,6 +480,17 @@ impl Reporter for AmqpReporter {
             Err(last.expect("there is always a failure exchange destination"))
         })
     }
+
+    /// The first place the report is published to: the `reply_to` queue
+    /// (default exchange, routing key = the queue) when it is used, else
+    /// the failure exchange and routing key.
+    fn destination(&self, report: &Report) -> String {
+        let first = self.destinations(report).swap_remove(0);
+        format!(
+            "exchange {:?} routing key {:?}",
+            first.exchange, first.routing_key
+        )
+    }
 }
 
 #[cfg(test)]

@@ -1,18 +1,20 @@
 //! The report dispatcher: for every source with a reporter, sends the
-//! source's pending reports (a few at once), retries each one with backoff
-//! until its target acknowledges it, and only then removes it from the
-//! outbox.
+//! source's pending reports (a few at once) until their targets acknowledge
+//! them, and only then removes them from the outbox. A target that fails
+//! backs off as a destination (see [`run_source`]): its reports wait in the
+//! outbox, not in a send slot, so they never block reports to other targets.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ReportError, Reporter};
-use crate::deliver::retry::RetryPolicy;
+use crate::deliver::retry::{RetryPolicy, RetrySchedule};
 use crate::outbox::{Outbox, OutboxError};
 
 /// Dispatcher settings.
@@ -79,6 +81,60 @@ impl ReportDispatcher {
     }
 }
 
+/// How many pending ids one look-up in the outbox's index walks at most
+/// (the index lock is held meanwhile). The reports of backing-off
+/// destinations are skipped by walking past them in steps of this size,
+/// with a cursor (see [`run_source`]), so a dead target with a huge backlog
+/// costs neither a long lock nor a full walk per filled slot.
+/// (Small in unit tests, so that they walk past held reports in steps.)
+const LOOKAHEAD: usize = if cfg!(test) { 64 } else { 4096 };
+
+/// Reports whose destination is read from disk per fill before the loop
+/// yields to other tasks (the destination of an id is then cached).
+const READS_PER_YIELD: usize = 256;
+
+/// A destination whose last send failed: nothing goes to it until `until`,
+/// then one report at a time (a probe) until one is acknowledged.
+struct Backoff {
+    /// The destination's own schedule: advanced per failed probe, dropped
+    /// (so reset) when a send to the destination is acknowledged.
+    schedule: RetrySchedule,
+    until: Instant,
+    /// The report sent as the probe, while it is in flight.
+    probe: Option<u64>,
+    /// Known pending reports to this destination, held back (not in a slot).
+    held: BTreeSet<u64>,
+}
+
+/// How one send of one report ended.
+enum Outcome {
+    /// Acknowledged and removed from the outbox.
+    Done,
+    /// Not in the outbox any more (nothing was sent).
+    Gone,
+    /// Not acknowledged; the report stays pending.
+    Failed { error: ReportError, attempt: u32 },
+    /// The record cannot be decoded; it is left on disk and skipped.
+    Corrupt,
+    /// `abort` fired during the send.
+    Aborted,
+}
+
+/// One source's dispatcher loop.
+///
+/// A failed send does not keep its slot while it waits to be retried:
+/// retrying inside the slot let a few reports to a dead target (e.g. a
+/// per-event callback URL nobody answers) hold every slot of the source
+/// and block its reports to healthy targets. Instead the report's
+/// *destination* ([`Reporter::destination`]) backs off: the report goes
+/// back to the pending set, the destination gets a deadline from its own
+/// exponential schedule, and reports to it are skipped when slots are
+/// filled. When the deadline passes one report to it is sent (a probe): if
+/// it fails, the destination backs off longer; once one is acknowledged the
+/// destination's schedule is dropped and all its reports are eligible
+/// again. So a dead target with thousands of pending reports costs one
+/// attempt per backoff period, and probes use at most half the slots. Reports stay in the outbox throughout: only
+/// an acknowledgement removes one.
 async fn run_source(
     outbox: Outbox,
     source: String,
@@ -87,118 +143,276 @@ async fn run_source(
     stop: CancellationToken,
     abort: CancellationToken,
 ) {
-    let mut in_flight: BTreeSet<u64> = BTreeSet::new();
+    let kind = reporter.kind();
+    let backing_off = metrics::gauge!("duvo_bridge_report_destinations_backing_off",
+        "source" => source.clone());
+    let mut in_flight: HashSet<u64> = HashSet::new();
     let mut tasks: HashMap<tokio::task::Id, u64> = HashMap::new();
-    let mut sends: JoinSet<()> = JoinSet::new();
+    let mut sends: JoinSet<(Option<Arc<str>>, Outcome)> = JoinSet::new();
+    // Destination of each pending report seen so far (read once from disk).
+    let mut dest_of: HashMap<u64, Arc<str>> = HashMap::new();
+    let mut parked: HashMap<Arc<str>, Backoff> = HashMap::new();
+    // Union of every `Backoff::held`, for the scan's skip test.
+    let mut held: HashSet<u64> = HashSet::new();
+    // Ids that cannot be read (corrupt, or indexed but missing): skipped
+    // until the next start instead of being picked up again at once.
+    let mut broken: HashSet<u64> = HashSet::new();
+    // Every pending id below `cursor` is in flight, held or broken: filling
+    // slots resumes there, so the held backlog of a dead destination is not
+    // walked again for every slot. Reset to 0 whenever an id below it may
+    // have become eligible: new reports announced (ids may be announced out
+    // of order), a destination's held reports released, a send task lost.
+    let mut cursor: u64 = 0;
     loop {
+        let now = Instant::now();
         if !stop.is_cancelled() {
-            let room = cfg.concurrency.saturating_sub(in_flight.len());
-            for id in outbox.pending_report_ids(&source, room, &in_flight) {
+            let mut room = cfg.concurrency.saturating_sub(in_flight.len());
+            let spawn = |id: u64,
+                         sends: &mut JoinSet<(Option<Arc<str>>, Outcome)>,
+                         tasks: &mut HashMap<tokio::task::Id, u64>,
+                         in_flight: &mut HashSet<u64>| {
                 in_flight.insert(id);
                 let outbox = outbox.clone();
                 let reporter = reporter.clone();
-                let source = source.clone();
                 let abort = abort.clone();
                 let handle = sends.spawn(async move {
-                    send_until_acknowledged(&outbox, &source, &*reporter, id, cfg.retry, &abort)
-                        .await;
+                    send_once(&outbox, &*reporter, id, cfg.retry, &abort).await
                 });
                 tasks.insert(handle.id(), id);
-            }
-        } else if sends.is_empty() {
-            return;
-        }
-        tokio::select! {
-            Some(done) = sends.join_next_with_id(), if !sends.is_empty() => {
-                let task = match done {
-                    Ok((task, ())) => task,
-                    Err(e) => {
-                        tracing::error!(error = %e, "report send task failed; its report stays in the outbox");
-                        e.id()
-                    }
-                };
-                if let Some(id) = tasks.remove(&task) {
-                    in_flight.remove(&id);
+            };
+            // Probes first: one report per destination whose deadline passed,
+            // in at most half the slots, so that many dead destinations
+            // (whose probes may each hang until the send times out) cannot
+            // take every slot from the reports to healthy ones.
+            let probe_cap = (cfg.concurrency / 2).max(1);
+            let mut probes = parked.values().filter(|b| b.probe.is_some()).count();
+            for b in parked.values_mut() {
+                if room == 0 || probes >= probe_cap {
+                    break;
+                }
+                if b.probe.is_none()
+                    && b.until <= now
+                    && let Some(id) = b.held.pop_first()
+                {
+                    held.remove(&id);
+                    b.probe = Some(id);
+                    spawn(id, &mut sends, &mut tasks, &mut in_flight);
+                    room -= 1;
+                    probes += 1;
                 }
             }
-            _ = outbox.reports_notified(), if !stop.is_cancelled() => {}
+            // A due destination with nothing known to send is forgotten.
+            parked.retain(|_, b| b.probe.is_some() || !b.held.is_empty() || b.until > now);
+            // Then the oldest reports whose destination is not backing off.
+            let mut reads = 0;
+            while room > 0 {
+                let (candidates, last) =
+                    outbox.pending_report_ids_where(&source, cursor, room, LOOKAHEAD, |id| {
+                        in_flight.contains(&id) || held.contains(&id) || broken.contains(&id)
+                    });
+                let Some(last) = last else { break };
+                cursor = last.saturating_add(1);
+                if candidates.is_empty() {
+                    // A whole step of skipped ids: let others run, go on.
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                for id in candidates {
+                    let dest = match dest_of.get(&id) {
+                        Some(d) => Some(d.clone()),
+                        None => {
+                            reads += 1;
+                            match outbox.report(id) {
+                                Ok(Some(r)) => {
+                                    let d: Arc<str> = reporter.destination(&r).into();
+                                    dest_of.insert(id, d.clone());
+                                    Some(d)
+                                }
+                                Ok(None) => {
+                                    broken.insert(id);
+                                    continue;
+                                }
+                                Err(e @ OutboxError::Corrupt { .. }) => {
+                                    tracing::error!(report = id, error = %e, "corrupt report record; left on disk");
+                                    broken.insert(id);
+                                    continue;
+                                }
+                                // Sent anyway: the send retries the read.
+                                Err(_) => None,
+                            }
+                        }
+                    };
+                    if let Some(b) = dest.as_ref().and_then(|d| parked.get_mut(d)) {
+                        if b.probe.is_none() && b.until <= now && probes < probe_cap {
+                            b.probe = Some(id);
+                            probes += 1;
+                        } else {
+                            b.held.insert(id);
+                            held.insert(id);
+                            continue;
+                        }
+                    }
+                    spawn(id, &mut sends, &mut tasks, &mut in_flight);
+                    room -= 1;
+                }
+                if reads >= READS_PER_YIELD {
+                    reads = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
+        } else if sends.is_empty() {
+            backing_off.set(0.0);
+            return;
+        }
+        backing_off.set(parked.len() as f64);
+        // Wake for the earliest deadline of a destination with no probe out.
+        let wake = parked
+            .values()
+            .filter(|b| b.probe.is_none() && b.until > now)
+            .map(|b| b.until)
+            .min();
+        tokio::select! {
+            Some(done) = sends.join_next_with_id(), if !sends.is_empty() => {
+                let (task, dest, outcome) = match done {
+                    Ok((task, (dest, outcome))) => (task, dest, Some(outcome)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "report send task failed; its report stays in the outbox");
+                        (e.id(), None, None)
+                    }
+                };
+                let Some(id) = tasks.remove(&task) else { continue };
+                if outcome.is_none() {
+                    cursor = 0;
+                }
+                in_flight.remove(&id);
+                let dest = dest.or_else(|| dest_of.get(&id).cloned());
+                let mut was_probe = false;
+                if let Some(b) = dest.as_ref().and_then(|d| parked.get_mut(d))
+                    && b.probe == Some(id)
+                {
+                    b.probe = None;
+                    was_probe = true;
+                }
+                match outcome {
+                    Some(Outcome::Done) => {
+                        dest_of.remove(&id);
+                        metrics::counter!("duvo_bridge_reports_sent_total",
+                            "source" => source.clone(), "kind" => kind)
+                        .increment(1);
+                        // The destination works: its backlog is eligible again.
+                        if let Some(b) = dest.as_ref().and_then(|d| parked.remove(d)) {
+                            for h in &b.held {
+                                held.remove(h);
+                            }
+                            cursor = 0;
+                            tracing::info!(%source, destination = %dest.as_deref().unwrap_or(""),
+                                released = b.held.len(), "report destination acknowledged again");
+                        }
+                    }
+                    Some(Outcome::Failed { error, attempt }) => {
+                        metrics::counter!("duvo_bridge_report_send_failures_total",
+                            "source" => source.clone(), "kind" => kind)
+                        .increment(1);
+                        let dest = dest.unwrap_or_else(|| Arc::from(""));
+                        let now = Instant::now();
+                        let fresh = !parked.contains_key(&dest);
+                        let b = parked.entry(dest.clone()).or_insert_with(|| Backoff {
+                            schedule: cfg.retry.new_schedule(),
+                            until: now,
+                            probe: None,
+                            held: BTreeSet::new(),
+                        });
+                        // A send that started before the destination was
+                        // parked does not lengthen the backoff again, unless
+                        // the deadline passed meanwhile (it then counts as
+                        // the probe).
+                        if fresh || was_probe || (b.probe.is_none() && b.until <= now) {
+                            b.until = now + b.schedule.next_delay();
+                        }
+                        b.held.insert(id);
+                        held.insert(id);
+                        let retry_in_ms = b.until.saturating_duration_since(now).as_millis() as u64;
+                        match &error {
+                            ReportError::NoDestination(_) => tracing::error!(report = id, %source, attempt,
+                                destination = %dest, error = %error, retry_in_ms,
+                                "report cannot be addressed; kept and retried"),
+                            _ => tracing::warn!(report = id, %source, attempt, destination = %dest,
+                                error = %error, retry_in_ms,
+                                "report not acknowledged; its destination backs off, the report is kept"),
+                        }
+                    }
+                    Some(Outcome::Gone) => {
+                        dest_of.remove(&id);
+                    }
+                    Some(Outcome::Corrupt) => {
+                        dest_of.remove(&id);
+                        broken.insert(id);
+                    }
+                    Some(Outcome::Aborted) | None => {}
+                }
+            }
+            _ = async { tokio::time::sleep_until(wake.unwrap_or(now)).await }, if wake.is_some() && !stop.is_cancelled() => {}
+            _ = outbox.reports_notified(), if !stop.is_cancelled() => cursor = 0,
             _ = stop.cancelled(), if !stop.is_cancelled() => {}
             _ = abort.cancelled() => {
                 sends.shutdown().await;
+                backing_off.set(0.0);
                 return;
             }
         }
     }
 }
 
-/// Send one report until the target acknowledges it, then remove it.
-async fn send_until_acknowledged(
+/// Send one report once; on acknowledgement remove it from the outbox.
+/// Returns the report's destination (when it could be read) and the
+/// outcome. Retries here only what is local (reading the record, removing
+/// it once acknowledged); a target's failure is the caller's to back off.
+async fn send_once(
     outbox: &Outbox,
-    source: &str,
     reporter: &dyn Reporter,
     id: u64,
     retry: RetryPolicy,
     abort: &CancellationToken,
-) {
-    let kind = reporter.kind();
+) -> (Option<Arc<str>>, Outcome) {
     let mut schedule = retry.new_schedule();
-    loop {
-        let report = match outbox.report(id) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
+    let report = loop {
+        match outbox.report(id) {
+            Ok(Some(r)) => break r,
+            Ok(None) => return (None, Outcome::Gone),
             Err(e @ OutboxError::Corrupt { .. }) => {
                 tracing::error!(report = id, error = %e, "corrupt report record; left on disk");
-                return;
+                return (None, Outcome::Corrupt);
             }
             Err(e) => {
                 tracing::error!(report = id, error = %e, "cannot read report; retrying");
                 if sleep_or_abort(schedule.next_delay(), abort).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        let attempt = outbox
-            .record_report_attempt(id)
-            .unwrap_or(report.attempts + 1);
-        let res = tokio::select! {
-            r = reporter.send(&report) => r,
-            _ = abort.cancelled() => return,
-        };
-        match res {
-            Ok(()) => {
-                metrics::counter!("duvo_bridge_reports_sent_total",
-                    "source" => source.to_string(), "kind" => kind)
-                .increment(1);
-                tracing::info!(report = id, %source, event = %report.event_id,
-                    case = ?report.case_id, status = %report.status, attempt,
-                    "failure report acknowledged");
-                loop {
-                    match outbox.settle_report(id).await {
-                        Ok(()) | Err(OutboxError::UnknownReport(_)) => return,
-                        Err(e) => {
-                            tracing::error!(report = id, error = %e,
-                                "cannot remove an acknowledged report; retrying (a restart would resend it with the same id)");
-                            if sleep_or_abort(Duration::from_secs(1), abort).await {
-                                return;
-                            }
-                        }
-                    }
+                    return (None, Outcome::Aborted);
                 }
             }
+        }
+    };
+    let dest: Arc<str> = reporter.destination(&report).into();
+    let attempt = outbox
+        .record_report_attempt(id)
+        .unwrap_or(report.attempts + 1);
+    let res = tokio::select! {
+        r = reporter.send(&report) => r,
+        _ = abort.cancelled() => return (Some(dest), Outcome::Aborted),
+    };
+    if let Err(error) = res {
+        return (Some(dest), Outcome::Failed { error, attempt });
+    }
+    tracing::info!(report = id, source = %report.source, event = %report.event_id,
+        case = ?report.case_id, status = %report.status, attempt,
+        "failure report acknowledged");
+    loop {
+        match outbox.settle_report(id).await {
+            Ok(()) | Err(OutboxError::UnknownReport(_)) => return (Some(dest), Outcome::Done),
             Err(e) => {
-                metrics::counter!("duvo_bridge_report_send_failures_total",
-                    "source" => source.to_string(), "kind" => kind)
-                .increment(1);
-                let delay = schedule.next_delay();
-                match &e {
-                    ReportError::NoDestination(_) => tracing::error!(report = id, %source, attempt,
-                        error = %e, retry_in_ms = delay.as_millis() as u64, "report cannot be addressed; kept and retried"),
-                    _ => tracing::warn!(report = id, %source, attempt, error = %e,
-                        retry_in_ms = delay.as_millis() as u64, "report not acknowledged; retrying"),
-                }
-                if sleep_or_abort(delay, abort).await {
-                    return;
+                tracing::error!(report = id, error = %e,
+                    "cannot remove an acknowledged report; retrying (a restart would resend it with the same id)");
+                if sleep_or_abort(Duration::from_secs(1), abort).await {
+                    return (Some(dest), Outcome::Aborted);
                 }
             }
         }
@@ -209,5 +423,207 @@ async fn sleep_or_abort(d: Duration, abort: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => false,
         _ = abort.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::outbox::{EventId, OutboxConfig};
+    use crate::report::{Report, ReportStatus};
+
+    /// A reporter whose destination is the report's title; sends to the
+    /// destinations in `dead` fail. Counts attempts per destination.
+    #[derive(Default)]
+    struct Fake {
+        dead: Mutex<BTreeSet<String>>,
+        attempts: Mutex<HashMap<String, u32>>,
+    }
+
+    impl Reporter for Fake {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+        fn send<'a>(
+            &'a self,
+            report: &'a Report,
+        ) -> futures::future::BoxFuture<'a, Result<(), ReportError>> {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                *self
+                    .attempts
+                    .lock()
+                    .unwrap()
+                    .entry(report.title.clone())
+                    .or_default() += 1;
+                if self.dead.lock().unwrap().contains(&report.title) {
+                    Err(ReportError::Unreachable("dead".into()))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+        fn destination(&self, report: &Report) -> String {
+            report.title.clone()
+        }
+    }
+
+    /// Like [`Fake`], but a send to a dead destination hangs for a while
+    /// before failing (a callback that times out).
+    struct Slow(Fake);
+
+    impl Reporter for Slow {
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+        fn send<'a>(
+            &'a self,
+            report: &'a Report,
+        ) -> futures::future::BoxFuture<'a, Result<(), ReportError>> {
+            Box::pin(async move {
+                if report.title.starts_with("dead") {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                self.0.send(report).await
+            })
+        }
+        fn destination(&self, report: &Report) -> String {
+            report.title.clone()
+        }
+    }
+
+    fn report(id: u64, dest: &str) -> Report {
+        Report {
+            id,
+            source: "src".into(),
+            event_id: EventId(id),
+            origin: None,
+            queue_id: uuid::Uuid::nil(),
+            case_id: None,
+            status: ReportStatus::Failed,
+            reason: None,
+            case_updated_at: None,
+            title: dest.into(),
+            event: None,
+            created_at_ms: 0,
+            attempts: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_destination_backs_off_as_a_whole_and_blocks_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("db")))
+            .await
+            .unwrap();
+        // 200 reports to a dead destination first, then 20 to a healthy one.
+        for id in 1..=200 {
+            outbox.insert_report_for_test(&report(id, "dead"));
+        }
+        for id in 201..=220 {
+            outbox.insert_report_for_test(&report(id, "alive"));
+        }
+        let fake = Arc::new(Fake::default());
+        fake.dead.lock().unwrap().insert("dead".into());
+        let cfg = DispatchConfig {
+            concurrency: 4,
+            retry: RetryPolicy {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(200),
+                ..RetryPolicy::default()
+            },
+        };
+        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+        let reporters = BTreeMap::from([("src".to_string(), fake.clone() as Arc<dyn Reporter>)]);
+        let run = tokio::spawn(
+            ReportDispatcher::new(outbox.clone(), reporters, cfg).run(stop.clone(), abort.clone()),
+        );
+        let pending = |outbox: &Outbox| outbox.pending_reports().get("src").copied().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pending(&outbox) > 200 {
+            assert!(
+                Instant::now() < deadline,
+                "healthy reports stuck behind dead ones"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Let the dead destination go through a few backoff rounds.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let dead_attempts = fake.attempts.lock().unwrap()["dead"];
+        assert_eq!(pending(&outbox), 200, "failed reports stay pending");
+        // 4 at the start (before the first failure parks it), then one probe
+        // per backoff period (35, 70, 140 ms, then >= 140 ms with jitter):
+        // about 20 at most. Four slots each retrying on their own, as before,
+        // would make about 40; one attempt per report would make 200.
+        assert!(
+            dead_attempts <= 25,
+            "{dead_attempts} attempts at a dead destination in 1.5 s"
+        );
+        assert_eq!(fake.attempts.lock().unwrap()["alive"], 20);
+        // The destination comes back: its whole backlog goes out.
+        fake.dead.lock().unwrap().clear();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pending(&outbox) > 0 {
+            assert!(Instant::now() < deadline, "backlog not sent after recovery");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the dispatcher stops once nothing is in flight")
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_of_many_dead_destinations_leave_slots_for_healthy_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("db")))
+            .await
+            .unwrap();
+        // 30 distinct dead destinations, each send to them hanging 300 ms.
+        for id in 1..=30 {
+            outbox.insert_report_for_test(&report(id, &format!("dead-{id}")));
+        }
+        let slow = Arc::new(Slow(Fake::default()));
+        for id in 1..=30 {
+            slow.0.dead.lock().unwrap().insert(format!("dead-{id}"));
+        }
+        let cfg = DispatchConfig {
+            concurrency: 4,
+            retry: RetryPolicy {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(50),
+                ..RetryPolicy::default()
+            },
+        };
+        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+        let reporters = BTreeMap::from([("src".to_string(), slow.clone() as Arc<dyn Reporter>)]);
+        let run = tokio::spawn(
+            ReportDispatcher::new(outbox.clone(), reporters, cfg).run(stop.clone(), abort.clone()),
+        );
+        // Every dead destination has failed once and is due again and again.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        for id in 31..=40 {
+            outbox.insert_report_for_test(&report(id, "alive"));
+        }
+        let started = Instant::now();
+        let pending = |outbox: &Outbox| outbox.pending_reports().get("src").copied().unwrap_or(0);
+        while pending(&outbox) > 30 {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "healthy reports starved by probes: {} pending",
+                pending(&outbox)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        abort.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

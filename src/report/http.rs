@@ -140,11 +140,46 @@ impl Reporter for HttpReporter {
             }
         })
     }
+
+    /// The effective callback URL without user info, query or fragment:
+    /// those may carry credentials or tokens (logs show the key), and two
+    /// URLs that differ only there name the same endpoint, which is what a
+    /// backoff is about.
+    fn destination(&self, report: &Report) -> String {
+        match self.url_for(report) {
+            Some(u) => endpoint(u),
+            None => "(no callback url)".into(),
+        }
+    }
+}
+
+/// `url` reduced to scheme, host, port and path (see
+/// [`HttpReporter::destination`]).
+fn endpoint(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "(unparsable callback url)".into(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_destination_is_the_callback_endpoint_without_secrets() {
+        assert_eq!(
+            endpoint("https://user:pw@hooks.example.com:8443/cb/1?token=abc#x"),
+            "https://hooks.example.com:8443/cb/1"
+        );
+        assert_eq!(endpoint("not a url"), "(unparsable callback url)");
+    }
 
     #[test]
     fn signature_matches_rfc4231_test_case_2() {

@@ -202,6 +202,11 @@ impl Reporter for KafkaReporter {
     fn send<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<(), ReportError>> {
         self.produce(report).boxed()
     }
+
+    /// Every report of a Kafka source goes to its failure topic.
+    fn destination(&self, _report: &Report) -> String {
+        format!("topic {}", self.topic)
+    }
 }
 
 #[cfg(test)]

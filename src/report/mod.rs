@@ -138,6 +138,16 @@ pub trait Reporter: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Deliver one report and return once the target acknowledged it.
     fn send<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<(), ReportError>>;
+    /// Where `report` goes, as a key: reports with the same key share one
+    /// target, so when a send to it fails the dispatcher backs off that
+    /// destination as a whole (one probe per backoff period) instead of
+    /// letting its reports hold the send slots of every other destination.
+    /// Shown in logs: it must never carry a secret. The default puts all of
+    /// a reporter's reports behind one destination.
+    fn destination(&self, report: &Report) -> String {
+        let _ = report;
+        self.kind().to_string()
+    }
 }
 
 pub mod amqp;
