@@ -792,6 +792,16 @@ pub struct KafkaSourceConfig {
     /// Most records appended to the outbox in one call (one fsync).
     #[serde(default = "default_kafka_max_batch")]
     pub max_batch: usize,
+    /// When the consumer is handed records with a hole in their offsets
+    /// (after the offset stored last, or between two records of a batch),
+    /// store only up to the hole and read the partition again from it,
+    /// once: a broker that skipped records by mistake hands them over then,
+    /// and a hole that is still there is accepted (compaction, transaction
+    /// markers). Either way it is logged and counted
+    /// (`duvo_bridge_kafka_offset_gaps_total`). Set to false for compacted
+    /// or transactional topics to save the re-reads.
+    #[serde(default = "default_true")]
+    pub reread_offset_gaps: bool,
     /// librdkafka settings passed through (TLS, SASL, timeouts...). The
     /// bridge sets `bootstrap.servers`, `group.id`, `group.instance.id`,
     /// `enable.auto.offset.store` (false), `enable.auto.commit` (true),
@@ -853,6 +863,7 @@ impl KafkaSourceConfig {
             dead_letter_topic: None,
             failure_topic: None,
             max_batch: default_kafka_max_batch(),
+            reread_offset_gaps: true,
             librdkafka: LibrdkafkaSettings::default(),
         }
     }

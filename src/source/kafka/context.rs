@@ -22,7 +22,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::client::{Scrubber, log_librdkafka};
-use super::offsets::Tp;
+use super::offsets::{Gap, Tp};
 use crate::admin::Health;
 
 /// Partition state shared by the consume loop and the callbacks.
@@ -45,6 +45,8 @@ struct PartState {
     stored: HashMap<Tp, i64>,
     /// Last offset the broker confirmed as committed per partition.
     committed: HashMap<Tp, i64>,
+    /// Per partition, the last offset hole the loop went back to re-read.
+    reread_gaps: HashMap<Tp, Gap>,
     paused: bool,
     connected: Option<bool>,
 }
@@ -97,6 +99,19 @@ impl Shared {
     /// it expects to read), if any.
     pub fn stored(&self, tp: &Tp) -> Option<i64> {
         self.lock().stored.get(tp).copied()
+    }
+
+    /// Whether `gap` should be read again: not when the last re-read of the
+    /// partition was for this very hole (then it is real and accepted).
+    pub fn reread_gap(&self, tp: &Tp, gap: Gap) -> bool {
+        let mut st = self.lock();
+        if st.reread_gaps.get(tp) == Some(&gap) {
+            st.reread_gaps.remove(tp);
+            false
+        } else {
+            st.reread_gaps.insert(tp.clone(), gap);
+            true
+        }
     }
 
     pub fn note_stored(&self, tp: &Tp, offset: i64) {
@@ -269,6 +284,7 @@ impl ConsumerContext for KafkaContext {
                     // group's committed offset (possibly another replica's).
                     st.stored.remove(tp);
                     st.committed.remove(tp);
+                    st.reread_gaps.remove(tp);
                     metrics::gauge!("duvo_bridge_kafka_paused", &labels(&s.source, tp)).set(0.0);
                     // This replica no longer knows the partition's lag: NaN
                     // rather than the last value, so a stale number (or a

@@ -52,7 +52,7 @@ pub use client::{
     LogContext, Scrubber, check_librdkafka, consumer_config, describe_config_error, producer_config,
 };
 use context::{KafkaContext, Shared};
-use offsets::{BatchOffsets, Tp};
+use offsets::{BatchOffsets, Tp, first_gap};
 
 use super::decode::base64;
 use super::{Source, SourceContext, SourceError};
@@ -506,6 +506,12 @@ impl KafkaSource {
                         .filter(|o| matches!(o, AppendOutcome::Stored(_)))
                         .count();
                     let dups = outcomes.len() - stored;
+                    tracing::debug!(
+                        source = src,
+                        stored,
+                        duplicates = dups,
+                        "kafka: batch appended"
+                    );
                     metrics::counter!("duvo_bridge_events_stored_total", "source" => src.to_string())
                         .increment(stored as u64);
                     if dups > 0 {
@@ -557,23 +563,43 @@ impl KafkaSource {
                 .map(|(_, _, o)| *o)
                 .collect()
         });
-        for o in &outcomes {
+        let mut outcomes = outcomes;
+        for o in &mut outcomes {
             tracing::debug!(
                 source = src, topic = %o.tp.0, partition = o.tp.1, first = o.first,
                 records = o.records, store = ?o.store, seek = ?o.seek, "kafka: batch handled"
             );
-            // A batch that starts past the offset stored last means the
-            // consumer was handed records with a hole before them. Kafka
-            // allows that (compaction, transaction markers), but on a plain
-            // topic it means the broker skipped records: say so loudly, the
-            // stored offset would otherwise move past them silently.
-            if let Some(expected) = shared.stored(&o.tp).filter(|e| o.first > *e) {
-                metrics::counter!("duvo_bridge_kafka_offset_gaps_total", "source" => src.to_string(), "topic" => o.tp.0.clone(), "partition" => o.tp.1.to_string())
-                    .increment(1);
+            if o.seek.is_some() {
+                // Going back anyway (a record failed).
+                continue;
+            }
+            let mut offsets: Vec<i64> = coords
+                .iter()
+                .filter(|(t, p, _)| *p == o.tp.1 && *t == o.tp.0)
+                .map(|(_, _, off)| *off)
+                .collect();
+            offsets.sort_unstable();
+            let Some(gap) = first_gap(shared.stored(&o.tp), &offsets) else {
+                continue;
+            };
+            metrics::counter!("duvo_bridge_kafka_offset_gaps_total", "source" => src.to_string(), "topic" => o.tp.0.clone(), "partition" => o.tp.1.to_string())
+                .increment(1);
+            if self.cfg.reread_offset_gaps && shared.reread_gap(&o.tp, gap) {
+                // Store up to the hole and read again from it: what comes
+                // after it is in the outbox and is deduplicated on re-read.
+                o.store = (gap.expected > o.first).then_some(gap.expected);
+                o.seek = Some(gap.expected);
                 tracing::warn!(
-                    source = src, topic = %o.tp.0, partition = o.tp.1, expected, first = o.first,
-                    skipped = o.first - expected,
-                    "kafka: the broker returned records after a gap in offsets (normal for compacted or transactional topics; otherwise records were skipped by the broker)"
+                    source = src, topic = %o.tp.0, partition = o.tp.1,
+                    expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
+                    "kafka: the broker skipped offsets; reading the partition again from the first missing one"
+                );
+            } else {
+                tracing::warn!(
+                    source = src, topic = %o.tp.0, partition = o.tp.1,
+                    expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
+                    reread = self.cfg.reread_offset_gaps,
+                    "kafka: offsets missing on the broker (compaction or transaction markers); moving past them"
                 );
             }
         }

@@ -124,9 +124,66 @@ impl BatchOffsets {
     }
 }
 
+/// A hole in a partition's offsets: the consumer expected `expected` next
+/// and was handed `next` instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub expected: i64,
+    pub next: i64,
+}
+
+/// The first hole in a partition's offsets: between the offset stored last
+/// (`stored`: the next record expected) and the batch's first record, or
+/// between two records of the batch (`offsets`, ascending). Kafka allows
+/// holes (compaction, transaction markers); on a plain topic one means the
+/// broker skipped records.
+pub fn first_gap(stored: Option<i64>, offsets: &[i64]) -> Option<Gap> {
+    let first = *offsets.first()?;
+    if let Some(expected) = stored.filter(|e| first > *e) {
+        return Some(Gap {
+            expected,
+            next: first,
+        });
+    }
+    offsets.windows(2).find(|w| w[1] > w[0] + 1).map(|w| Gap {
+        expected: w[0] + 1,
+        next: w[1],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gaps_are_found_before_the_batch_and_inside_it() {
+        assert_eq!(first_gap(None, &[]), None);
+        assert_eq!(first_gap(None, &[5, 6, 7]), None);
+        assert_eq!(first_gap(Some(5), &[5, 6, 7]), None);
+        // Re-reading from before the stored offset (a seek back) is no gap.
+        assert_eq!(first_gap(Some(9), &[5, 6, 7]), None);
+        assert_eq!(
+            first_gap(Some(3), &[5, 6, 7]),
+            Some(Gap {
+                expected: 3,
+                next: 5
+            })
+        );
+        assert_eq!(
+            first_gap(Some(5), &[5, 6, 9, 12]),
+            Some(Gap {
+                expected: 7,
+                next: 9
+            })
+        );
+        assert_eq!(
+            first_gap(None, &[153, 179]),
+            Some(Gap {
+                expected: 154,
+                next: 179
+            })
+        );
+    }
 
     fn outcomes(b: &BatchOffsets, offsets: &[(&str, i32, i64)]) -> Vec<PartitionOutcome> {
         b.outcomes(|(t, p)| {
