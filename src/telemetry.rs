@@ -323,6 +323,10 @@ fn describe_all() {
         "Tracked cases that completed and were forgotten."
     );
     describe_counter!(
+        "duvo_bridge_tracking_rewinds_total",
+        "Listing streams sent back to re-read because a batch settled after the stream had passed its cases' creation (late answer, re-send after a restart), by stream."
+    );
+    describe_counter!(
         "duvo_bridge_tracking_rereads_total",
         "Listing pages read again from the start of a tie instant because a case there changed between pages."
     );

@@ -318,3 +318,82 @@ async fn sources_without_a_reporter_are_tracked_but_never_reported() {
     assert!(!tr.history[0].reported);
     assert!(outbox.pending_reports().is_empty());
 }
+
+/// A batch whose answer came late (its cases were created before the
+/// streams' watermarks: a retry, a re-send after a restart) sends both
+/// streams back to the cases' creation, durably, so a failure of one of
+/// them that a listing passed over while it was not known is still seen.
+#[tokio::test]
+async fn a_batch_settled_behind_the_watermark_rewinds_both_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(cfg(&dir, Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    let q = Uuid::new_v4();
+    let (_, first) = delivered(&outbox, q, 2).await;
+    // Both streams move to 100 s.
+    for stream in ListingStream::ALL {
+        let page = vec![listed(first[0], q, CaseStatus::Completed, 100)];
+        outbox
+            .apply_listing(q, stream, &page, at(100))
+            .await
+            .unwrap();
+        assert_eq!(outbox.watermark(q, stream).unwrap(), Some(at(100)));
+    }
+    // A batch settled on time (its cases created after 100 s): no rewind.
+    outbox
+        .append((10..12).map(|i| ev(q, i)).collect())
+        .await
+        .unwrap();
+    let b = outbox.claim_batch(q, 100, 1 << 20).await.unwrap().unwrap();
+    let on_time: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
+    outbox
+        .settle_delivered_at(&b, &on_time, Some(at(101)))
+        .await
+        .unwrap();
+    assert_eq!(outbox.take_rewind(q, ListingStream::Reports), None);
+
+    // A late one: its cases were created at 40 s.
+    outbox
+        .append((20..22).map(|i| ev(q, i)).collect())
+        .await
+        .unwrap();
+    let b = outbox.claim_batch(q, 100, 1 << 20).await.unwrap().unwrap();
+    let late: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
+    outbox
+        .settle_delivered_at(&b, &late, Some(at(40)))
+        .await
+        .unwrap();
+    for stream in ListingStream::ALL {
+        assert_eq!(outbox.watermark(q, stream).unwrap(), Some(at(40)));
+    }
+    // Until the tracker takes the rewind, a page read before it cannot
+    // move the persisted watermark past it.
+    outbox
+        .apply_listing(q, ListingStream::Cleanup, &[], at(120))
+        .await
+        .unwrap();
+    assert_eq!(
+        outbox.watermark(q, ListingStream::Cleanup).unwrap(),
+        Some(at(40))
+    );
+    assert_eq!(outbox.take_rewind(q, ListingStream::Reports), Some(at(40)));
+    assert_eq!(outbox.take_rewind(q, ListingStream::Cleanup), Some(at(40)));
+    assert_eq!(outbox.take_rewind(q, ListingStream::Cleanup), None);
+
+    // The failure the listing passed over is now seen, and reported once.
+    let page = vec![listed(late[1], q, CaseStatus::Failed, 50)];
+    let o = outbox
+        .apply_listing(q, ListingStream::Reports, &page, at(50))
+        .await
+        .unwrap();
+    assert_eq!(o.reports, 1, "{o:?}");
+    let again = outbox
+        .apply_listing(q, ListingStream::Reports, &page, at(50))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.reports, 0,
+        "a re-read transition is not reported twice"
+    );
+}

@@ -460,3 +460,74 @@ async fn reports_to_dead_callbacks_do_not_block_the_healthy_ones() {
     assert_eq!(healthy.count(), 4, "each report acknowledged once");
     h.stop().await;
 }
+
+/// Answers lost after the server committed (the bridge learns its case ids
+/// only from the retry, a second later) while cases fail within 100 ms: the
+/// reports stream has already listed past those failures when the batch
+/// settles. The settle sends the stream back to the cases' creation, so
+/// every failure is still reported, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_of_cases_learnt_late_are_still_reported() {
+    let sink = CallbackSink::start().await;
+    let h = Harness::start(
+        duvo_bridge::sim::SimConfig {
+            fail_ratio: 0.2,
+            process_ms: 100,
+            ..sim_config()
+        },
+        |cfg| {
+            with_callback(cfg, &sink.url, "TRACK_TEST_SECRET_LATE");
+            cfg.tracking.poll_interval_ms = 100;
+            cfg.delivery.retry_initial_ms = 1500;
+            cfg.delivery.retry_max_ms = 1500;
+        },
+    )
+    .await;
+    h.sim.set_faults(duvo_bridge::sim::FaultsPatch {
+        drop_after_commit_ratio: Some(0.5),
+        ..Default::default()
+    });
+    for chunk in 0..6 {
+        let body = serde_json::Value::Array(orders(chunk * 100..(chunk + 1) * 100));
+        assert_eq!(h.post(&body, None).await.status(), 202);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    expect_cases(&h.sim, 600, 60).await;
+    assert!(
+        h.sim.stats().dropped_after_commit > 0,
+        "no answer was lost: {:?}",
+        h.sim.stats()
+    );
+    h.sim.set_faults(duvo_bridge::sim::FaultsPatch {
+        drop_after_commit_ratio: Some(0.0),
+        ..Default::default()
+    });
+    let ended = wait_until(Duration::from_secs(30), || async {
+        let s = h.sim.stats();
+        s.by_status.get("completed").copied().unwrap_or(0)
+            + s.by_status.get("failed").copied().unwrap_or(0)
+            == 600
+    })
+    .await;
+    assert!(ended, "cases did not all end: {:?}", h.sim.stats());
+    let failed = case_ids_in(&h.sim, "failed");
+    assert!(!failed.is_empty());
+    let all_reported = wait_until(Duration::from_secs(30), || async {
+        sink.count() >= failed.len()
+    })
+    .await;
+    let got = by_case(&sink.received());
+    let missing: Vec<_> = failed.iter().filter(|c| !got.contains_key(*c)).collect();
+    assert!(
+        all_reported && missing.is_empty(),
+        "{} of {} failed cases never reported: {:?}",
+        missing.len(),
+        failed.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(
+        got.values().all(|v| v.len() == 1),
+        "a failure was reported twice"
+    );
+    h.stop().await;
+}

@@ -90,6 +90,12 @@ pub(crate) struct Inner {
     /// expiry) and of reports.
     track_lock: Mutex<()>,
     track: Mutex<TrackIndex>,
+    /// Per queue and listing stream, where the tracker must read again
+    /// from: a batch settled late (its cases were created before the
+    /// stream's watermark), so the stream may have passed over transitions
+    /// of cases it did not know yet. Taken by the tracker at its next turn;
+    /// until then it also caps the watermark `apply_listing` persists.
+    rewinds: Mutex<HashMap<(Uuid, ListingStream), chrono::DateTime<chrono::Utc>>>,
     reports: Mutex<ReportIndex>,
     report_notify: Notify,
     appended: AtomicU64,
@@ -155,6 +161,7 @@ impl Outbox {
             ready_notify: Notify::new(),
             track_lock: Mutex::new(()),
             track: Mutex::new(opened.track),
+            rewinds: Mutex::new(HashMap::new()),
             reports: Mutex::new(opened.reports),
             report_notify: Notify::new(),
             appended: AtomicU64::new(0),
@@ -536,18 +543,45 @@ impl Outbox {
                 }
                 sb.insert(&event_key(*id)[..], encode(&ev)?);
             }
+            // Serialise with the tracker's page writes: a rewind decided
+            // here must not be overwritten by a page read before it.
+            let _t = policy.map(|_| lock(&self.inner.track_lock));
+            let mut rewinds = Vec::new();
             if policy.is_some() {
                 let start = created_at
                     .unwrap_or_else(|| chrono::Utc::now() - chrono::Duration::seconds(60));
                 for stream in ListingStream::ALL {
                     let wk = watermark_key(rec.queue_id, stream);
-                    if self.inner.events.get(wk)?.is_none() {
-                        sb.insert(&wk[..], encode(&Watermark { updated_at: start })?);
+                    match self.inner.events.get(wk)? {
+                        None => sb.insert(&wk[..], encode(&Watermark { updated_at: start })?),
+                        // Every transition of these cases is at or after
+                        // their creation. A watermark already past it (the
+                        // answer came late: a retry, a re-send after a
+                        // restart) may have skipped some of them while
+                        // they were not ours yet: read again from there.
+                        Some(raw) => {
+                            let wm: Watermark = self.decode_logged(&wk, &raw)?;
+                            if let Some(c) = created_at.filter(|c| wm.updated_at > *c) {
+                                sb.insert(&wk[..], encode(&Watermark { updated_at: c })?);
+                                rewinds.push((stream, c));
+                            }
+                        }
                     }
                 }
             }
             sb.remove(&batch_key(batch.id)[..]);
             self.inner.events.apply_batch(sb)?;
+            if !rewinds.is_empty() {
+                let mut r = lock(&self.inner.rewinds);
+                for (stream, c) in rewinds {
+                    metrics::counter!("duvo_bridge_tracking_rewinds_total", "stream" => stream.as_str())
+                        .increment(1);
+                    tracing::debug!(queue = %rec.queue_id, stream = stream.as_str(), to = %c,
+                        "batch settled after its cases' listing window: the stream reads again from their creation");
+                    let e = r.entry((rec.queue_id, stream)).or_insert(c);
+                    *e = (*e).min(c);
+                }
+            }
             let mut ix = lock(&self.inner.index);
             ix.batched = ix.batched.saturating_sub(rec.event_ids.len() as u64);
             drop(ix);

@@ -164,6 +164,12 @@ impl Outbox {
         lock(&self.inner.track).snapshot()
     }
 
+    /// Take the point a stream must read again from, if a batch settled
+    /// after the stream's watermark had passed its cases' creation.
+    pub fn take_rewind(&self, queue_id: Uuid, stream: ListingStream) -> Option<DateTime<Utc>> {
+        lock(&self.inner.rewinds).remove(&(queue_id, stream))
+    }
+
     /// Whether tracking is configured.
     pub fn tracking_enabled(&self) -> bool {
         self.inner.cfg.tracking.is_some()
@@ -213,6 +219,12 @@ impl Outbox {
         let mut reports = Vec::new();
         {
             let _t = lock(&self.inner.track_lock);
+            // A rewind the tracker has not taken yet caps what is persisted,
+            // so a crash before it is taken still reads again from there.
+            let watermark = match lock(&self.inner.rewinds).get(&(queue_id, stream)) {
+                Some(r) => watermark.min(*r),
+                None => watermark,
+            };
             let now = now_ms();
             let mut sb = sled::Batch::default();
             let mut moves = Vec::new();

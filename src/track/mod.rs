@@ -342,6 +342,19 @@ impl CaseTracker {
                 last_id: None,
             },
         };
+        // A batch settled late: its cases may have changed before we knew
+        // them, behind where this stream stands. Read again from their
+        // creation (re-read transitions are recognised, never re-reported).
+        if !continuation
+            && let Some(r) = self.outbox.take_rewind(queue, stream)
+            && r < cur.from
+        {
+            cur = Cursor {
+                from: r,
+                seen: 0,
+                last_id: None,
+            };
+        }
         let mut high = watermark;
         let mut pages = 0usize;
         loop {
