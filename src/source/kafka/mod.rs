@@ -579,7 +579,12 @@ impl KafkaSource {
                 .map(|(_, _, off)| *off)
                 .collect();
             offsets.sort_unstable();
-            let Some(gap) = first_gap(shared.stored(&o.tp), &offsets) else {
+            // The first batch of a partition since it was assigned starts
+            // where the group committed; anywhere past that is a hole too.
+            let expected = shared
+                .stored(&o.tp)
+                .or_else(|| committed_offset(consumer, &o.tp));
+            let Some(gap) = first_gap(expected, &offsets) else {
                 continue;
             };
             metrics::counter!("duvo_bridge_kafka_offset_gaps_total", "source" => src.to_string(), "topic" => o.tp.0.clone(), "partition" => o.tp.1.to_string())
@@ -811,6 +816,21 @@ impl KafkaSource {
 }
 
 /// Pause or resume every assigned partition.
+/// The group's committed offset of one partition (one request to the
+/// coordinator, made once per partition per assignment); `None` when there
+/// is none or it cannot be had quickly.
+fn committed_offset(consumer: &StreamConsumer<KafkaContext>, tp: &Tp) -> Option<i64> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&tp.0, tp.1);
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(2))
+        .ok()?;
+    match got.find_partition(&tp.0, tp.1)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
 fn set_paused(consumer: &StreamConsumer<KafkaContext>, pause: bool, source: &str) {
     let Ok(tpl) = consumer.assignment() else {
         return;
