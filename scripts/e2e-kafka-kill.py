@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--rate", type=int, default=300, help="API requests per minute (sim; split by the replicas)")
     ap.add_argument("--produce-secs", type=float, default=40.0, help="spread production over this long")
     ap.add_argument("--brokers", help="a running broker (default: start tansu)")
+    ap.add_argument("--max-wait", type=float, default=3600.0,
+                    help="give up waiting for cases (and, separately, for failure reports) after this many seconds")
     ap.add_argument("--tracking-share", type=float, default=0.1,
                     help="[tracking] share (the bridge's default): failures are listed between slices of the "
                          "completion cleanup, so they are reported long before the cleanup catches up")
@@ -146,10 +148,10 @@ failure_topic = "{failures}"
     left = producer.flush(60)
     print(f"produced {args.records} records in {time.time() - t0:.1f}s (unflushed: {left})", flush=True)
 
-    wait_for(lambda: created() >= args.records // 2, 1800, every=1)
+    wait_for(lambda: created() >= args.records // 2, args.max_wait, every=1)
     kill_and_restart("while its outbox is delivering")
 
-    ok = wait_for(lambda: created() >= args.records, 3600, every=2)
+    ok = wait_for(lambda: created() >= args.records, args.max_wait, every=2)
     time.sleep(3)
     counts = cases_per_order(base)
     st, b = get(base + "/_sim/stats"); stats = json.loads(b)
@@ -161,7 +163,7 @@ failure_topic = "{failures}"
                        "enable.auto.commit": False})
     reader.subscribe([failures])
     seen, report_ids, bad = {}, set(), 0
-    end = time.time() + 3600
+    end = time.time() + args.max_wait
     while time.time() < end and not failing.issubset(seen.keys()):
         m = reader.poll(1.0)
         if m is None or m.error():
