@@ -24,7 +24,9 @@ use super::{Report, ReportError, Reporter};
 use crate::config::KafkaSourceConfig;
 use crate::outbox::Origin;
 use crate::source::decode::base64_decode;
-use crate::source::kafka::{LogContext, Scrubber, describe_config_error, producer_config};
+use crate::source::kafka::{
+    LogContext, Scrubber, describe_config_error, producer_config, with_source_coordinates,
+};
 
 /// How long `send` waits for room in librdkafka's queue before giving up
 /// (the delivery itself is bounded by `message.timeout.ms`).
@@ -136,20 +138,7 @@ impl KafkaReporter {
             key_b64,
         }) = &report.origin
         {
-            let (partition, offset) = (partition.to_string(), offset.to_string());
-            headers = headers
-                .insert(Header {
-                    key: "duvo-source-topic",
-                    value: Some(topic.as_str()),
-                })
-                .insert(Header {
-                    key: "duvo-source-partition",
-                    value: Some(partition.as_str()),
-                })
-                .insert(Header {
-                    key: "duvo-source-offset",
-                    value: Some(offset.as_str()),
-                });
+            headers = with_source_coordinates(headers, topic, *partition, *offset);
             key = match key_b64.as_deref().map(base64_decode) {
                 Some(Some(k)) => Some(k),
                 Some(None) => {

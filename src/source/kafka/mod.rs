@@ -52,7 +52,7 @@ pub use client::{
     LogContext, Scrubber, check_librdkafka, consumer_config, describe_config_error, producer_config,
 };
 use context::{KafkaContext, Shared};
-use offsets::{BatchOffsets, Tp, first_gap};
+use offsets::{BatchOffsets, Tp};
 
 use super::decode::base64;
 use super::{Source, SourceContext, SourceError};
@@ -573,18 +573,12 @@ impl KafkaSource {
                 // Going back anyway (a record failed).
                 continue;
             }
-            let mut offsets: Vec<i64> = coords
-                .iter()
-                .filter(|(t, p, _)| *p == o.tp.1 && *t == o.tp.0)
-                .map(|(_, _, off)| *off)
-                .collect();
-            offsets.sort_unstable();
             // The first batch of a partition since it was assigned starts
             // where the group committed; anywhere past that is a hole too.
             let expected = shared
                 .stored(&o.tp)
                 .or_else(|| committed_offset(consumer, &o.tp));
-            let Some(gap) = first_gap(expected, &offsets) else {
+            let Some(gap) = o.gap(expected) else {
                 continue;
             };
             metrics::counter!("duvo_bridge_kafka_offset_gaps_total", "source" => src.to_string(), "topic" => o.tp.0.clone(), "partition" => o.tp.1.to_string())
@@ -676,8 +670,6 @@ impl KafkaSource {
         msg: &OwnedMessage,
         reason: &str,
     ) -> Result<(), String> {
-        let partition = msg.partition().to_string();
-        let offset = msg.offset().to_string();
         let headers = msg
             .headers()
             .cloned()
@@ -689,19 +681,8 @@ impl KafkaSource {
             .insert(Header {
                 key: "duvo-bridge-source",
                 value: Some(self.cfg.name.as_str()),
-            })
-            .insert(Header {
-                key: "duvo-source-topic",
-                value: Some(msg.topic()),
-            })
-            .insert(Header {
-                key: "duvo-source-partition",
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: "duvo-source-offset",
-                value: Some(offset.as_str()),
             });
+        let headers = with_source_coordinates(headers, msg.topic(), msg.partition(), msg.offset());
         let mut rec = FutureRecord::<[u8], [u8]>::to(&dl.topic).headers(headers);
         if let Some(k) = msg.key() {
             rec = rec.key(k);
@@ -816,6 +797,31 @@ impl KafkaSource {
 }
 
 /// Pause or resume every assigned partition.
+/// Add the headers naming where a record came from (`duvo-source-topic`,
+/// `-partition`, `-offset`): the same names on dead letters and failure
+/// reports, so consumers of either parse one format.
+pub fn with_source_coordinates(
+    headers: OwnedHeaders,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> OwnedHeaders {
+    let (partition, offset) = (partition.to_string(), offset.to_string());
+    headers
+        .insert(Header {
+            key: "duvo-source-topic",
+            value: Some(topic),
+        })
+        .insert(Header {
+            key: "duvo-source-partition",
+            value: Some(partition.as_str()),
+        })
+        .insert(Header {
+            key: "duvo-source-offset",
+            value: Some(offset.as_str()),
+        })
+}
+
 /// The group's committed offset of one partition (one request to the
 /// coordinator, made once per partition per assignment); `None` when there
 /// is none or it cannot be had quickly.

@@ -20,6 +20,8 @@ struct Progress {
     last: i64,
     /// Lowest offset that failed, if any.
     failed: Option<i64>,
+    /// First hole between two records of the batch, if any.
+    hole: Option<Gap>,
 }
 
 /// What to do for one partition once a batch is handled.
@@ -28,6 +30,8 @@ pub struct PartitionOutcome {
     pub tp: Tp,
     /// Lowest offset of the partition in the batch.
     pub first: i64,
+    /// First hole between two of the partition's records in the batch.
+    pub hole: Option<Gap>,
     /// Offset to store (the next record to read), if there was progress.
     pub store: Option<i64>,
     /// Offset to seek back to, when a record failed.
@@ -58,6 +62,7 @@ impl BatchOffsets {
                         first: offset,
                         last: offset,
                         failed: None,
+                        hole: None,
                     },
                     0,
                 ));
@@ -71,6 +76,12 @@ impl BatchOffsets {
     pub fn record(&mut self, topic: &str, partition: i32, offset: i64) {
         let (_, p, n) = self.slot(topic, partition, offset);
         *n += 1;
+        if offset > p.last + 1 && p.hole.is_none() {
+            p.hole = Some(Gap {
+                expected: p.last + 1,
+                next: offset,
+            });
+        }
         p.first = p.first.min(offset);
         p.last = p.last.max(offset);
     }
@@ -115,6 +126,7 @@ impl BatchOffsets {
                 PartitionOutcome {
                     tp: tp.clone(),
                     first: p.first,
+                    hole: p.hole,
                     store,
                     seek,
                     records: *n,
@@ -132,28 +144,35 @@ pub struct Gap {
     pub next: i64,
 }
 
-/// The first hole in a partition's offsets: between the offset stored last
-/// (`stored`: the next record expected) and the batch's first record, or
-/// between two records of the batch (`offsets`, ascending). Kafka allows
-/// holes (compaction, transaction markers); on a plain topic one means the
-/// broker skipped records.
-pub fn first_gap(stored: Option<i64>, offsets: &[i64]) -> Option<Gap> {
-    let first = *offsets.first()?;
-    if let Some(expected) = stored.filter(|e| first > *e) {
-        return Some(Gap {
-            expected,
-            next: first,
-        });
+impl PartitionOutcome {
+    /// The first hole in the partition's offsets: between the offset
+    /// expected next (`expected`: stored last, or committed) and the
+    /// batch's first record, or between two records of the batch. Kafka
+    /// allows holes (compaction, transaction markers); on a plain topic one
+    /// means the broker skipped records.
+    pub fn gap(&self, expected: Option<i64>) -> Option<Gap> {
+        expected
+            .filter(|e| self.first > *e)
+            .map(|expected| Gap {
+                expected,
+                next: self.first,
+            })
+            .or(self.hole)
     }
-    offsets.windows(2).find(|w| w[1] > w[0] + 1).map(|w| Gap {
-        expected: w[0] + 1,
-        next: w[1],
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gap of a batch of one partition with `offsets` (in order).
+    fn first_gap(expected: Option<i64>, offsets: &[i64]) -> Option<Gap> {
+        let mut b = BatchOffsets::default();
+        for o in offsets {
+            b.record("t", 0, *o);
+        }
+        outcomes(&b, &[]).first().and_then(|o| o.gap(expected))
+    }
 
     #[test]
     fn gaps_are_found_before_the_batch_and_inside_it() {
