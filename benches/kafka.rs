@@ -2,7 +2,8 @@
 //! in the same run.
 //!
 //! The broker is librdkafka's mock cluster inside this process (or
-//! `KAFKA_BENCH_BROKERS=host:port`, e.g. a tansu started by hand). One topic
+//! `KAFKA_BENCH_BROKERS=host:port`, e.g. the Apache Kafka of
+//! `scripts/services.sh`, whose `env` prints it). One topic
 //! with 6 partitions is filled with N JSON records before any clock starts;
 //! each consumer reads all of it from the beginning in its own group.
 //!

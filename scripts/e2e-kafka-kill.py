@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Outside-in check of the Kafka source (issue 4's "done when").
 
-Starts a Kafka-protocol broker (tansu, in-memory; or --brokers for a running
-one), `duvo-bridge sim` (300 requests/min) and two `duvo-bridge run`
+Uses Apache Kafka from scripts/services.sh (started when it is not up; or
+--brokers for a running cluster), `duvo-bridge sim` (300 requests/min) and two `duvo-bridge run`
 replicas in one consumer group (static membership, half the rate budget
 each). A confluent-kafka producer (idempotent, acks=all) writes N records
 at a steady pace; replica 1 is SIGKILLed while they are being consumed and
@@ -14,7 +14,7 @@ simulator, and every record whose case fails ("simulate":"fail", every
     pip install confluent-kafka
     scripts/e2e-kafka-kill.py [--bin target/release/duvo-bridge] [--records 100000]
 """
-import argparse, json, os, shutil, signal, subprocess, sys, tempfile, time, uuid
+import argparse, json, os, signal, subprocess, sys, tempfile, time, uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_common import cases_per_order, free_port, get, wait_for  # noqa: E402
 
@@ -29,7 +29,8 @@ def main():
     ap.add_argument("--partitions", type=int, default=6)
     ap.add_argument("--rate", type=int, default=300, help="API requests per minute (sim; split by the replicas)")
     ap.add_argument("--produce-secs", type=float, default=40.0, help="spread production over this long")
-    ap.add_argument("--brokers", help="a running broker (default: start tansu)")
+    ap.add_argument("--brokers", help="a running cluster (default: scripts/services.sh's Apache Kafka, "
+                                      "started if needed, on 127.0.0.1:19092)")
     ap.add_argument("--max-wait", type=float, default=3600.0,
                     help="give up waiting for cases (and, separately, for failure reports) after this many seconds")
     ap.add_argument("--tracking-share", type=float, default=0.1,
@@ -42,13 +43,9 @@ def main():
     if args.brokers:
         brokers = args.brokers
     else:
-        tansu = shutil.which("tansu") or os.path.expanduser("~/.cargo/bin/tansu")
-        port = free_port()
-        url = f"tcp://127.0.0.1:{port}"
-        tlog = open(os.path.join(work, "tansu.log"), "w")
-        procs.append(subprocess.Popen([tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                       "--storage-engine", "memory://tansu/"], stdout=tlog, stderr=tlog))
-        brokers = f"127.0.0.1:{port}"
+        services = os.path.join(os.path.dirname(os.path.abspath(__file__)), "services.sh")
+        subprocess.run(["bash", services, "up", "kafka"], check=True)
+        brokers = "127.0.0.1:19092"
     run = uuid.uuid4().hex[:8]
     topic, failures, group = f"orders-{run}", f"orders-{run}.failures", f"duvo-e2e-{run}"
     admin = AdminClient({"bootstrap.servers": brokers})

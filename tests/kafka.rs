@@ -29,27 +29,6 @@ fn mock(brokers: i32, topics: &[(&str, i32)]) -> Mock {
     m
 }
 
-fn assert_exactly_once(sim: &duvo_bridge::sim::SimHandle, n: usize) {
-    let per = cases_per_order(sim);
-    let missing: Vec<usize> = (0..n)
-        .filter(|i| !per.contains_key(&format!("ORD-{i:06}")))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "lost records: {} e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    let dups: Vec<_> = per.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(
-        dups.is_empty(),
-        "duplicate cases: {} e.g. {:?}",
-        dups.len(),
-        &dups[..dups.len().min(10)]
-    );
-    assert_eq!(per.len(), n, "unexpected extra cases");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_become_cases_exactly_once_and_offsets_are_committed() {
     let m = mock(1, &[("orders", 3)]);

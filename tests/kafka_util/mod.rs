@@ -226,3 +226,83 @@ pub fn metric_sum(text: &str, name: &str, needles: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Every order `0..n` is exactly one case in `sim`: none lost, none twice,
+/// nothing else.
+pub fn assert_exactly_once(sim: &SimHandle, n: usize) {
+    let per = crate::common::cases_per_order(sim);
+    let missing: Vec<usize> = (0..n)
+        .filter(|i| !per.contains_key(&format!("ORD-{i:06}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost records: {} e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let dups: Vec<_> = per.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        dups.is_empty(),
+        "duplicate cases: {} e.g. {:?}",
+        dups.len(),
+        &dups[..dups.len().min(10)]
+    );
+    assert_eq!(per.len(), n, "unexpected extra cases");
+}
+
+/// Run `scripts/services.sh ARGS` (the project's broker provisioning) and
+/// return what it printed on stdout.
+pub async fn services(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .args(&args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run scripts/services.sh");
+        assert!(out.status.success(), "scripts/services.sh {args:?} failed");
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The single Apache Kafka broker of `scripts/services.sh` (KRaft, on
+/// 127.0.0.1:19092), started if it is not up.
+pub async fn apache_kafka() -> String {
+    services(&["up", "kafka"]).await;
+    "127.0.0.1:19092".into()
+}
+
+/// The three-node Apache Kafka cluster of `scripts/services.sh` (default
+/// replication factor 3, `min.insync.replicas = 2`), started if not up.
+pub async fn apache_kafka_cluster() -> String {
+    services(&["up", "kafka-cluster"]).await;
+    "127.0.0.1:19192,127.0.0.1:19193,127.0.0.1:19194".into()
+}
+
+/// Create `topics` (name, partitions) with `replication` copies each.
+pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)], replication: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(replication)))
+        .collect();
+    let res = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("create topics");
+    for r in res {
+        r.expect("topic created");
+    }
+}
