@@ -5,7 +5,16 @@
 //! (b) bare sled: N concurrent writers, each insert + flush on the blocking pool;
 //! (c) `Outbox::append` of 1 event with N concurrent appenders (1, 16, 128):
 //!     group commit shares one fsync among all waiting appenders;
-//! (d) `Outbox::append` of batches of 200 events, one appender.
+//! (d) `Outbox::append` of batches of 200 events, one appender;
+//! (e) the disk's floor: a 512-byte `pwrite` + `fdatasync` per iteration on
+//!     a plain file (what one durable commit costs here, at best);
+//! (f) bare sled insert + flush + `fdatasync` of its log file per event: a
+//!     really durable store without group commit (sled's flush alone is
+//!     `sync_file_range`, not an fsync, on Linux).
+//!
+//! For the outbox rows, "commits" counts group commits (each one sled
+//! flush + an fsync of every outbox file) and "ev/commit" the events each
+//! served.
 //!
 //! Each case runs for a fixed wall-clock budget in a fresh temp dir and
 //! prints events/s and the ratio against (a). Run with
@@ -68,6 +77,38 @@ fn bare_single() -> (u64, Duration) {
     while start.elapsed() < budget {
         db.insert(n.to_be_bytes(), payload(n)).expect("insert");
         db.flush().expect("flush");
+        n += 1;
+    }
+    (n, start.elapsed())
+}
+
+fn fsync_floor() -> (u64, Duration) {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = std::fs::File::create(dir.path().join("floor")).expect("create");
+    let block = [7u8; 512];
+    let budget = budget();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < budget {
+        f.write_at(&block, (n % 1024) * 512).expect("write");
+        f.sync_data().expect("fdatasync");
+        n += 1;
+    }
+    (n, start.elapsed())
+}
+
+fn bare_single_fsync() -> (u64, Duration) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = sled_db(&dir);
+    let log = std::fs::File::open(dir.path().join("db").join("db")).expect("sled log");
+    let budget = budget();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < budget {
+        db.insert(n.to_be_bytes(), payload(n)).expect("insert");
+        db.flush().expect("flush");
+        log.sync_data().expect("fdatasync");
         n += 1;
     }
     (n, start.elapsed())
@@ -151,17 +192,26 @@ fn main() {
         .expect("runtime");
     println!("outbox benchmark, {:?} per case", budget());
     println!(
-        "{:<48} {:>10} {:>12} {:>8} {:>9}",
-        "case", "events", "events/s", "x (a)", "fsyncs"
+        "{:<48} {:>10} {:>12} {:>8} {:>9} {:>10} {:>10}",
+        "case", "events", "events/s", "x (a)", "commits", "commits/s", "ev/commit"
     );
 
     let (n, d) = bare_single();
     let base = n as f64 / d.as_secs_f64();
-    let row = |name: &str, n: u64, d: Duration, fsyncs: Option<u64>| {
+    let row = |name: &str, n: u64, d: Duration, commits: Option<u64>| {
         let rate = n as f64 / d.as_secs_f64();
-        let fsyncs = fsyncs.map_or_else(|| "-".to_string(), |f| f.to_string());
+        let (c, cps, per) = commits.map_or_else(
+            || ("-".to_string(), "-".to_string(), "-".to_string()),
+            |c| {
+                (
+                    c.to_string(),
+                    format!("{:.0}", c as f64 / d.as_secs_f64()),
+                    format!("{:.1}", n as f64 / c.max(1) as f64),
+                )
+            },
+        );
         println!(
-            "{name:<48} {n:>10} {rate:>12.0} {:>8.2} {fsyncs:>9}",
+            "{name:<48} {n:>10} {rate:>12.0} {:>8.2} {c:>9} {cps:>10} {per:>10}",
             rate / base
         );
     };
@@ -191,4 +241,8 @@ fn main() {
         d,
         Some(f),
     );
+    let (n, d) = fsync_floor();
+    row("(e) disk floor: 512 B pwrite + fdatasync", n, d, Some(n));
+    let (n, d) = bare_single_fsync();
+    row("(f) bare sled insert+flush+fdatasync, 1 writer", n, d, Some(n));
 }

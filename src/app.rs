@@ -79,6 +79,7 @@ pub fn outbox_config(cfg: &Config) -> OutboxConfig {
         high_water_bytes: cfg.outbox.high_water_bytes,
         retention: Duration::from_secs(cfg.outbox.retention_hours * 3600),
         tracking: cfg.tracking.policy(report_sources),
+        accept_data_loss: cfg.outbox.accept_data_loss,
         ..OutboxConfig::default()
     }
 }

@@ -27,6 +27,12 @@ pub enum Command {
         /// Print the effective configuration (secrets redacted) and exit.
         #[arg(long)]
         print_config: bool,
+        /// Start even though the outbox holds less than its marker says was
+        /// durable (opened empty after a power cut, a wiped or swapped
+        /// volume). Without it such an outbox is refused. Logged and counted
+        /// (`duvo_bridge_outbox_data_loss_accepted_total`).
+        #[arg(long)]
+        accept_outbox_loss: bool,
     },
     /// Check a configuration file; print every problem; exit 64 if any.
     Validate {
@@ -78,8 +84,9 @@ pub fn main() -> i32 {
         Command::Run {
             config,
             print_config,
+            accept_outbox_loss,
         } => {
-            let (cfg, overrides) =
+            let (mut cfg, overrides) =
                 match Config::load_with_env(&config, crate::config::process_env()) {
                     Ok(c) => c,
                     Err(e) => {
@@ -91,6 +98,7 @@ pub fn main() -> i32 {
                 print!("{}", cfg.to_redacted_toml());
                 return 0;
             }
+            cfg.outbox.accept_data_loss = accept_outbox_loss;
             crate::telemetry::init_logging(&cfg.log);
             if !overrides.is_empty() {
                 // Names only: a value may be a secret.

@@ -215,6 +215,10 @@ pub struct OutboxSection {
     /// How long delivered events are remembered so a re-sent event (same
     /// idempotency key or event id) is recognised and not delivered twice.
     pub retention_hours: u64,
+    /// Not a file key: `run --accept-outbox-loss` sets it, for the one
+    /// start after an outbox was found to have lost data.
+    #[serde(skip)]
+    pub accept_data_loss: bool,
 }
 
 impl Default for OutboxSection {
@@ -225,6 +229,7 @@ impl Default for OutboxSection {
             low_water_events: 800_000,
             high_water_bytes: 8 * 1024 * 1024 * 1024,
             retention_hours: 24,
+            accept_data_loss: false,
         }
     }
 }

@@ -1,5 +1,9 @@
 //! Group commit: one task owns every fsync.
 //!
+//! A group commit is sled's `flush()` followed by an fsync of every file in
+//! the outbox directory ([`super::durable::DirSync`]): sled's flush alone
+//! is `sync_file_range`, not an fsync, on Linux.
+//!
 //! sled 0.34's `flush_async` deadlocks when called concurrently, and one
 //! fsync per append caps throughput at the disk's fsync rate. So writers
 //! never flush themselves: they register with the [`FlushShared`] queue and
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 
 use super::Inner;
+use super::durable::{DirSync, META_COMMIT_SEQ, Marker};
 use super::types::OutboxError;
 
 /// Minimum interval between two reads of the database size.
@@ -111,7 +116,7 @@ impl Drop for StopGuard {
 /// The flusher task. Holds only a `Weak` to the outbox so that dropping the
 /// last handle closes the database (and releases sled's file lock) at once,
 /// except while a flush is running, which keeps it alive until it returns.
-pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
+pub(crate) async fn run(shared: Arc<FlushShared>, weak: Weak<Inner>) {
     let _guard = StopGuard(shared.clone());
     let mut last_size_refresh: Option<Instant> = None;
     loop {
@@ -129,7 +134,7 @@ pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
             (q.started, std::mem::take(&mut q.waiters))
         };
         let served = waiters.len();
-        let Some(inner) = inner.upgrade() else {
+        let Some(inner) = weak.upgrade() else {
             // Unreachable while waiters hold a handle; the guard answers them.
             break;
         };
@@ -141,8 +146,15 @@ pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
         }
         let joined = tokio::task::spawn_blocking(move || {
             let start = Instant::now();
-            let result = inner.db.flush();
+            let result = flush_and_fsync(&inner);
             let elapsed = start.elapsed();
+            if result.is_ok() {
+                // Inside the same blocking call, so the flusher holds no
+                // handle once the waiters are woken (see below); at most
+                // once a second, so it delays one group commit per second
+                // by the marker's own three fsyncs.
+                update_marker(&inner);
+            }
             let bytes = refresh_size.then(|| inner.db.size_on_disk());
             // Drop the handle here, before the waiters are woken, so a
             // caller that drops the outbox right after its append returned
@@ -165,7 +177,7 @@ pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, "cannot read outbox size on disk"),
                 }
-                result.map(|_| ()).map_err(|e| e.to_string())
+                result
             }
             Err(e) => Err(format!("flush task failed: {e}")),
         };
@@ -178,4 +190,63 @@ pub(crate) async fn run(shared: Arc<FlushShared>, inner: Weak<Inner>) {
             let _ = waiter.send(answer.clone());
         }
     }
+}
+
+/// The marker is rewritten at most this often (three fsyncs each time).
+const MARKER_EVERY: Duration = Duration::from_secs(1);
+
+/// One group commit: bump the commit sequence (written in the same flush),
+/// sled's flush, then an fsync of every file sled writes. Only when all of
+/// it succeeded are the writes issued before it durable.
+fn flush_and_fsync(inner: &Inner) -> Result<(), String> {
+    let mut d = super::lock(&inner.durability);
+    let seq = d.commit_seq + 1;
+    inner
+        .db
+        .insert(META_COMMIT_SEQ, &seq.to_be_bytes())
+        .map_err(|e| e.to_string())?;
+    inner.db.flush().map_err(|e| e.to_string())?;
+    let stats = d
+        .dir_sync
+        .sync()
+        .map_err(|e| format!("fsync of the outbox files failed: {e}"))?;
+    metrics::counter!("duvo_bridge_outbox_fsyncs_total").increment((stats.files + stats.dirs) as u64);
+    d.commit_seq = seq;
+    Ok(())
+}
+
+/// Record the durable commit sequence in the marker, when it is due.
+fn update_marker(inner: &Inner) {
+    let mut d = super::lock(&inner.durability);
+    if d.marker_written.elapsed() < MARKER_EVERY || d.marker_seq == d.commit_seq {
+        return;
+    }
+    let m = Marker {
+        outbox_id: d.outbox_id,
+        commit_seq: d.commit_seq,
+    };
+    match m.write(&inner.cfg.path) {
+        Ok(()) => {
+            d.marker_seq = d.commit_seq;
+            d.marker_written = Instant::now();
+        }
+        Err(e) => {
+            // The old marker stays: it still names a sequence sled holds,
+            // so the start-up check stays correct, only less precise.
+            d.marker_written = Instant::now();
+            tracing::warn!(error = %e, "cannot update the outbox marker");
+        }
+    }
+}
+
+/// What the flusher needs to make writes durable and prove it later.
+#[derive(Debug)]
+pub(crate) struct Durability {
+    pub(crate) dir_sync: DirSync,
+    pub(crate) outbox_id: uuid::Uuid,
+    /// Commit sequence of the last group commit that succeeded.
+    pub(crate) commit_seq: u64,
+    /// Sequence in the marker on disk, and when it was written.
+    pub(crate) marker_seq: u64,
+    pub(crate) marker_written: Instant,
 }

@@ -19,6 +19,7 @@
 //!
 //! The on-disk layout is described in [`record`].
 
+pub mod durable;
 mod flusher;
 mod index;
 pub mod record;
@@ -78,6 +79,9 @@ pub(crate) struct Inner {
     events: sled::Tree,
     dead: sled::Tree,
     flush: Arc<FlushShared>,
+    /// The flusher's fsync descriptors and commit sequence (only the
+    /// flusher locks it, on the blocking pool).
+    durability: Mutex<flusher::Durability>,
     /// Serialises appends so the identity check and the insert are atomic
     /// with respect to other appends, and ids enter the ready index in order.
     write_lock: Mutex<()>,
@@ -133,6 +137,8 @@ struct Opened {
     reports: ReportIndex,
     corrupt: u64,
     bytes: u64,
+    dir_sync: durable::DirSync,
+    identity: durable::Identity,
 }
 
 impl Outbox {
@@ -155,6 +161,13 @@ impl Outbox {
             events: opened.events,
             dead: opened.dead,
             flush: flush.clone(),
+            durability: Mutex::new(flusher::Durability {
+                dir_sync: opened.dir_sync,
+                outbox_id: opened.identity.outbox_id,
+                commit_seq: opened.identity.commit_seq,
+                marker_seq: opened.identity.commit_seq,
+                marker_written: std::time::Instant::now(),
+            }),
             write_lock: Mutex::new(()),
             batch_lock: Mutex::new(()),
             index: Mutex::new(opened.index),
@@ -946,6 +959,10 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         .flush_every_ms(None)
         .mode(sled::Mode::HighThroughput)
         .open()?;
+    // Before anything is read: a database that lost its data is refused
+    // here, not recovered as if it were new.
+    let mut dir_sync = durable::DirSync::new(&cfg.path);
+    let identity = durable::check_identity(&db, &cfg.path, &mut dir_sync, cfg.accept_data_loss)?;
     let events = db.open_tree(EVENTS_TREE)?;
     let dead = db.open_tree(DEAD_LETTERS_TREE)?;
     let mut corrupt = 0u64;
@@ -1030,6 +1047,9 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     if orphan_count > 0 {
         events.apply_batch(orphans)?;
         db.flush()?;
+        dir_sync
+            .sync()
+            .map_err(|e| OutboxError::Flush(format!("fsync of the outbox files failed: {e}")))?;
     }
     let mut reports = ReportIndex::default();
     for item in events.scan_prefix([REPORT_PREFIX]) {
@@ -1062,6 +1082,8 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         reports,
         corrupt,
         bytes,
+        dir_sync,
+        identity,
     })
 }
 

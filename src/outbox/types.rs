@@ -385,6 +385,10 @@ pub struct OutboxConfig {
     pub cache_capacity_bytes: u64,
     /// Case tracking and reports; `None`: off.
     pub tracking: Option<TrackingPolicy>,
+    /// Open even if the database holds less than its marker says was
+    /// durable (logged and counted); otherwise that is
+    /// [`OutboxError::DataLost`].
+    pub accept_data_loss: bool,
 }
 
 impl OutboxConfig {
@@ -398,6 +402,7 @@ impl OutboxConfig {
             retention: Duration::from_secs(24 * 3600),
             cache_capacity_bytes: 256 * 1024 * 1024,
             tracking: None,
+            accept_data_loss: false,
         }
     }
 }
@@ -440,6 +445,15 @@ pub enum OutboxError {
     /// A blocking task (open, recovery) panicked or was cancelled.
     #[error("outbox background task failed: {0}")]
     Task(String),
+    /// The database holds less than its marker says was durable (opened
+    /// empty after a power cut, a wiped or swapped volume): refused, so the
+    /// bridge never starts empty by accident.
+    #[error(
+        "outbox at {} lost data: {detail}. Refusing to start on it: events acknowledged from it may be gone. \
+         Restore the outbox volume, or start once with --accept-outbox-loss to accept the loss",
+        path.display()
+    )]
+    DataLost { path: PathBuf, detail: String },
     /// Encoding a record failed (should not happen for our types).
     #[error("cannot encode outbox record: {0}")]
     Encode(#[from] serde_json::Error),

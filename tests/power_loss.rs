@@ -1,0 +1,423 @@
+//! Power cuts: the outbox on a filesystem that forgets every write not
+//! covered by an fsync (`tests/powerfs`, FUSE, served by this process).
+//! SIGKILL tests cannot see a missing fsync: the kernel's page cache
+//! survives a killed process, not a power cut.
+//!
+//! Needs /dev/fuse and the right to mount (root, or Debian's fusermount3).
+
+mod common;
+mod kafka_util;
+mod powerfs;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::*;
+use duvo_bridge::outbox::{NewEvent, Outbox, OutboxConfig, OutboxError};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+fn mount() -> (tempfile::TempDir, powerfs::Mounted) {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = powerfs::PowerFs::mount(&mnt).expect("mount the power-loss filesystem (/dev/fuse)");
+    (dir, m)
+}
+
+#[test]
+fn the_filesystem_keeps_exactly_what_was_fsynced() {
+    let (dir, m) = mount();
+    let mnt = dir.path().join("mnt");
+    // A synced file in a synced directory survives; its unsynced tail not.
+    let mut f = std::fs::File::create(mnt.join("a")).unwrap();
+    f.write_all(b"durable").unwrap();
+    f.sync_all().unwrap();
+    std::fs::File::open(&mnt).unwrap().sync_all().unwrap();
+    f.write_all(b" and lost").unwrap();
+    // A synced file whose directory entry was never synced is gone.
+    let mut g = std::fs::File::create(mnt.join("b")).unwrap();
+    g.write_all(b"orphan").unwrap();
+    g.sync_all().unwrap();
+    f.write_at(b"D", 0).unwrap();
+    drop((f, g));
+    assert_eq!(std::fs::read(mnt.join("a")).unwrap(), b"Durable and lost");
+    assert!(m.fs.cut() > 0, "the cut dropped something");
+    let mut back = String::new();
+    std::fs::File::open(mnt.join("a"))
+        .unwrap()
+        .read_to_string(&mut back)
+        .unwrap();
+    assert_eq!(back, "durable");
+    assert!(!mnt.join("b").exists(), "an entry never synced is gone");
+}
+
+/// What the bridge used to rely on: sled's `flush()` alone. On this
+/// filesystem (as on a disk after a power cut) it keeps nothing, which is
+/// what makes the tests below able to fail.
+#[test]
+fn sled_flush_alone_is_not_durable() {
+    let (dir, m) = mount();
+    let path = dir.path().join("mnt").join("bare");
+    {
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(None)
+            .open()
+            .unwrap();
+        for i in 0u32..2000 {
+            db.insert(i.to_be_bytes(), vec![7u8; 100]).unwrap();
+            if i % 100 == 99 {
+                db.flush().unwrap();
+            }
+        }
+    }
+    m.fs.cut();
+    let db = sled::open(&path).unwrap();
+    let kept = db.len();
+    eprintln!("sled kept {kept} of 2000 records after the cut");
+    assert!(kept < 2000, "sled's flush is not an fsync: {kept} kept");
+}
+
+fn ev(i: usize, q: uuid::Uuid) -> NewEvent {
+    NewEvent {
+        source: "power".into(),
+        identity: Some(format!("power:{i}")),
+        queue_id: q,
+        case: duvo_bridge::duvo::NewCase {
+            title: format!("Order {i}"),
+            data: Some(json!({ "order_id": format!("ORD-{i:06}") }).to_string()),
+            labels: Vec::new(),
+            priority: None,
+        },
+        received_at_ms: 1_700_000_000_000,
+        origin: None,
+    }
+}
+
+fn outbox_cfg(path: &std::path::Path) -> OutboxConfig {
+    OutboxConfig::new(path)
+}
+
+/// An outbox whose database was lost (here: its files removed, as a cut
+/// before this fix left them empty) is refused, with a message naming the
+/// path, unless the loss is accepted; it is never silently started empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_that_lost_its_data_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox");
+    let q = uuid::Uuid::new_v4();
+    {
+        let outbox = Outbox::open(outbox_cfg(&path)).await.unwrap();
+        outbox
+            .append((0..10).map(|i| ev(i, q)).collect())
+            .await
+            .unwrap();
+        // Long enough for the marker to be rewritten with a later sequence.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        outbox.append(vec![ev(10, q)]).await.unwrap();
+    }
+    for entry in std::fs::read_dir(&path).unwrap() {
+        let p = entry.unwrap().path();
+        if !p.ends_with(duvo_bridge::outbox::durable::MARKER_FILE) {
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+    let err = Outbox::open(outbox_cfg(&path)).await.unwrap_err();
+    assert!(matches!(err, OutboxError::DataLost { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(msg.contains("opened empty"), "{msg}");
+    assert!(msg.contains("--accept-outbox-loss"), "{msg}");
+
+    let mut cfg = outbox_cfg(&path);
+    cfg.accept_data_loss = true;
+    let outbox = Outbox::open(cfg).await.unwrap();
+    assert_eq!(outbox.depth(), 0);
+    outbox.append(vec![ev(11, q)]).await.unwrap();
+    drop(outbox);
+    // Accepted once: the next start is normal again.
+    let outbox = Outbox::open(outbox_cfg(&path)).await.unwrap();
+    assert_eq!(outbox.depth(), 1);
+}
+
+/// A database replaced by another outbox's (a swapped volume) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_swapped_under_its_marker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    drop(Outbox::open(outbox_cfg(&a)).await.unwrap());
+    drop(Outbox::open(outbox_cfg(&b)).await.unwrap());
+    std::fs::copy(
+        a.join(duvo_bridge::outbox::durable::MARKER_FILE),
+        b.join(duvo_bridge::outbox::durable::MARKER_FILE),
+    )
+    .unwrap();
+    let err = Outbox::open(outbox_cfg(&b)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("but the marker names outbox"),
+        "{err}"
+    );
+}
+
+/// The bridge binary with an HTTP, an AMQP and a Kafka source appending at
+/// once, its outbox on the power-loss filesystem: SIGKILL, cut the power,
+/// restart, six times. Every event acknowledged (202, a broker ack, a
+/// committed offset) becomes exactly one case; the brokers redeliver what
+/// was never acknowledged, so every message and record does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_power_cuts_while_every_source_appends_lose_nothing_acknowledged() {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("CRASH_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    const HTTP_CHUNKS: usize = 240;
+    const HTTP_POSTERS: usize = 4;
+    const PER_CHUNK: usize = 50;
+    const AMQP_N: usize = 3000;
+    const KAFKA_N: usize = 3000;
+
+    let (dir, m) = mount();
+    let mnt = dir.path().join("mnt");
+    let bs = kafka_util::apache_kafka().await;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("power-{suffix}");
+    kafka_util::create_topics(&bs, &[(&topic, 3)], 1).await;
+    let queue = format!("duvo-test-power-{suffix}");
+    let amqp_uri = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+    let mut sc = sim_config();
+    sc.rate_limit = 1200;
+    let sim = start_sim(sc).await;
+    let q = sim.queues()[0];
+    let http = free_port();
+    let admin = free_port();
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        bridge_toml(
+            &sim,
+            &mnt,
+            admin,
+            1200,
+            &format!(
+                r#"
+[[sources]]
+type = "http"
+name = "oms"
+listen = "127.0.0.1:{http}"
+queue_id = "{q}"
+title = "Order {{/order_id}}"
+
+[[sources]]
+type = "amqp"
+name = "rabbit"
+uri = "{amqp_uri}"
+queue = "{queue}"
+declare = true
+prefetch = 100
+queue_id = "{q}"
+title = "Order {{/order_id}}"
+
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = "{bs}"
+group_id = "g-power-{suffix}"
+group_instance_id = "replica-1"
+topics = ["{topic}"]
+queue_id = "{q}"
+title = "Order {{/order_id}}"
+max_batch = 200
+[sources.librdkafka]
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 500
+"auto.commit.interval.ms" = 200
+"#
+            ),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("bridge.log");
+    let key = sim.api_keys()[0].clone();
+    let mut bridge = spawn_bridge(&config, &key, &log);
+    assert!(wait_ready(admin).await, "bridge ready");
+
+    // Producers: HTTP chunks retried until 202, AMQP with publisher
+    // confirms, Kafka with acks=all, all paced over a few seconds.
+    // Several posters at once, without pauses: the outbox is mid-write
+    // (between a write and its fsync) at most SIGKILLs.
+    let posters: Vec<_> = (0..HTTP_POSTERS)
+        .map(|p| {
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                for c in (p..HTTP_CHUNKS).step_by(HTTP_POSTERS) {
+                    let body: Vec<_> = (0..PER_CHUNK)
+                        .map(|j| json!({ "order_id": format!("H-{c}-{j}") }))
+                        .collect();
+                    loop {
+                        let r = client
+                            .post(format!("http://127.0.0.1:{http}/v1/events"))
+                            .header("Idempotency-Key", format!("power-{c}"))
+                            .json(&body)
+                            .send()
+                            .await;
+                        if matches!(&r, Ok(r) if r.status() == 202) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let amqp_queue = queue.clone();
+    let publisher = tokio::spawn(async move {
+        let conn = Connection::connect(amqp_uri, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ");
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        // The source declares the queue (with its dead-letter arguments):
+        // publish only once it exists, or the first messages are returned.
+        for _ in 0..200 {
+            let probe = conn.create_channel().await.unwrap();
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            if probe
+                .queue_declare(amqp_queue.as_str().into(), passive, Default::default())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for i in 0..AMQP_N {
+            let body = json!({ "order_id": format!("A-{i}") }).to_string();
+            let props = BasicProperties::default()
+                .with_message_id(format!("a-{i}").into())
+                .with_delivery_mode(2);
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    amqp_queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body.as_bytes(),
+                    props,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert!(confirm.is_ack(), "message {i} confirmed: {confirm:?}");
+            assert!(
+                confirm.take_message().is_none(),
+                "message {i} routed to {amqp_queue}"
+            );
+        }
+        conn
+    });
+    let kbs = bs.clone();
+    let ktopic = topic.clone();
+    let kproducer = tokio::spawn(async move {
+        let p = kafka_util::producer(&kbs);
+        for c in 0..30 {
+            let recs: Vec<kafka_util::Rec> = (c * KAFKA_N / 30..(c + 1) * KAFKA_N / 30)
+                .map(|i| {
+                    kafka_util::Rec::json(&format!("k-{i}"), &json!({ "order_id": format!("K-{i}") }))
+                })
+                .collect();
+            kafka_util::produce(&p, &ktopic, &recs).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    });
+
+    let mut dropped = Vec::new();
+    for cut in 1..=6 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1200))).await;
+        bridge.kill().unwrap(); // SIGKILL
+        bridge.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        dropped.push(m.fs.cut());
+        eprintln!(
+            "cut #{cut}: dropped {} unsynced pages/entries; {} cases so far",
+            dropped.last().unwrap(),
+            sim.stats().cases_created
+        );
+        bridge = spawn_bridge(&config, &key, &log);
+        let ready = wait_ready(admin).await;
+        if !ready {
+            let _ = bridge.kill();
+            panic!(
+                "bridge ready after cut #{cut}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+    for p in posters {
+        p.await.unwrap();
+    }
+    let conn = publisher.await.unwrap();
+    kproducer.await.unwrap();
+    let total = HTTP_CHUNKS * PER_CHUNK + AMQP_N + KAFKA_N;
+    let done = wait_until(Duration::from_secs(180), || async {
+        sim.stats().cases_created as usize >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_signal(&bridge, "TERM");
+    bridge.wait().unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+
+    let per = cases_per_order(&sim);
+    let mut expected: Vec<String> = Vec::new();
+    for c in 0..HTTP_CHUNKS {
+        expected.extend((0..PER_CHUNK).map(|j| format!("H-{c}-{j}")));
+    }
+    expected.extend((0..AMQP_N).map(|i| format!("A-{i}")));
+    expected.extend((0..KAFKA_N).map(|i| format!("K-{i}")));
+    let missing: Vec<&String> = expected.iter().filter(|k| !per.contains_key(*k)).collect();
+    let dups: HashMap<&String, &usize> = per.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!(
+        "cases={} expected={total} missing={} duplicates={} dropped per cut {dropped:?} {:?}",
+        per.values().sum::<usize>(),
+        missing.len(),
+        dups.len(),
+        m.fs.stats()
+    );
+    if !done || !missing.is_empty() {
+        eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    assert!(
+        missing.is_empty(),
+        "lost: {} e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(dups.is_empty(), "duplicated: {dups:?}");
+    assert_eq!(per.len(), total, "nothing else became a case");
+}
