@@ -244,5 +244,10 @@ fn main() {
     let (n, d) = fsync_floor();
     row("(e) disk floor: 512 B pwrite + fdatasync", n, d, Some(n));
     let (n, d) = bare_single_fsync();
-    row("(f) bare sled insert+flush+fdatasync, 1 writer", n, d, Some(n));
+    row(
+        "(f) bare sled insert+flush+fdatasync, 1 writer",
+        n,
+        d,
+        Some(n),
+    );
 }

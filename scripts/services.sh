@@ -21,7 +21,7 @@
 #   kafka-cluster  three KRaft nodes on 127.0.0.1:19192,19193,19194
 #                  (default replication factor 3, min.insync.replicas 2),
 #                  for tests that kill and restart one broker.
-#   tools          the C build dependencies of librdkafka (apt), cargo-nextest,
+#   tools          the C build dependencies of librdkafka and fuse3 (apt), cargo-nextest,
 #                  confluent-kafka and pika (the Python clients the
 #                  end-to-end scripts and the readiness check use).
 #
@@ -342,6 +342,10 @@ build_deps() {
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+  # The power-loss tests mount a FUSE filesystem: mount(2) as root, else
+  # Debian's fusermount3.
+  command -v fusermount3 >/dev/null || apt_install fuse3
+  [[ -e /dev/fuse ]] || say "warning: /dev/fuse is missing: the power-loss tests cannot mount"
 }
 
 tools_up() {

@@ -5,6 +5,12 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, EXIT_BAD_CONFIG};
+use crate::outbox::OutboxError;
+
+/// Exit status when the outbox was found to have lost data (sysexits'
+/// `EX_DATAERR`): restarting cannot fix it, so the systemd unit lists it in
+/// `RestartPreventExitStatus` next to 64.
+pub const EXIT_OUTBOX_LOST: i32 = 65;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -109,7 +115,13 @@ pub fn main() -> i32 {
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "duvo-bridge stopped");
                     eprintln!("duvo-bridge: {e:#}");
-                    1
+                    let lost = e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<OutboxError>(),
+                            Some(OutboxError::DataLost { .. })
+                        )
+                    });
+                    if lost { EXIT_OUTBOX_LOST } else { 1 }
                 }
             }
         }

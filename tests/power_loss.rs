@@ -345,7 +345,10 @@ max_batch = 200
         for c in 0..30 {
             let recs: Vec<kafka_util::Rec> = (c * KAFKA_N / 30..(c + 1) * KAFKA_N / 30)
                 .map(|i| {
-                    kafka_util::Rec::json(&format!("k-{i}"), &json!({ "order_id": format!("K-{i}") }))
+                    kafka_util::Rec::json(
+                        &format!("k-{i}"),
+                        &json!({ "order_id": format!("K-{i}") }),
+                    )
                 })
                 .collect();
             kafka_util::produce(&p, &ktopic, &recs).await;
@@ -420,4 +423,94 @@ max_batch = 200
     );
     assert!(dups.is_empty(), "duplicated: {dups:?}");
     assert_eq!(per.len(), total, "nothing else became a case");
+}
+
+/// From outside: the binary refuses an outbox that lost its data with exit
+/// status 65 and a message naming the path, and starts with
+/// `--accept-outbox-loss`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_refuses_a_lost_outbox_with_exit_65_until_the_loss_is_accepted() {
+    let sim = start_sim(sim_config()).await;
+    sim.set_faults(duvo_bridge::sim::FaultsPatch {
+        outage: Some(true),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = (free_port(), free_port());
+    let config = write_binary_config(
+        dir.path(),
+        &sim.base_url(),
+        sim.queues()[0],
+        http,
+        admin,
+        "api_key_env = \"DUVO_API_KEY\"",
+        "",
+    );
+    let log = dir.path().join("bridge.log");
+    let key = sim.api_keys()[0].clone();
+    let mut bridge = spawn_bridge(&config, &key, &log);
+    assert!(wait_ready(admin).await, "bridge ready");
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{http}/v1/events"))
+        .json(&json!([{ "order_id": "ORD-1" }, { "order_id": "ORD-2" }]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Past the marker's rewrite interval, then stopped cleanly.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let _ = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{http}/v1/events"))
+        .json(&json!({ "order_id": "ORD-3" }))
+        .send()
+        .await
+        .unwrap();
+    send_signal(&bridge, "TERM");
+    bridge.wait().unwrap();
+
+    let outbox = dir.path().join("outbox");
+    for entry in std::fs::read_dir(&outbox).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap() == duvo_bridge::outbox::durable::MARKER_FILE {
+            continue;
+        }
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    let (cfg2, key2) = (config.clone(), key.clone());
+    let refused = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
+            .args(["run", "--config"])
+            .arg(&cfg2)
+            .env("DUVO_API_KEY", &key2)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap()
+    });
+    let out = tokio::time::timeout(Duration::from_secs(30), refused)
+        .await
+        .expect("the bridge exits instead of starting")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains(&outbox.display().to_string()), "{stderr}");
+    assert!(stderr.contains("--accept-outbox-loss"), "{stderr}");
+
+    let mut accepted = std::process::Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
+        .args(["run", "--accept-outbox-loss", "--config"])
+        .arg(&config)
+        .env("DUVO_API_KEY", &key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_ready(admin).await, "starts once the loss is accepted");
+    send_signal(&accepted, "TERM");
+    accepted.wait().unwrap();
 }

@@ -195,14 +195,13 @@ pub(crate) struct Identity {
 }
 
 fn read_u64(db: &sled::Db, key: &[u8]) -> Result<Option<u64>, OutboxError> {
-    Ok(db
-        .get(key)?
+    db.get(key)?
         .map(|v| <[u8; 8]>::try_from(v.as_ref()).map(u64::from_be_bytes))
         .transpose()
         .map_err(|_| OutboxError::Corrupt {
             key: String::from_utf8_lossy(key).into_owned(),
             reason: "not an 8-byte sequence".into(),
-        })?)
+        })
 }
 
 /// Check the freshly opened sled in `dir` against the marker, and make
@@ -276,8 +275,11 @@ pub(crate) fn check_identity(
     dir_sync
         .sync()
         .map_err(|e| OutboxError::Flush(format!("fsync of the outbox files failed: {e}")))?;
-    sync_ancestors(dir)
-        .map_err(|e| OutboxError::Flush(format!("fsync of the outbox's parent directory failed: {e}")))?;
+    sync_ancestors(dir).map_err(|e| {
+        OutboxError::Flush(format!(
+            "fsync of the outbox's parent directory failed: {e}"
+        ))
+    })?;
     Marker {
         outbox_id,
         commit_seq,
@@ -333,6 +335,9 @@ mod tests {
         assert_eq!(Marker::read(dir.path()).unwrap(), Some(m2));
         assert!(!dir.path().join(format!("{MARKER_FILE}.tmp")).exists());
         std::fs::write(Marker::path(dir.path()), b"{not json").unwrap();
-        assert!(Marker::read(dir.path()).is_err(), "a torn marker is an error");
+        assert!(
+            Marker::read(dir.path()).is_err(),
+            "a torn marker is an error"
+        );
     }
 }

@@ -210,7 +210,8 @@ fn flush_and_fsync(inner: &Inner) -> Result<(), String> {
         .dir_sync
         .sync()
         .map_err(|e| format!("fsync of the outbox files failed: {e}"))?;
-    metrics::counter!("duvo_bridge_outbox_fsyncs_total").increment((stats.files + stats.dirs) as u64);
+    metrics::counter!("duvo_bridge_outbox_fsyncs_total")
+        .increment((stats.files + stats.dirs) as u64);
     d.commit_seq = seq;
     Ok(())
 }

@@ -26,8 +26,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
 };
 
 const PAGE: usize = 4096;
@@ -237,9 +237,7 @@ impl Default for PowerFs {
 fn owner() -> (u32, u32) {
     use std::os::unix::fs::MetadataExt;
     static OWNER: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
-    *OWNER.get_or_init(|| {
-        std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
-    })
+    *OWNER.get_or_init(|| std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid())))
 }
 
 fn attr(ino: u64, n: &Node) -> FileAttr {
@@ -646,7 +644,16 @@ impl Filesystem for PowerFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // 64 GiB, mostly free: sled and the bridge only read it for metrics.
         let blocks = 16 * 1024 * 1024;
-        reply.statfs(blocks, blocks / 2, blocks / 2, 1 << 20, 1 << 19, 4096, 255, 4096);
+        reply.statfs(
+            blocks,
+            blocks / 2,
+            blocks / 2,
+            1 << 20,
+            1 << 19,
+            4096,
+            255,
+            4096,
+        );
     }
 
     fn fallocate(
