@@ -318,7 +318,16 @@ kafka_cluster_node() { # stop|start N
 # stored them ("BASE LAST" per line, from Kafka's own DumpLogSegments): a
 # test checks that a committed offset lies inside a batch.
 kafka_batches() { # TOPIC PARTITION
-  local dir="$STATE/kafka/data/$1-$2" f
+  local data="$STATE/kafka/data" props pid f
+  # The broker on the port may have been started with another
+  # DUVO_SERVICES_STATE: read its log.dirs from its own properties file.
+  for pid in $(pgrep -f 'kafka\.Kafka ' || true); do
+    props="$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | tail -1)"
+    if [[ -f $props ]] && grep -q "^listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT," "$props"; then
+      data="$(sed -n 's/^log.dirs=//p' "$props")"
+    fi
+  done
+  local dir="$data/$1-$2"
   [[ -d "$dir" ]] || die "no partition $1-$2 on the single broker ($dir)"
   for f in "$dir"/*.log; do
     kafka_java kafka.tools.DumpLogSegments --files "$f" 2>/dev/null |
