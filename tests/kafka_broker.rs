@@ -94,10 +94,6 @@ async fn two_bridges_deliver_every_record_once_and_report_failures_to_the_failur
     }
     a.stop().await;
     b.stop().await;
-    assert!(
-        ca > 0.0 && cb > 0.0,
-        "both replicas consumed: a={ca} b={cb}"
-    );
     assert!(ca + cb >= N as f64, "a={ca} b={cb}");
 }
 
