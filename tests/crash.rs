@@ -7,19 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::json;
-
-/// A random generator seeded from `CRASH_SEED`, or randomly (printed, so a
-/// failing run can be replayed).
-fn seeded_rng() -> rand::rngs::StdRng {
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("CRASH_SEED={seed}");
-    rand::rngs::StdRng::seed_from_u64(seed)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_nothing() {

@@ -479,14 +479,9 @@ async fn reporter_produces_keyed_records_with_headers_and_fails_while_the_broker
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_binary_loses_nothing_and_duplicates_nothing() {
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
     const N: usize = 12_000;
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("CRASH_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
 
     let m = mock(1, &[("killed", 4)]);
     let bs = m.bootstrap_servers();

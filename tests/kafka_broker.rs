@@ -16,6 +16,20 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message};
 use serde_json::json;
 
+/// Orders `0..n` keyed `key-{i}`, every 100th (`i % 100 == 7`) one whose
+/// case fails in the simulator.
+fn failing_every_100th(n: usize) -> Vec<Rec> {
+    (0..n)
+        .map(|i| {
+            let mut o = json!({ "order_id": format!("ORD-{i:06}") });
+            if i % 100 == 7 {
+                o["simulate"] = json!("fail");
+            }
+            Rec::json(&format!("key-{i}"), &o)
+        })
+        .collect()
+}
+
 fn suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -30,15 +44,7 @@ async fn two_bridges_deliver_every_record_once_and_report_failures_to_the_failur
         format!("orders-{suffix}.failures"),
     );
     create_topics(&bs, &[(&topic, 4), (&failures, 1)], 1).await;
-    let recs: Vec<Rec> = (0..N)
-        .map(|i| {
-            let mut o = json!({ "order_id": format!("ORD-{i:06}") });
-            if i % 100 == 7 {
-                o["simulate"] = json!("fail");
-            }
-            Rec::json(&format!("key-{i}"), &o)
-        })
-        .collect();
+    let recs = failing_every_100th(N);
     let p = producer(&bs);
     produce(&p, &topic, &recs[..N / 2]).await;
 
@@ -284,15 +290,7 @@ async fn a_broker_of_three_killed_and_restarted_loses_nothing() {
         format!("orders3-{suffix}.failures"),
     );
     create_topics(&bs, &[(&topic, 3), (&failures, 1)], 3).await;
-    let recs: Vec<Rec> = (0..N)
-        .map(|i| {
-            let mut o = json!({ "order_id": format!("ORD-{i:06}") });
-            if i % 100 == 7 {
-                o["simulate"] = json!("fail");
-            }
-            Rec::json(&format!("key-{i}"), &o)
-        })
-        .collect();
+    let recs = failing_every_100th(N);
     let sim = start_sim(duvo_bridge::sim::SimConfig {
         process_ms: 200,
         ..sim_config()

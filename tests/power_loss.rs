@@ -18,7 +18,7 @@ use common::*;
 use duvo_bridge::outbox::{NewEvent, Outbox, OutboxConfig, OutboxError};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::json;
 
 fn mount() -> (tempfile::TempDir, powerfs::Mounted) {
@@ -175,12 +175,7 @@ async fn an_outbox_swapped_under_its_marker_is_refused() {
 /// was never acknowledged, so every message and record does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_power_cuts_while_every_source_appends_lose_nothing_acknowledged() {
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("CRASH_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
     const HTTP_CHUNKS: usize = 240;
     const HTTP_POSTERS: usize = 4;
     const PER_CHUNK: usize = 50;

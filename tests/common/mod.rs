@@ -382,3 +382,14 @@ title = "Order {{/order_id}}"
     .unwrap();
     path
 }
+
+/// A random generator seeded from `CRASH_SEED`, or randomly (printed, so a
+/// failing run can be replayed).
+pub fn seeded_rng() -> rand::rngs::StdRng {
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::Rng::random(&mut rand::rng()));
+    eprintln!("CRASH_SEED={seed}");
+    rand::SeedableRng::seed_from_u64(seed)
+}
