@@ -156,7 +156,15 @@ fn describe_all() {
     describe_histogram!(
         "duvo_bridge_outbox_flush_seconds",
         Unit::Seconds,
-        "Duration of one outbox fsync (group commit)."
+        "Duration of one outbox group commit (sled flush plus the fsync of its files)."
+    );
+    describe_counter!(
+        "duvo_bridge_outbox_fsyncs_total",
+        "fsync calls on the outbox's files and directories (group commits fsync each file)."
+    );
+    describe_counter!(
+        "duvo_bridge_outbox_data_loss_accepted_total",
+        "Starts on an outbox that had lost data, accepted with --accept-outbox-loss."
     );
     describe_histogram!(
         "duvo_bridge_outbox_flush_batch_size",
