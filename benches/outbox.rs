@@ -68,15 +68,21 @@ fn sled_db(dir: &tempfile::TempDir) -> sled::Db {
         .expect("open sled")
 }
 
-fn bare_single() -> (u64, Duration) {
+/// One writer: insert + `db.flush()` per event, and with `fsync` also an
+/// `fdatasync` of sled's log file (what makes it durable on Linux).
+fn bare_single(fsync: bool) -> (u64, Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = sled_db(&dir);
+    let log = std::fs::File::open(dir.path().join("db").join("db")).expect("sled log");
     let budget = budget();
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < budget {
         db.insert(n.to_be_bytes(), payload(n)).expect("insert");
         db.flush().expect("flush");
+        if fsync {
+            log.sync_data().expect("fdatasync");
+        }
         n += 1;
     }
     (n, start.elapsed())
@@ -93,22 +99,6 @@ fn fsync_floor() -> (u64, Duration) {
     while start.elapsed() < budget {
         f.write_at(&block, (n % 1024) * 512).expect("write");
         f.sync_data().expect("fdatasync");
-        n += 1;
-    }
-    (n, start.elapsed())
-}
-
-fn bare_single_fsync() -> (u64, Duration) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = sled_db(&dir);
-    let log = std::fs::File::open(dir.path().join("db").join("db")).expect("sled log");
-    let budget = budget();
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < budget {
-        db.insert(n.to_be_bytes(), payload(n)).expect("insert");
-        db.flush().expect("flush");
-        log.sync_data().expect("fdatasync");
         n += 1;
     }
     (n, start.elapsed())
@@ -196,7 +186,7 @@ fn main() {
         "case", "events", "events/s", "x (a)", "commits", "commits/s", "ev/commit"
     );
 
-    let (n, d) = bare_single();
+    let (n, d) = bare_single(false);
     let base = n as f64 / d.as_secs_f64();
     let row = |name: &str, n: u64, d: Duration, commits: Option<u64>| {
         let rate = n as f64 / d.as_secs_f64();
@@ -243,7 +233,7 @@ fn main() {
     );
     let (n, d) = fsync_floor();
     row("(e) disk floor: 512 B pwrite + fdatasync", n, d, Some(n));
-    let (n, d) = bare_single_fsync();
+    let (n, d) = bare_single(true);
     row(
         "(f) bare sled insert+flush+fdatasync, 1 writer",
         n,

@@ -103,6 +103,22 @@ fn outbox_cfg(path: &std::path::Path) -> OutboxConfig {
     OutboxConfig::new(path)
 }
 
+/// Remove the database from an outbox directory and keep its marker: what
+/// a cut left of an outbox before the fsync, or a wiped database.
+fn remove_all_but_the_marker(outbox: &std::path::Path) {
+    for entry in std::fs::read_dir(outbox).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap() == duvo_bridge::outbox::durable::MARKER_FILE {
+            continue;
+        }
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
 /// An outbox whose database was lost (here: its files removed, as a cut
 /// before this fix left them empty) is refused, with a message naming the
 /// path, unless the loss is accepted; it is never silently started empty.
@@ -121,16 +137,7 @@ async fn an_outbox_that_lost_its_data_is_refused_at_open() {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         outbox.append(vec![ev(10, q)]).await.unwrap();
     }
-    for entry in std::fs::read_dir(&path).unwrap() {
-        let p = entry.unwrap().path();
-        if !p.ends_with(duvo_bridge::outbox::durable::MARKER_FILE) {
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).unwrap();
-            } else {
-                std::fs::remove_file(&p).unwrap();
-            }
-        }
-    }
+    remove_all_but_the_marker(&path);
     let err = Outbox::open(outbox_cfg(&path)).await.unwrap_err();
     assert!(matches!(err, OutboxError::DataLost { .. }), "{err}");
     let msg = err.to_string();
@@ -464,17 +471,7 @@ async fn the_binary_refuses_a_lost_outbox_with_exit_65_until_the_loss_is_accepte
     bridge.wait().unwrap();
 
     let outbox = dir.path().join("outbox");
-    for entry in std::fs::read_dir(&outbox).unwrap() {
-        let p = entry.unwrap().path();
-        if p.file_name().unwrap() == duvo_bridge::outbox::durable::MARKER_FILE {
-            continue;
-        }
-        if p.is_dir() {
-            std::fs::remove_dir_all(&p).unwrap();
-        } else {
-            std::fs::remove_file(&p).unwrap();
-        }
-    }
+    remove_all_but_the_marker(&outbox);
     let (cfg2, key2) = (config.clone(), key.clone());
     let refused = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))

@@ -73,7 +73,6 @@ impl DirSync {
             // since the last fsync of the directory needs one now.
             let mut changed = false;
             let mut names = HashSet::new();
-            let mut seen = HashSet::new();
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
                 let name = entry.file_name();
@@ -89,7 +88,6 @@ impl DirSync {
                 }
                 let path = entry.path();
                 let ino = entry.ino();
-                seen.insert(path.clone());
                 if let Some((known, file)) = self.files.get(&path)
                     && *known == ino
                 {
@@ -109,8 +107,10 @@ impl DirSync {
                 self.files.insert(path, (ino, file));
                 changed = true;
             }
-            self.files
-                .retain(|p, _| p.parent() != Some(dir.as_path()) || seen.contains(p));
+            self.files.retain(|p, _| {
+                p.parent() != Some(dir.as_path())
+                    || p.file_name().is_some_and(|n| names.contains(n))
+            });
             changed |= self.entries.get(&dir) != Some(&names);
             if changed {
                 File::open(&dir)?.sync_all()?;

@@ -148,13 +148,6 @@ pub(crate) async fn run(shared: Arc<FlushShared>, weak: Weak<Inner>) {
             let start = Instant::now();
             let result = flush_and_fsync(&inner);
             let elapsed = start.elapsed();
-            if result.is_ok() {
-                // Inside the same blocking call, so the flusher holds no
-                // handle once the waiters are woken (see below); at most
-                // once a second, so it delays one group commit per second
-                // by the marker's own three fsyncs.
-                update_marker(&inner);
-            }
             let bytes = refresh_size.then(|| inner.db.size_on_disk());
             // Drop the handle here, before the waiters are woken, so a
             // caller that drops the outbox right after its append returned
@@ -213,12 +206,15 @@ fn flush_and_fsync(inner: &Inner) -> Result<(), String> {
     metrics::counter!("duvo_bridge_outbox_fsyncs_total")
         .increment((stats.files + stats.dirs) as u64);
     d.commit_seq = seq;
+    // Here, inside the blocking call, so the flusher holds no handle once
+    // the waiters are woken; at most once a second, so it delays one group
+    // commit per second by the marker's own three fsyncs.
+    update_marker(&mut d, &inner.cfg.path);
     Ok(())
 }
 
 /// Record the durable commit sequence in the marker, when it is due.
-fn update_marker(inner: &Inner) {
-    let mut d = super::lock(&inner.durability);
+fn update_marker(d: &mut Durability, dir: &std::path::Path) {
     if d.marker_written.elapsed() < MARKER_EVERY || d.marker_seq == d.commit_seq {
         return;
     }
@@ -226,7 +222,7 @@ fn update_marker(inner: &Inner) {
         outbox_id: d.outbox_id,
         commit_seq: d.commit_seq,
     };
-    match m.write(&inner.cfg.path) {
+    match m.write(dir) {
         Ok(()) => {
             d.marker_seq = d.commit_seq;
             d.marker_written = Instant::now();

@@ -295,6 +295,16 @@ impl State {
         Ok(ino)
     }
 
+    /// fsync of a file (its bytes and size) or a directory (its entries).
+    fn sync(&mut self, ino: u64) -> Result<(), Errno> {
+        match self.nodes.get_mut(&ino).map(|n| &mut n.body) {
+            Some(Body::File(f)) => f.sync(),
+            Some(Body::Dir { cur, dur }) => *dur = cur.clone(),
+            None => return Err(Errno::ENOENT),
+        }
+        Ok(())
+    }
+
     fn file(&mut self, ino: u64) -> Result<&mut FileData, Errno> {
         match self.nodes.get_mut(&ino).map(|n| &mut n.body) {
             Some(Body::File(f)) => Ok(f),
@@ -504,18 +514,9 @@ impl Filesystem for PowerFs {
     ) {
         let mut st = self.st();
         st.fsyncs += 1;
-        match st.nodes.get_mut(&ino.0).map(|n| &mut n.body) {
-            Some(Body::File(f)) => {
-                f.sync();
-                reply.ok();
-            }
-            // fsync(2) on a directory descriptor arrives as fsyncdir, but
-            // accept it here too.
-            Some(Body::Dir { cur, dur }) => {
-                *dur = cur.clone();
-                reply.ok();
-            }
-            None => reply.error(Errno::ENOENT),
+        match st.sync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -580,13 +581,9 @@ impl Filesystem for PowerFs {
     ) {
         let mut st = self.st();
         st.dir_fsyncs += 1;
-        match st.nodes.get_mut(&ino.0).map(|n| &mut n.body) {
-            Some(Body::Dir { cur, dur }) => {
-                *dur = cur.clone();
-                reply.ok();
-            }
-            Some(_) => reply.error(Errno::ENOTDIR),
-            None => reply.error(Errno::ENOENT),
+        match st.sync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
