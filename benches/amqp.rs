@@ -16,8 +16,8 @@
 use std::time::{Duration, Instant};
 
 use duvo_bridge::admin::Health;
-use duvo_bridge::config::AmqpSourceConfig;
 use duvo_bridge::outbox::{Outbox, OutboxConfig};
+use duvo_bridge::source::AmqpSourceConfig;
 use duvo_bridge::source::amqp::AmqpSource;
 use duvo_bridge::source::{Source, SourceContext};
 use futures::StreamExt;

@@ -24,8 +24,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use duvo_bridge::admin::Health;
-use duvo_bridge::config::KafkaSourceConfig;
 use duvo_bridge::outbox::{Outbox, OutboxConfig};
+use duvo_bridge::source::KafkaSourceConfig;
 use duvo_bridge::source::kafka::KafkaSource;
 use duvo_bridge::source::{Source, SourceContext};
 use futures::{FutureExt, StreamExt};

@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use duvo_bridge::config::{Config, HttpSourceConfig, LogConfig};
+use duvo_bridge::config::{Config, LogConfig};
 use duvo_bridge::sim::SimConfig;
+use duvo_bridge::source::HttpSourceConfig;
 use duvo_bridge::source::decode::{BodyFormat, decode_events};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;

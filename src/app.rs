@@ -25,7 +25,6 @@ use crate::admin::{self, Health};
 use crate::config::{Config, SourceConfig};
 use crate::deliver::batcher::Batcher;
 use crate::deliver::gate::{RateGate, RateGateConfig};
-use crate::deliver::retry::RetryPolicy;
 use crate::duvo::{ClientConfig, DuvoClient};
 use crate::outbox::{Outbox, OutboxConfig};
 use crate::report::Reporter;
@@ -33,6 +32,7 @@ use crate::report::amqp::AmqpReporter;
 use crate::report::dispatch::{DispatchConfig, ReportDispatcher};
 use crate::report::http::HttpReporter;
 use crate::report::kafka::KafkaReporter;
+use crate::retry::RetryPolicy;
 use crate::source::amqp::AmqpSource;
 use crate::source::http::HttpSource;
 use crate::source::kafka::KafkaSource;
@@ -89,9 +89,18 @@ fn build_reporters(cfg: &Config) -> anyhow::Result<BTreeMap<String, Arc<dyn Repo
     let mut out: BTreeMap<String, Arc<dyn Reporter>> = BTreeMap::new();
     for s in &cfg.sources {
         let reporter: Option<Arc<dyn Reporter>> = match s {
-            SourceConfig::Http(h) => HttpReporter::from_config(h)?.map(|r| Arc::new(r) as _),
-            SourceConfig::Amqp(a) => AmqpReporter::from_config(a)?.map(|r| Arc::new(r) as _),
-            SourceConfig::Kafka(k) => KafkaReporter::from_config(k)?.map(|r| Arc::new(r) as _),
+            SourceConfig::Http(h) => match h.report_target().map_err(anyhow::Error::msg)? {
+                Some(t) => Some(Arc::new(HttpReporter::new(t)?)),
+                None => None,
+            },
+            SourceConfig::Amqp(a) => match a.report_target() {
+                Some(t) => Some(Arc::new(AmqpReporter::new(t)?)),
+                None => None,
+            },
+            SourceConfig::Kafka(k) => match k.report_target() {
+                Some(t) => Some(Arc::new(KafkaReporter::new(t)?)),
+                None => None,
+            },
         };
         if let Some(r) = reporter {
             out.insert(s.name().to_string(), r);
@@ -306,7 +315,7 @@ async fn housekeeping(
             .map(|r| r.oldest_received_at_ms)
             .min();
         let age = oldest
-            .map(|t| crate::deliver::batcher::now_ms().saturating_sub(t) as f64 / 1000.0)
+            .map(|t| crate::clock::now_ms().saturating_sub(t) as f64 / 1000.0)
             .unwrap_or(0.0);
         metrics::gauge!("duvo_bridge_outbox_oldest_event_age_seconds").set(age);
         if outbox.over_high_water() {
@@ -319,7 +328,7 @@ async fn housekeeping(
         if last_purge.elapsed() >= Duration::from_secs(60) {
             last_purge = Instant::now();
             let ob = outbox.clone();
-            let now = crate::deliver::batcher::now_ms();
+            let now = crate::clock::now_ms();
             match tokio::task::spawn_blocking(move || ob.purge_expired(now)).await {
                 Ok(Ok(n)) if n > 0 => tracing::debug!(removed = n, "purged expired outbox entries"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "outbox purge failed"),

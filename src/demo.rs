@@ -17,8 +17,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, HttpSourceConfig, LogConfig};
+use crate::config::{Config, LogConfig};
 use crate::sim::{SimConfig, SimHandle};
+use crate::source::HttpSourceConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {

@@ -468,6 +468,17 @@ impl Template {
     }
 }
 
+/// The title template of a source that sets none.
+pub fn default_title() -> String {
+    "Event {/id|}".into()
+}
+
+/// The title of a case whose template renders empty (and of wrapped
+/// non-JSON) when the source sets none.
+pub fn default_title_fallback() -> String {
+    "Untitled event".into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,9 @@
 //! so a secret inside a config struct is safe to log, to print with
 //! `--print-config` and to put in an error. The only way to the value is
 //! [`Secret::expose`], which makes every use greppable.
+//!
+//! Also here: reading a secret from a systemd credential, and scrubbing
+//! secrets out of text that libraries produce (URIs, error messages).
 
 use std::fmt;
 
@@ -84,6 +87,61 @@ impl fmt::Debug for ApiKey {
 impl fmt::Display for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(REDACTED)
+    }
+}
+
+/// Read the systemd credential `name` from `$CREDENTIALS_DIRECTORY`
+/// (trimmed); `at` names the config key in errors.
+pub fn read_credential(at: &str, name: &str) -> Result<String, String> {
+    if name.is_empty() || name.contains('/') {
+        return Err(format!("{at} {name:?} must be a credential name (no '/')"));
+    }
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+        return Err(format!(
+            "{at} {name:?}: CREDENTIALS_DIRECTORY is not set \
+             (run under systemd with LoadCredential={name}:<file>)"
+        ));
+    };
+    let path = std::path::Path::new(&dir).join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => Err(format!("{at}: {} is empty", path.display())),
+        Err(e) => Err(format!("{at}: {} cannot be read: {e}", path.display())),
+    }
+}
+
+/// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`. Anything
+/// that does not look like a URI with credentials is reduced to its scheme
+/// and host part so a malformed value cannot leak a password either.
+pub fn redact_amqp_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return "[unparseable uri]".into();
+    };
+    // Authority ends at the first '/', '?' or '#'; the password may contain
+    // anything else, so the last '@' in the authority separates userinfo.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let tail = tail.split(['?', '#']).next().unwrap_or("");
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => format!("{scheme}://{authority}{tail}"),
+    }
+}
+
+/// The password of a parsed AMQP URI, to scrub from library error texts
+/// (only from 3 characters on, so a tiny one cannot mangle every message).
+pub fn amqp_uri_password(uri: &lapin::uri::AMQPUri) -> Option<String> {
+    Some(uri.authority.userinfo.password.clone()).filter(|p| p.len() >= 3)
+}
+
+/// `text` with every occurrence of `password` replaced by `***`.
+pub fn scrub_password(text: String, password: Option<&str>) -> String {
+    match password {
+        Some(p) => text.replace(p, "***"),
+        None => text,
     }
 }
 

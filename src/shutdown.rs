@@ -3,6 +3,9 @@
 //! grace period) is orchestrated by `app`; this module only turns signals
 //! into cancellation so it can be replaced in tests by cancelling directly.
 
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 /// Resolve when SIGTERM or SIGINT arrives (ctrl-c only on non-Unix).
@@ -36,4 +39,27 @@ pub fn cancel_on_signal(token: CancellationToken) {
         tracing::info!(signal = which, "shutdown requested: draining");
         token.cancel();
     });
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT: stop intake, then keep delivering for at most this
+    /// long before exiting. Whatever is not delivered stays in the outbox.
+    pub grace_period_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period_secs: 20,
+        }
+    }
+}
+
+impl ShutdownConfig {
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.grace_period_secs)
+    }
 }

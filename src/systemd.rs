@@ -69,7 +69,7 @@ pub fn status_line(outbox: &Outbox, gate: &RateGate, draining: bool) -> String {
         .iter()
         .map(|r| r.oldest_received_at_ms)
         .min()
-        .map(|t| crate::deliver::batcher::now_ms().saturating_sub(t) / 1000);
+        .map(|t| crate::clock::now_ms().saturating_sub(t) / 1000);
     let g = gate.stats();
     let what = if draining { "draining" } else { "running" };
     match oldest {

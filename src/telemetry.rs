@@ -8,11 +8,10 @@ use std::sync::OnceLock;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
-
-use crate::config::{LogConfig, LogFormat};
 
 /// Handle on the installed filter, for [`set_log_level`].
 static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
@@ -367,4 +366,41 @@ fn describe_all() {
         "duvo_bridge_reports_pending",
         "Reports in the outbox waiting for their target's acknowledgement."
     );
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// Logging. `RUST_LOG` overrides `level` when set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty` for humans, `json` for log shippers.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `info,duvo_bridge::deliver=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// Every problem with the `[log]` section.
+    pub fn check(&self) -> Vec<String> {
+        match EnvFilter::try_new(&self.level) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![format!("log.level {:?}: {e}", self.level)],
+        }
+    }
 }

@@ -15,8 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use duvo_bridge::config::{AmqpSourceConfig, Config, SourceConfig, UndecodablePolicy};
+use duvo_bridge::config::{Config, SourceConfig};
 use duvo_bridge::sim::FaultsPatch;
+use duvo_bridge::source::{AmqpSourceConfig, UndecodablePolicy};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,

@@ -9,10 +9,10 @@ mod kafka_util;
 use std::time::Duration;
 
 use common::*;
-use duvo_bridge::config::KafkaUndecodablePolicy;
 use duvo_bridge::outbox::{EventId, Origin};
 use duvo_bridge::report::kafka::KafkaReporter;
 use duvo_bridge::report::{Report, ReportError, ReportStatus, Reporter};
+use duvo_bridge::source::KafkaUndecodablePolicy;
 use kafka_util::*;
 use rdkafka::Message;
 use rdkafka::mocking::MockCluster;
@@ -416,14 +416,14 @@ async fn reporter_produces_keyed_records_with_headers_and_fails_while_the_broker
     let mut cfg = kafka_source("k-rep", &bs, "g-rep", &["orders"], uuid::Uuid::new_v4());
     cfg.failure_topic = Some("orders.failures".into());
     cfg.librdkafka.insert("message.timeout.ms", "3000");
-    let rep = KafkaReporter::from_config(&cfg).unwrap().expect("reporter");
+    let rep = KafkaReporter::new(cfg.report_target().expect("reporter")).unwrap();
     let with_origin = report(
         41,
         Some(Origin::Kafka {
             topic: "orders".into(),
             partition: 0,
             offset: 1234,
-            key_b64: Some(duvo_bridge::source::decode::base64(b"ORD-1\xff")),
+            key_b64: Some(duvo_bridge::encoding::base64(b"ORD-1\xff")),
         }),
         ReportStatus::Failed,
     );

@@ -22,7 +22,7 @@
 //!   does not dead-letter a whole backlog.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -30,11 +30,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::config::DeliveryConfig;
+use crate::clock::now_ms;
+use crate::deliver::config::DeliveryConfig;
 use crate::deliver::gate::{Permit, RateGate, RequestClass, ServerFeedback};
-use crate::deliver::retry::RetryPolicy;
 use crate::duvo::{ApiError, CreateCasesRequest, DuvoClient};
 use crate::outbox::{Batch, Outbox};
+use crate::retry::RetryPolicy;
 
 /// What to do with a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,13 +51,6 @@ fn classify(e: &ApiError) -> Verdict {
         Some(400) | Some(413) | Some(422) => Verdict::Invalid,
         _ => Verdict::Retry,
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Serialise a batch as the create body. Deterministic, so a retry after a
@@ -301,11 +295,7 @@ impl Batcher {
         }
     }
 
-    async fn pause(
-        &self,
-        schedule: &mut crate::deliver::retry::RetrySchedule,
-        abort: &CancellationToken,
-    ) {
+    async fn pause(&self, schedule: &mut crate::retry::RetrySchedule, abort: &CancellationToken) {
         let d = schedule.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(d) => {}

@@ -1,4 +1,4 @@
-//! Delivery: rate gate, retry policy, batcher.
+//! Delivery: the batcher and the rate gate.
 pub mod batcher;
+pub mod config;
 pub mod gate;
-pub mod retry;

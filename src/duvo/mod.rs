@@ -7,6 +7,7 @@
 //! That split keeps the client trivially testable and lets the tracker and the
 //! batcher share one gate.
 
+pub mod config;
 pub mod headers;
 pub mod types;
 

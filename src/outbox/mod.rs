@@ -19,6 +19,7 @@
 //!
 //! The on-disk layout is described in [`record`].
 
+pub mod config;
 pub mod durable;
 mod flusher;
 mod index;
@@ -30,7 +31,6 @@ mod types;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionResult;
@@ -51,9 +51,10 @@ use record::{
     event_key, expiry_key, expiry_key_id, identity_key, key_u64, report_key, watermark_key,
 };
 use reports::ReportIndex;
+pub use reports::{Report, ReportStatus};
 use tracking::TrackIndex;
 
-use crate::report::{Report, ReportStatus};
+use crate::clock::now_ms;
 
 /// Keys per sled batch when purging, so one purge never builds a huge batch.
 const PURGE_CHUNK: usize = 512;
@@ -118,13 +119,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves no half-done state in
     // memory that matters more than availability: disk is the truth.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Everything `open` computes on the blocking pool.

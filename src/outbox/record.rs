@@ -14,7 +14,7 @@
 //! | `c` + case id (16 bytes)              | event id (u64): tracked cases  |
 //! | `x` + deadline_ms (u64 BE) + id       | empty record (tracking TTL)    |
 //! | `w` + queue id (16 bytes) + stream    | [`Watermark`]                  |
-//! | `r` + report id (u64 BE)              | [`Report`](crate::report::Report) |
+//! | `r` + report id (u64 BE)              | [`Report`](super::Report) |
 //!
 //! A tracked case's state is in its event record ([`EventRecord::tracking`]);
 //! the `c` key exists exactly while the case is followed (phase open or

@@ -17,13 +17,14 @@ use super::record::{
     DEADLINE_PREFIX, Watermark, case_key, deadline_key, deadline_key_id, encode, event_key,
     expiry_key, report_key, watermark_key,
 };
+use super::reports::{Report, ReportStatus};
 use super::types::{
     EventState, ListingOutcome, ListingStream, OutboxError, QueueTracking, TrackPhase, Tracking,
     Transition,
 };
-use super::{EventId, Outbox, lock, now_ms};
+use super::{EventId, Outbox, lock};
+use crate::clock::now_ms;
 use crate::duvo::{Case, CaseStatus};
-use crate::report::{Report, ReportStatus};
 
 /// Tracked cases per queue, rebuilt from the event records at open.
 #[derive(Debug, Default)]

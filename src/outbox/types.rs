@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use chrono::{DateTime, Utc};
 
+use super::reports::ReportStatus;
 use crate::duvo::{CaseStatus, NewCase};
-use crate::report::ReportStatus;
 
 /// Identifier of an event in the outbox.
 ///
@@ -69,7 +69,7 @@ pub struct NewEvent {
     pub origin: Option<Origin>,
 }
 
-/// Where an event came from: what a [`crate::report::Reporter`] needs to
+/// Where an event came from: what a reporter needs to
 /// address a report about it (a callback URL, an AMQP `reply_to` and message
 /// id, a Kafka topic/partition/offset and key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -42,11 +42,10 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::time::Instant;
 
 use super::{Report, ReportError, Reporter};
-use crate::config::AmqpSourceConfig;
-use crate::deliver::retry::{RetryPolicy, RetrySchedule};
 use crate::outbox::Origin;
+use crate::retry::{RetryPolicy, RetrySchedule};
 use crate::secret::Secret;
-use crate::source::amqp::{scrub_password, uri_password};
+use crate::secret::{amqp_uri_password, scrub_password};
 
 /// Report headers.
 pub const CASE_ID_HEADER: &str = "x-duvo-case-id";
@@ -70,6 +69,25 @@ pub enum AmqpReporterError {
         source_name: String,
         message: String,
     },
+}
+
+/// Where an AMQP source's reports go (its config builds it:
+/// `AmqpSourceConfig::report_target`).
+#[derive(Debug, Clone)]
+pub struct AmqpTarget {
+    /// Name of the source (logs, metrics, the `x-duvo-source` header).
+    pub source: String,
+    /// Broker URI (with its password).
+    pub uri: Secret,
+    /// The consumed queue, named in reports about events without an AMQP
+    /// origin.
+    pub source_queue: String,
+    /// The failure exchange and routing key.
+    pub failure: Destination,
+    /// Send a report to its message's `reply_to` queue first.
+    pub reply_to: bool,
+    /// Declare the failure exchange with this kind on every new connection.
+    pub declare: Option<lapin::ExchangeKind>,
 }
 
 /// Where one publish goes.
@@ -125,35 +143,26 @@ impl std::fmt::Debug for AmqpReporter {
 }
 
 impl AmqpReporter {
-    /// The reporter of an AMQP source; `None` when it has no
-    /// `failure_exchange` (the only way reports are turned on: see
-    /// [`AmqpSourceConfig::reports`]).
-    pub fn from_config(cfg: &AmqpSourceConfig) -> Result<Option<AmqpReporter>, AmqpReporterError> {
-        let Some(exchange) = cfg.failure_exchange.clone() else {
-            return Ok(None);
-        };
-        let parsed = cfg
-            .uri
-            .expose()
-            .parse::<lapin::uri::AMQPUri>()
-            .map_err(|_| AmqpReporterError::Config {
-                source_name: cfg.name.clone(),
-                message: format!("uri {} is not a valid AMQP URI", cfg.redacted_uri()),
-            })?;
-        let declare = (cfg.declare && !exchange.is_empty() && !exchange.starts_with("amq."))
-            .then(|| cfg.failure_exchange_type.unwrap_or_default().kind());
-        Ok(Some(AmqpReporter {
-            source: cfg.name.clone(),
-            uri: cfg.uri.clone(),
-            redacted_uri: cfg.redacted_uri(),
-            password: uri_password(&parsed),
-            source_queue: cfg.queue.clone(),
-            failure: Destination {
-                exchange,
-                routing_key: cfg.failure_routing_key().to_string(),
-            },
-            reply_to: cfg.reply_to_reports,
-            declare,
+    /// The reporter of an AMQP source. It connects on the first send.
+    pub fn new(t: AmqpTarget) -> Result<AmqpReporter, AmqpReporterError> {
+        let redacted_uri = crate::secret::redact_amqp_uri(t.uri.expose());
+        let parsed = t.uri.expose().parse::<lapin::uri::AMQPUri>().map_err(|_| {
+            AmqpReporterError::Config {
+                source_name: t.source.clone(),
+                message: format!("uri {redacted_uri} is not a valid AMQP URI"),
+            }
+        })?;
+        Ok(AmqpReporter {
+            connected: metrics::gauge!("duvo_bridge_amqp_reporter_connected", "source" => t.source.clone()),
+            returned: metrics::counter!("duvo_bridge_amqp_reports_returned_total", "source" => t.source.clone()),
+            source: t.source,
+            uri: t.uri,
+            redacted_uri,
+            password: amqp_uri_password(&parsed),
+            source_queue: t.source_queue,
+            failure: t.failure,
+            reply_to: t.reply_to,
+            declare: t.declare,
             state: tokio::sync::Mutex::new(ConnState {
                 conn: None,
                 schedule: RetryPolicy {
@@ -166,9 +175,7 @@ impl AmqpReporter {
                 last_error: String::new(),
             }),
             idle: Mutex::new(Vec::new()),
-            connected: metrics::gauge!("duvo_bridge_amqp_reporter_connected", "source" => cfg.name.clone()),
-            returned: metrics::counter!("duvo_bridge_amqp_reports_returned_total", "source" => cfg.name.clone()),
-        }))
+        })
     }
 
     /// Where `report` goes, in order: its `reply_to` queue (when allowed),
@@ -499,15 +506,18 @@ mod tests {
     use crate::outbox::EventId;
     use crate::report::ReportStatus;
 
-    fn cfg() -> AmqpSourceConfig {
-        let mut c = AmqpSourceConfig::new(
-            "rabbit",
-            "amqp://guest:s3cr3t-pw@127.0.0.1:5672/%2f",
-            "orders",
-            uuid::Uuid::nil(),
-        );
-        c.failure_exchange = Some("duvo.failures".into());
-        c
+    fn cfg() -> AmqpTarget {
+        AmqpTarget {
+            source: "rabbit".into(),
+            uri: Secret::new("amqp://guest:s3cr3t-pw@127.0.0.1:5672/%2f"),
+            source_queue: "orders".into(),
+            failure: Destination {
+                exchange: "duvo.failures".into(),
+                routing_key: "orders".into(),
+            },
+            reply_to: true,
+            declare: None,
+        }
     }
 
     fn report(origin: Option<Origin>) -> Report {
@@ -538,15 +548,8 @@ mod tests {
     }
 
     #[test]
-    fn no_failure_exchange_means_no_reporter() {
-        let mut c = cfg();
-        c.failure_exchange = None;
-        assert!(AmqpReporter::from_config(&c).unwrap().is_none());
-    }
-
-    #[test]
     fn reply_to_goes_first_then_the_failure_exchange() {
-        let r = AmqpReporter::from_config(&cfg()).unwrap().unwrap();
+        let r = AmqpReporter::new(cfg()).unwrap();
         let failure = Destination {
             exchange: "duvo.failures".into(),
             routing_key: "orders".into(),
@@ -567,9 +570,9 @@ mod tests {
             ]
         );
         let mut c = cfg();
-        c.reply_to_reports = false;
-        c.failure_routing_key = Some("failed.orders".into());
-        let r = AmqpReporter::from_config(&c).unwrap().unwrap();
+        c.reply_to = false;
+        c.failure.routing_key = "failed.orders".into();
+        let r = AmqpReporter::new(c).unwrap();
         assert_eq!(
             r.destinations(&report(amqp_origin(Some("m"), Some("rpc.reply")))),
             vec![Destination {
@@ -581,7 +584,7 @@ mod tests {
 
     #[test]
     fn properties_carry_ids_and_headers() {
-        let r = AmqpReporter::from_config(&cfg()).unwrap().unwrap();
+        let r = AmqpReporter::new(cfg()).unwrap();
         let p = r.properties(&report(amqp_origin(Some("m-1"), None)));
         assert_eq!(p.delivery_mode(), &Some(2));
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), "42");
@@ -625,7 +628,7 @@ mod tests {
 
     #[test]
     fn debug_and_errors_never_show_the_password() {
-        let r = AmqpReporter::from_config(&cfg()).unwrap().unwrap();
+        let r = AmqpReporter::new(cfg()).unwrap();
         let dbg = format!("{r:?}");
         assert!(!dbg.contains("s3cr3t"), "{dbg}");
         assert!(dbg.contains("guest:***@"), "{dbg}");
@@ -637,7 +640,7 @@ mod tests {
         let mut c = cfg();
         // Nothing listens on port 1.
         c.uri = Secret::new("amqp://guest:s3cr3t-pw@127.0.0.1:1/%2f");
-        let r = AmqpReporter::from_config(&c).unwrap().unwrap();
+        let r = AmqpReporter::new(c).unwrap();
         let e = r.send(&report(None)).await.unwrap_err();
         assert!(matches!(e, ReportError::Unreachable(_)), "{e}");
         assert!(!e.to_string().contains("s3cr3t"), "{e}");

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{ReportError, Reporter};
-use crate::deliver::retry::{RetryPolicy, RetrySchedule};
 use crate::outbox::{Outbox, OutboxError};
+use crate::retry::{RetryPolicy, RetrySchedule};
 
 /// Dispatcher settings.
 #[derive(Debug, Clone, Copy)]

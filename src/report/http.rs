@@ -14,7 +14,6 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::{Report, ReportError, Reporter};
-use crate::config::HttpSourceConfig;
 use crate::outbox::Origin;
 use crate::secret::Secret;
 
@@ -38,14 +37,23 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
     out
 }
 
+/// Where an HTTP source's reports go (its config builds it:
+/// `HttpSourceConfig::report_target`).
+#[derive(Debug, Clone)]
+pub struct HttpTarget {
+    /// Name of the source (errors).
+    pub source: String,
+    /// Callback URL of events that brought none of their own.
+    pub default_url: Option<String>,
+    /// HMAC key of the signatures.
+    pub secret: Secret,
+    /// Timeout of one callback request.
+    pub timeout: Duration,
+}
+
 /// Why the reporter could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpReporterError {
-    #[error("source {source_name}: {message}")]
-    Config {
-        source_name: String,
-        message: String,
-    },
     #[error("source {source_name}: cannot build the HTTP client: {err}")]
     Client {
         source_name: String,
@@ -70,32 +78,21 @@ impl std::fmt::Debug for HttpReporter {
 }
 
 impl HttpReporter {
-    /// The reporter of an HTTP source; `None` when it has no callback.
-    pub fn from_config(cfg: &HttpSourceConfig) -> Result<Option<HttpReporter>, HttpReporterError> {
-        if !cfg.reports() {
-            return Ok(None);
-        }
-        let conf = |message: String| HttpReporterError::Config {
-            source_name: cfg.name.clone(),
-            message,
-        };
-        let secret = cfg
-            .callback_secret()
-            .map_err(conf)?
-            .ok_or_else(|| conf("callback_secret_env is required".into()))?;
+    /// The reporter of an HTTP source.
+    pub fn new(target: HttpTarget) -> Result<HttpReporter, HttpReporterError> {
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(cfg.callback_timeout_secs))
+            .timeout(target.timeout)
             .user_agent(concat!("duvo-bridge/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|err| HttpReporterError::Client {
-                source_name: cfg.name.clone(),
+                source_name: target.source.clone(),
                 err,
             })?;
-        Ok(Some(HttpReporter {
+        Ok(HttpReporter {
             client,
-            default_url: cfg.callback_url.clone(),
-            secret,
-        }))
+            default_url: target.default_url,
+            secret: target.secret,
+        })
     }
 
     fn url_for<'a>(&'a self, report: &'a Report) -> Option<&'a str> {

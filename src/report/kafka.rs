@@ -21,12 +21,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::{Report, ReportError, Reporter};
-use crate::config::KafkaSourceConfig;
-use crate::outbox::Origin;
-use crate::source::decode::base64_decode;
-use crate::source::kafka::{
-    LogContext, Scrubber, describe_config_error, producer_config, with_source_coordinates,
+use crate::encoding::base64_decode;
+use crate::kafka::{
+    ClientSettings, LogContext, Scrubber, describe_config_error, with_source_coordinates,
 };
+use crate::outbox::Origin;
 
 /// How long `send` waits for room in librdkafka's queue before giving up
 /// (the delivery itself is bounded by `message.timeout.ms`).
@@ -40,6 +39,16 @@ pub enum KafkaReporterError {
         source_name: String,
         message: String,
     },
+}
+
+/// Where a Kafka source's reports go (its config builds it:
+/// `KafkaSourceConfig::report_target`).
+#[derive(Debug, Clone)]
+pub struct KafkaTarget {
+    /// The source's brokers and librdkafka settings.
+    pub client: ClientSettings,
+    /// The failure topic.
+    pub topic: String,
 }
 
 /// Sends a source's failure reports to its `failure_topic`.
@@ -60,31 +69,28 @@ impl std::fmt::Debug for KafkaReporter {
 }
 
 impl KafkaReporter {
-    /// The reporter of a Kafka source, or `None` without a `failure_topic`.
-    /// The producer connects lazily: a broker that is down now only makes
-    /// the first sends fail (and be retried by the dispatcher).
-    pub fn from_config(
-        cfg: &KafkaSourceConfig,
-    ) -> Result<Option<KafkaReporter>, KafkaReporterError> {
-        let Some(topic) = &cfg.failure_topic else {
-            return Ok(None);
-        };
-        let scrubber = Scrubber::new(&cfg.librdkafka);
-        let producer = producer_config(cfg, "reports")
+    /// The reporter of a Kafka source. The producer connects lazily: a
+    /// broker that is down now only makes the first sends fail (and be
+    /// retried by the dispatcher).
+    pub fn new(target: KafkaTarget) -> Result<KafkaReporter, KafkaReporterError> {
+        let KafkaTarget { client, topic } = target;
+        let scrubber = Scrubber::new(&client.librdkafka);
+        let producer = client
+            .producer_config("reports")
             .create_with_context(LogContext {
-                source: cfg.name.clone(),
+                source: client.source.clone(),
                 scrubber: scrubber.clone(),
             })
             .map_err(|e| KafkaReporterError::Producer {
-                source_name: cfg.name.clone(),
-                message: describe_config_error(&e, &cfg.librdkafka),
+                source_name: client.source.clone(),
+                message: describe_config_error(&e, &client.librdkafka),
             })?;
-        Ok(Some(KafkaReporter {
-            source: cfg.name.clone(),
-            topic: topic.clone(),
+        Ok(KafkaReporter {
+            source: client.source,
+            topic,
             producer,
             scrubber,
-        }))
+        })
     }
 
     /// The topic reports go to.
@@ -195,43 +201,5 @@ impl Reporter for KafkaReporter {
     /// Every report of a Kafka source goes to its failure topic.
     fn destination(&self, _report: &Report) -> String {
         format!("topic {}", self.topic)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::source::decode::base64;
-
-    #[test]
-    fn base64_round_trips_and_refuses_garbage() {
-        for input in [
-            &b""[..],
-            b"f",
-            b"fo",
-            b"foo",
-            b"foob",
-            b"fooba",
-            b"foobar",
-            &[0xff, 0xfe, 0, 1],
-        ] {
-            assert_eq!(base64_decode(&base64(input)).as_deref(), Some(input));
-        }
-        assert_eq!(base64_decode("Zm9v"), Some(b"foo".to_vec()));
-        assert_eq!(base64_decode("Zm9"), None);
-        assert_eq!(base64_decode("Zm9*"), None);
-        assert_eq!(base64_decode("Zg==Zg=="), None);
-        assert_eq!(base64_decode("Z==="), None);
-    }
-
-    #[tokio::test]
-    async fn no_failure_topic_means_no_reporter() {
-        let cfg = KafkaSourceConfig::new("k", "127.0.0.1:1", "g", &["t"], uuid::Uuid::nil());
-        assert!(KafkaReporter::from_config(&cfg).unwrap().is_none());
-        let mut with = cfg.clone();
-        with.failure_topic = Some("t.failures".into());
-        let r = KafkaReporter::from_config(&with).unwrap().unwrap();
-        assert_eq!(r.kind(), "kafka");
-        assert_eq!(r.topic(), "t.failures");
     }
 }

@@ -382,19 +382,6 @@ fn position(bytes: &[u8], offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Standard base64 with padding: how bodies that are not UTF-8 are wrapped
-/// into a case, and how a Kafka record key rides in an [`Origin`](crate::outbox::Origin).
-pub fn base64(data: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(data)
-}
-
-/// [`base64`] back to bytes; `None` when malformed.
-pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(text).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

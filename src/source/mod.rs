@@ -8,11 +8,19 @@ pub mod decode;
 pub mod http;
 pub mod kafka;
 
+use std::net::SocketAddr;
+
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::admin::Health;
+use crate::mapping::{Mapper, MappingConfig};
 use crate::outbox::Outbox;
+pub use amqp::config::{AmqpSourceConfig, UndecodablePolicy};
+pub use http::config::HttpSourceConfig;
+pub use kafka::config::{KafkaSourceConfig, KafkaUndecodablePolicy};
 
 /// What every source gets from the application.
 #[derive(Clone)]
@@ -38,14 +46,14 @@ pub trait Source: Send {
 /// checks every source makes (`validate` reports the same problems).
 pub(crate) fn routing(
     source_name: &str,
-    mapping: &crate::mapping::MappingConfig,
+    mapping: &MappingConfig,
     queue_id: &str,
-) -> Result<(crate::mapping::Mapper, uuid::Uuid), SourceError> {
+) -> Result<(Mapper, Uuid), SourceError> {
     let conf_err = |message: String| SourceError::Config {
         source_name: source_name.to_string(),
         message,
     };
-    let mapper = crate::mapping::Mapper::new(mapping).map_err(|errs| {
+    let mapper = Mapper::new(mapping).map_err(|errs| {
         conf_err(
             errs.iter()
                 .map(|e| e.to_string())
@@ -53,9 +61,101 @@ pub(crate) fn routing(
                 .join("; "),
         )
     })?;
-    let queue_id = uuid::Uuid::parse_str(queue_id)
+    let queue_id = Uuid::parse_str(queue_id)
         .map_err(|_| conf_err(format!("queue_id {queue_id:?} is not a UUID")))?;
     Ok((mapper, queue_id))
+}
+
+/// One intake. `type` selects the kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    Http(HttpSourceConfig),
+    Amqp(AmqpSourceConfig),
+    Kafka(KafkaSourceConfig),
+}
+
+impl SourceConfig {
+    /// Whether the source has somewhere to send failure reports.
+    pub fn reports(&self) -> bool {
+        match self {
+            SourceConfig::Http(h) => h.reports(),
+            SourceConfig::Amqp(a) => a.reports(),
+            SourceConfig::Kafka(k) => k.reports(),
+        }
+    }
+
+    /// Every problem with this `[[sources]]` entry.
+    pub fn check(&self) -> Vec<String> {
+        match self {
+            SourceConfig::Http(h) => h.check(),
+            SourceConfig::Amqp(a) => a.check(),
+            SourceConfig::Kafka(k) => k.check(),
+        }
+    }
+
+    /// The address this source listens on (config key, address), when it
+    /// listens and the address parses: `config` refuses two on one port.
+    pub fn listen(&self) -> Option<(String, &str)> {
+        match self {
+            SourceConfig::Http(h) if h.listen.parse::<SocketAddr>().is_ok() => {
+                Some((format!("sources.{}.listen", h.name), &h.listen))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            SourceConfig::Http(h) => &h.name,
+            SourceConfig::Amqp(a) => &a.name,
+            SourceConfig::Kafka(k) => &k.name,
+        }
+    }
+}
+
+/// What every source has: a target queue, a mapping, and an optional JSON
+/// pointer naming a producer-supplied id (`(key name, value)`).
+pub(crate) fn check_routing(
+    at: &str,
+    queue_id: &str,
+    mapping: &MappingConfig,
+    id_field: (&str, Option<&str>),
+    errors: &mut Vec<String>,
+) {
+    if Uuid::parse_str(queue_id).is_err() {
+        errors.push(format!("{at}.queue_id {queue_id:?} is not a UUID"));
+    }
+    if let Err(errs) = Mapper::new(mapping) {
+        for e in errs {
+            errors.push(format!("{at}.{e}"));
+        }
+    }
+    if let (key, Some(p)) = id_field
+        && !p.starts_with('/')
+    {
+        errors.push(format!(
+            "{at}.{key} {p:?} must be a JSON pointer starting with '/'"
+        ));
+    }
+}
+
+/// A source name: it appears in metric labels and event identities.
+pub(crate) fn check_name(at: &str, name: &str, errors: &mut Vec<String>) {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        errors.push(format!(
+            "{at}.name must be non-empty and use only letters, digits, '-' and '_'"
+        ));
+    }
+}
+
+/// serde's `default = ...` for flags that are on unless turned off.
+pub(crate) fn default_true() -> bool {
+    true
 }
 
 /// Errors a source reports at start-up.

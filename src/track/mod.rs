@@ -27,6 +27,8 @@
 //! and a re-read transition is recognised (same status and `updated_at`)
 //! and never reported twice.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -36,12 +38,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::TrackingConfig;
 use crate::deliver::gate::{RateGate, RequestClass, ServerFeedback};
-use crate::deliver::retry::{RetryPolicy, RetrySchedule};
 use crate::duvo::{ApiError, CaseStatus, DuvoClient, ListQuery, SortBy, SortOrder};
+use crate::outbox::ReportStatus;
 use crate::outbox::{ListingStream, Outbox, OutboxError};
-use crate::report::ReportStatus;
+use crate::retry::{RetryPolicy, RetrySchedule};
+use crate::track::config::TrackingConfig;
 
 /// Cases per listing page (the API's maximum).
 pub const PAGE_SIZE: u32 = 100;
@@ -480,7 +482,7 @@ impl CaseTracker {
 
     async fn expire(&self) {
         loop {
-            let now = crate::deliver::batcher::now_ms();
+            let now = crate::clock::now_ms();
             match self.outbox.expire_tracking(now, 1000).await {
                 Ok(o) => {
                     if o.expired + o.forgotten > 0 {

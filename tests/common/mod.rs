@@ -7,8 +7,9 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use duvo_bridge::config::{Config, HttpSourceConfig};
+use duvo_bridge::config::Config;
 use duvo_bridge::sim::{SimConfig, SimHandle};
+use duvo_bridge::source::HttpSourceConfig;
 
 pub fn sim_config() -> SimConfig {
     SimConfig {

@@ -7,8 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use duvo_bridge::app::RunningBridge;
-use duvo_bridge::config::{Config, KafkaSourceConfig, SourceConfig};
+use duvo_bridge::config::{Config, SourceConfig};
 use duvo_bridge::sim::SimHandle;
+use duvo_bridge::source::KafkaSourceConfig;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};

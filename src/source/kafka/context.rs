@@ -21,9 +21,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::client::{Scrubber, log_librdkafka};
 use super::offsets::{Gap, Tp};
 use crate::admin::Health;
+use crate::kafka::{Scrubber, log_librdkafka};
 
 /// Partition state shared by the consume loop and the callbacks.
 pub struct Shared {

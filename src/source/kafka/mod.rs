@@ -48,19 +48,22 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use uuid::Uuid;
 
-pub use client::{
-    LogContext, Scrubber, check_librdkafka, consumer_config, describe_config_error, producer_config,
-};
+pub mod config;
+
+pub use client::consumer_config;
+pub use config::{KafkaSourceConfig, KafkaUndecodablePolicy};
 use context::{KafkaContext, Shared};
 use offsets::{BatchOffsets, Tp};
 
-use super::decode::base64;
 use super::{Source, SourceContext, SourceError};
-use crate::config::{KafkaSourceConfig, KafkaUndecodablePolicy};
-use crate::deliver::retry::RetryPolicy;
 use crate::duvo::NewCase;
+use crate::encoding::base64;
+use crate::kafka::{
+    LogContext, Scrubber, check_librdkafka, describe_config_error, with_source_coordinates,
+};
 use crate::mapping::Mapper;
 use crate::outbox::{AppendOutcome, NewEvent, Origin};
+use crate::retry::RetryPolicy;
 
 /// How often backpressure is re-checked while partitions are paused.
 const PAUSE_POLL: Duration = Duration::from_millis(100);
@@ -234,10 +237,14 @@ impl KafkaSource {
         let dead_letters = match &self.cfg.dead_letter_topic {
             None => None,
             Some(topic) => {
-                match producer_config(&self.cfg, "dead-letters").create_with_context(LogContext {
-                    source: self.cfg.name.clone(),
-                    scrubber: self.scrubber.clone(),
-                }) {
+                match self
+                    .cfg
+                    .client()
+                    .producer_config("dead-letters")
+                    .create_with_context(LogContext {
+                        source: self.cfg.name.clone(),
+                        scrubber: self.scrubber.clone(),
+                    }) {
                     Ok(producer) => Some(DeadLetters {
                         topic: topic.clone(),
                         producer,
@@ -347,7 +354,7 @@ impl KafkaSource {
                 m = stream.next() => m,
                 _ = tokio::time::sleep(PAUSE_POLL), if paused => continue,
             };
-            let received_at_ms = crate::deliver::batcher::now_ms();
+            let received_at_ms = crate::clock::now_ms();
             let mut batch = Vec::new();
             match next {
                 None => return SessionEnd::Failed("the consumer stream ended".into()),
@@ -794,32 +801,6 @@ impl KafkaSource {
             None => format!("kafka:{src}:{topic}:{}:{}", m.partition(), m.offset()),
         }
     }
-}
-
-/// Pause or resume every assigned partition.
-/// Add the headers naming where a record came from (`duvo-source-topic`,
-/// `-partition`, `-offset`): the same names on dead letters and failure
-/// reports, so consumers of either parse one format.
-pub fn with_source_coordinates(
-    headers: OwnedHeaders,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-) -> OwnedHeaders {
-    let (partition, offset) = (partition.to_string(), offset.to_string());
-    headers
-        .insert(Header {
-            key: "duvo-source-topic",
-            value: Some(topic),
-        })
-        .insert(Header {
-            key: "duvo-source-partition",
-            value: Some(partition.as_str()),
-        })
-        .insert(Header {
-            key: "duvo-source-offset",
-            value: Some(offset.as_str()),
-        })
 }
 
 /// The group's committed offset of one partition (one request to the

@@ -1,6 +1,7 @@
-//! Retry policy for transient delivery faults.
+//! Retry policy: how fast a failed request is tried again. The batcher,
+//! the tracker, the reporters and the broker sources' reconnects all use it.
 //!
-//! Transient faults (5xx, timeouts, refused connections, a 429 the gate did
+//! Transient delivery faults (5xx, timeouts, refused connections, a 429 the gate did
 //! not see coming) are retried **forever**: the events are already durable in
 //! the outbox, and giving up would only turn an outage of the Duvo API into a
 //! pile of dead letters that someone has to replay by hand. What the policy
@@ -16,7 +17,7 @@
 //! jitter could otherwise yield 39 s).
 //!
 //! Retry-after deadlines from the server are not this module's business: they
-//! are enforced by the rate gate ([`super::gate`]) for every sender sharing the
+//! are enforced by the rate gate ([`crate::deliver::gate`]) for every sender sharing the
 //! key, so a retry scheduled here can never leave before such a deadline.
 
 use std::time::Duration;

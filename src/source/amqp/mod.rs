@@ -49,13 +49,17 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::decode::base64;
+pub mod config;
+
+pub use config::{AmqpSourceConfig, UndecodablePolicy};
+
 use super::{Source, SourceContext, SourceError};
-use crate::config::{AmqpSourceConfig, UndecodablePolicy};
-use crate::deliver::retry::RetryPolicy;
 use crate::duvo::NewCase;
+use crate::encoding::base64;
 use crate::mapping::Mapper;
 use crate::outbox::{AppendOutcome, NewEvent, Origin};
+use crate::retry::RetryPolicy;
+use crate::secret::{amqp_uri_password, scrub_password};
 
 /// How long to wait before polling again while the outbox is over high water.
 const PAUSE_POLL: Duration = Duration::from_millis(100);
@@ -122,7 +126,7 @@ impl AmqpSource {
                     cfg.redacted_uri()
                 ))
             })?;
-        let password = uri_password(&parsed);
+        let password = amqp_uri_password(&parsed);
         Ok(AmqpSource {
             redacted_uri: cfg.redacted_uri(),
             password,
@@ -474,7 +478,7 @@ impl AmqpSource {
         let src = self.cfg.name.as_str();
         metrics::counter!("duvo_bridge_events_received_total", "source" => src.to_string())
             .increment(batch.len() as u64);
-        let received_at_ms = crate::deliver::batcher::now_ms();
+        let received_at_ms = crate::clock::now_ms();
         let mut events = Vec::with_capacity(batch.len());
         let mut ack_tag = None;
         let mut rejects = Vec::new();
@@ -667,20 +671,6 @@ impl AmqpSource {
     }
 }
 
-/// The password of a parsed AMQP URI, to scrub from library error texts
-/// (only from 3 characters on, so a tiny one cannot mangle every message).
-pub(crate) fn uri_password(uri: &lapin::uri::AMQPUri) -> Option<String> {
-    Some(uri.authority.userinfo.password.clone()).filter(|p| p.len() >= 3)
-}
-
-/// `text` with every occurrence of `password` replaced by `***`.
-pub(crate) fn scrub_password(text: String, password: Option<&str>) -> String {
-    match password {
-        Some(p) => text.replace(p, "***"),
-        None => text,
-    }
-}
-
 fn amqp_value_id(v: &AMQPValue) -> Option<String> {
     let s = match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
@@ -721,22 +711,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, want) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), want);
-        }
-        assert_eq!(base64(&[0xff, 0xfe, 0x00]), "//4A");
-    }
-
-    #[test]
     fn uri_password_is_redacted() {
         let cfg = AmqpSourceConfig::new(
             "r",
@@ -752,11 +726,11 @@ mod tests {
             "auth failed for ***"
         );
         assert_eq!(
-            crate::config::redact_amqp_uri("amqps://u:p@ss@h/v?x=1"),
+            crate::secret::redact_amqp_uri("amqps://u:p@ss@h/v?x=1"),
             "amqps://u:***@h/v"
         );
         assert_eq!(
-            crate::config::redact_amqp_uri("amqp://h:5672"),
+            crate::secret::redact_amqp_uri("amqp://h:5672"),
             "amqp://h:5672"
         );
     }

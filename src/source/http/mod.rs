@@ -29,10 +29,13 @@ use uuid::Uuid;
 
 use super::decode::{BodyFormat, decode_events};
 use super::{Source, SourceContext, SourceError};
-use crate::config::HttpSourceConfig;
+pub mod config;
+
 use crate::mapping::Mapper;
 use crate::outbox::{AppendOutcome, EventId, NewEvent, Origin};
 use crate::secret::Secret;
+pub use config::HttpSourceConfig;
+use config::check_http_url;
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
@@ -257,11 +260,7 @@ async fn post_events(
                 "this source does not accept X-Duvo-Callback-Url (set callback_url_header = true)",
             );
         }
-        Some(v) => match v
-            .to_str()
-            .ok()
-            .filter(|u| crate::config::check_http_url(u).is_ok())
-        {
+        Some(v) => match v.to_str().ok().filter(|u| check_http_url(u).is_ok()) {
             Some(u) => Some(u.to_string()),
             None => {
                 count_rejected(src, "bad_callback_url");
@@ -288,7 +287,7 @@ async fn post_events(
     metrics::counter!("duvo_bridge_events_received_total", "source" => src.to_string())
         .increment(events.len() as u64);
 
-    let received_at_ms = crate::deliver::batcher::now_ms();
+    let received_at_ms = crate::clock::now_ms();
     let mut batch = Vec::with_capacity(events.len());
     for (i, ev) in events.iter().enumerate() {
         let case = state.mapper.map(ev);

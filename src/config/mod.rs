@@ -1,0 +1,249 @@
+//! The top-level configuration (TOML): loading, environment overrides,
+//! collecting every problem at once, and the redacted echo.
+//!
+//! Each section's typed struct, defaults and checks live with the
+//! component that owns it (`duvo::config`, `outbox::config`,
+//! `deliver::config`, `track::config`, `admin`, `telemetry`, `shutdown`,
+//! and one `config` module per source); this module only assembles them,
+//! and no component imports it.
+//!
+//! The doc comments on the fields are the user documentation: they are what
+//! `config/duvo-bridge.example.toml` explains. Every struct denies unknown
+//! fields, so a typo is an error rather than a silently ignored setting.
+//!
+//! Loading is two-phase: each section is deserialised on its own so that one
+//! bad section does not hide the errors of the others, then semantic checks
+//! (addresses, queue ids, templates, secrets present) run over the result.
+//! `duvo-bridge validate` prints every error and exits 64 (EX_USAGE).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::admin::AdminConfig;
+pub use crate::deliver::config::DeliveryConfig;
+pub use crate::duvo::config::DuvoConfig;
+pub use crate::outbox::config::OutboxSection;
+use crate::secret::Secret;
+pub use crate::shutdown::ShutdownConfig;
+pub use crate::source::SourceConfig;
+use crate::source::http::config::HttpSourceConfig;
+pub use crate::telemetry::{LogConfig, LogFormat};
+pub use crate::track::config::TrackingConfig;
+
+pub mod env;
+#[cfg(test)]
+mod tests;
+
+/// Exit code for a bad configuration (sysexits EX_USAGE / EX_CONFIG family).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub duvo: DuvoConfig,
+    #[serde(default)]
+    pub outbox: OutboxSection,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub tracking: TrackingConfig,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Config {
+    /// A complete local configuration: the API at `base_url` with a literal
+    /// key, the outbox in `outbox`, the admin listener and one HTTP source
+    /// on ephemeral ports. The demo, the tests and the benchmarks start
+    /// from this and adjust what they measure.
+    pub fn local(base_url: &str, api_key: &str, outbox: &Path, source: HttpSourceConfig) -> Config {
+        let mut cfg = Config::default();
+        cfg.duvo.base_url = base_url.to_string();
+        cfg.duvo.api_key = Some(Secret::new(api_key));
+        cfg.duvo.api_key_env = None;
+        cfg.outbox.path = outbox.to_path_buf();
+        cfg.admin.listen = "127.0.0.1:0".into();
+        cfg.sources.push(SourceConfig::Http(source));
+        cfg
+    }
+
+    /// Read a file, apply the `DUVO_BRIDGE__*` environment overrides (see
+    /// [`env`]), parse and validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Config::load_with_env(path, process_env()).map(|(c, _)| c)
+    }
+
+    /// [`Config::load`] with the environment given; also returns the names
+    /// of the override variables applied.
+    pub fn load_with_env(
+        path: &Path,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, Vec<String>), ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
+        let mut table = parse_table(&text)?;
+        let (applied, env_errors) = match env::apply(&mut table, vars) {
+            Ok(applied) => (applied, Vec::new()),
+            Err(errors) => (Vec::new(), errors),
+        };
+        Config::from_table(table, env_errors).map(|c| (c, applied))
+    }
+
+    /// Parse and validate TOML text, collecting every error.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_table(parse_table(text)?, Vec::new())
+    }
+
+    /// Deserialise and check `table`; `errors` already found are reported
+    /// with the rest.
+    fn from_table(table: toml::Table, mut errors: Vec<String>) -> Result<Config, ConfigErrors> {
+        let mut cfg = Config::default();
+
+        fn section<T: serde::de::DeserializeOwned + Default>(
+            table: &toml::Table,
+            name: &str,
+            errors: &mut Vec<String>,
+        ) -> T {
+            match table.get(name) {
+                None => T::default(),
+                Some(v) => match v.clone().try_into::<T>() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(format!("[{name}]: {}", one_line(&e.to_string())));
+                        T::default()
+                    }
+                },
+            }
+        }
+        for key in table.keys() {
+            if !matches!(
+                key.as_str(),
+                "duvo"
+                    | "outbox"
+                    | "delivery"
+                    | "admin"
+                    | "log"
+                    | "shutdown"
+                    | "tracking"
+                    | "sources"
+            ) {
+                errors.push(format!(
+                    "unknown section `{key}` (expected duvo, outbox, delivery, admin, log, shutdown, tracking, sources)"
+                ));
+            }
+        }
+        cfg.duvo = section(&table, "duvo", &mut errors);
+        cfg.outbox = section(&table, "outbox", &mut errors);
+        cfg.delivery = section(&table, "delivery", &mut errors);
+        cfg.admin = section(&table, "admin", &mut errors);
+        cfg.log = section(&table, "log", &mut errors);
+        cfg.shutdown = section(&table, "shutdown", &mut errors);
+        cfg.tracking = section(&table, "tracking", &mut errors);
+        match table.get("sources") {
+            None => {}
+            Some(toml::Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    match item.clone().try_into::<SourceConfig>() {
+                        Ok(s) => cfg.sources.push(s),
+                        Err(e) => {
+                            let name = item
+                                .get("name")
+                                .and_then(|n| n.as_str())
+                                .map(|n| format!(" ({n})"))
+                                .unwrap_or_default();
+                            errors.push(format!(
+                                "[[sources]] #{}{name}: {}",
+                                i + 1,
+                                one_line(&e.to_string())
+                            ));
+                        }
+                    }
+                }
+            }
+            Some(_) => errors.push("`sources` must be an array of tables ([[sources]])".into()),
+        }
+        errors.extend(cfg.check());
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Semantic checks over a typed config; every problem is returned.
+    /// Each section checks itself; what spans sections (unique source
+    /// names, two listeners on one address) is checked here.
+    pub fn check(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        errors.extend(self.duvo.check());
+        errors.extend(self.outbox.check());
+        errors.extend(self.delivery.check());
+        errors.extend(self.tracking.check());
+        errors.extend(self.admin.check());
+        errors.extend(self.log.check());
+        let mut listens: Vec<(String, &str)> = Vec::new();
+        if self.admin.listen.parse::<SocketAddr>().is_ok() {
+            listens.push(("admin.listen".into(), &self.admin.listen));
+        }
+        if self.sources.is_empty() {
+            errors.push("no [[sources]] configured: the bridge would have nothing to do".into());
+        }
+        let mut names = BTreeSet::new();
+        for s in &self.sources {
+            if !names.insert(s.name().to_string()) {
+                errors.push(format!("sources: name {:?} is used twice", s.name()));
+            }
+            errors.extend(s.check());
+            listens.extend(s.listen());
+        }
+        for (i, (a, addr)) in listens.iter().enumerate() {
+            for (b, other) in &listens[i + 1..] {
+                if addr == other && !addr.ends_with(":0") {
+                    errors.push(format!("{a} and {b} both listen on {addr}"));
+                }
+            }
+        }
+        errors
+    }
+
+    /// The configuration as TOML with secrets redacted (`--print-config`).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn parse_table(text: &str) -> Result<toml::Table, ConfigErrors> {
+    text.parse()
+        .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("TOML syntax: {e}")]))
+}
+
+/// The process environment (variables that are not UTF-8 cannot be
+/// overrides and are skipped).
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,57 @@
+//! `[outbox]`: where the outbox lives and when intake pauses.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The durable outbox on local disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxSection {
+    /// Directory of the sled database. Must be on a persistent volume.
+    pub path: PathBuf,
+    /// Above this many undelivered events, sources stop taking new input
+    /// (HTTP answers 503 with Retry-After; brokers are paused).
+    pub high_water_events: u64,
+    /// Intake resumes below this many undelivered events.
+    pub low_water_events: u64,
+    /// Above this many bytes on disk, intake stops as for `high_water_events`.
+    pub high_water_bytes: u64,
+    /// How long delivered events are remembered so a re-sent event (same
+    /// idempotency key or event id) is recognised and not delivered twice.
+    pub retention_hours: u64,
+    /// Not a file key: `run --accept-outbox-loss` sets it, for the one
+    /// start after an outbox was found to have lost data.
+    #[serde(skip)]
+    pub accept_data_loss: bool,
+}
+
+impl Default for OutboxSection {
+    fn default() -> Self {
+        OutboxSection {
+            path: PathBuf::from("/var/lib/duvo-bridge"),
+            high_water_events: 1_000_000,
+            low_water_events: 800_000,
+            high_water_bytes: 8 * 1024 * 1024 * 1024,
+            retention_hours: 24,
+            accept_data_loss: false,
+        }
+    }
+}
+
+impl OutboxSection {
+    /// Every problem with the `[outbox]` section.
+    pub fn check(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.low_water_events >= self.high_water_events {
+            errors.push(format!(
+                "outbox.low_water_events ({}) must be below high_water_events ({})",
+                self.low_water_events, self.high_water_events
+            ));
+        }
+        if self.path.as_os_str().is_empty() {
+            errors.push("outbox.path must not be empty".into());
+        }
+        errors
+    }
+}
