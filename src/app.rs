@@ -143,23 +143,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         .await
         .with_context(|| format!("admin listener on {}", cfg.admin.listen))?;
 
-    let mut sources: Vec<Box<dyn Source>> = Vec::new();
-    let mut http_addrs = Vec::new();
-    for s in &cfg.sources {
-        match s {
-            SourceConfig::Http(h) => {
-                let src = HttpSource::bind(h.clone()).await?;
-                http_addrs.push((h.name.clone(), src.local_addr()));
-                sources.push(Box::new(src));
-            }
-            SourceConfig::Amqp(a) => {
-                sources.push(Box::new(AmqpSource::new(a.clone())?));
-            }
-            SourceConfig::Kafka(k) => {
-                sources.push(Box::new(KafkaSource::new(k.clone())?));
-            }
-        }
-    }
+    let (sources, http_addrs) = bind_sources(&cfg).await?;
 
     let intake_stop = CancellationToken::new();
     let batch_stop = CancellationToken::new();
@@ -233,11 +217,101 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     health.set_ready("startup");
     tracing::info!(%admin_addr, sources = cfg.sources.len(), "duvo-bridge running");
 
-    let grace = cfg.shutdown.grace();
-    let ob = outbox.clone();
-    let h = health.clone();
+    let drain = Drain {
+        grace: cfg.shutdown.grace(),
+        outbox: outbox.clone(),
+        health: health.clone(),
+        intake_stop,
+        source_tasks,
+        batch_stop,
+        abort,
+        batcher_task,
+        tracker_task,
+        report_stop,
+        report_task,
+        admin_stop,
+        admin_task,
+        housekeeping,
+    };
     let task = tokio::spawn(async move {
         shutdown.cancelled().await;
+        drain.run().await
+    });
+
+    Ok(RunningBridge {
+        admin_addr,
+        http_addrs,
+        outbox,
+        health,
+        gate,
+        task,
+    })
+}
+
+/// Bind every HTTP source's listener and build the broker sources, so a
+/// bad address or setting fails the start before anything runs.
+async fn bind_sources(
+    cfg: &Config,
+) -> anyhow::Result<(Vec<Box<dyn Source>>, Vec<(String, SocketAddr)>)> {
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    let mut http_addrs = Vec::new();
+    for s in &cfg.sources {
+        match s {
+            SourceConfig::Http(h) => {
+                let src = HttpSource::bind(h.clone()).await?;
+                http_addrs.push((h.name.clone(), src.local_addr()));
+                sources.push(Box::new(src));
+            }
+            SourceConfig::Amqp(a) => {
+                sources.push(Box::new(AmqpSource::new(a.clone())?));
+            }
+            SourceConfig::Kafka(k) => {
+                sources.push(Box::new(KafkaSource::new(k.clone())?));
+            }
+        }
+    }
+
+    Ok((sources, http_addrs))
+}
+
+/// Everything the drain stops, in order.
+struct Drain {
+    grace: Duration,
+    outbox: Outbox,
+    health: Health,
+    intake_stop: CancellationToken,
+    source_tasks: TaskTracker,
+    batch_stop: CancellationToken,
+    abort: CancellationToken,
+    batcher_task: JoinHandle<()>,
+    tracker_task: Option<JoinHandle<()>>,
+    report_stop: CancellationToken,
+    report_task: Option<JoinHandle<()>>,
+    admin_stop: CancellationToken,
+    admin_task: JoinHandle<std::io::Result<()>>,
+    housekeeping: JoinHandle<()>,
+}
+
+impl Drain {
+    /// The drain (see the module documentation), bounded by the grace
+    /// period.
+    async fn run(self) -> anyhow::Result<()> {
+        let Drain {
+            grace,
+            outbox: ob,
+            health: h,
+            intake_stop,
+            source_tasks,
+            batch_stop,
+            abort,
+            batcher_task,
+            tracker_task,
+            report_stop,
+            report_task,
+            admin_stop,
+            admin_task,
+            housekeeping,
+        } = self;
         let deadline = Instant::now() + grace;
         h.set_unready("draining", "shutting down");
         intake_stop.cancel();
@@ -276,16 +350,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         housekeeping.abort();
         let _ = housekeeping.await;
         Ok(())
-    });
-
-    Ok(RunningBridge {
-        admin_addr,
-        http_addrs,
-        outbox,
-        health,
-        gate,
-        task,
-    })
+    }
 }
 
 /// Gauges, high-water readiness and retention purge.

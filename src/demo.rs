@@ -18,7 +18,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LogConfig};
-use crate::sim::{SimConfig, SimHandle};
+use crate::deliver::gate::GateStats;
+use crate::sim::{SimConfig, SimHandle, SimStats};
 use crate::source::HttpSourceConfig;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -130,6 +131,107 @@ fn sample_order(i: usize, fail_every: usize) -> serde_json::Value {
     o
 }
 
+/// The demo's producer: an OMS posting arrays of 200 with an
+/// Idempotency-Key, retrying on 503 as a well-behaved client would.
+/// Returns how many orders were accepted (202).
+async fn post_orders(
+    client: reqwest::Client,
+    url: String,
+    orders: Vec<serde_json::Value>,
+    stored_bar: ProgressBar,
+) -> anyhow::Result<usize> {
+    let mut accepted = 0usize;
+    for (chunk_no, chunk) in orders.chunks(200).enumerate() {
+        let key = format!("demo-batch-{chunk_no}");
+        loop {
+            let r = client
+                .post(&url)
+                .header("Idempotency-Key", &key)
+                .json(&chunk)
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status() == reqwest::StatusCode::ACCEPTED => {
+                    accepted += chunk.len();
+                    stored_bar.set_position(accepted as u64);
+                    break;
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = resp.text().await.unwrap_or_default();
+                    if status.is_client_error() {
+                        anyhow::bail!("bridge refused a request ({status}): {text}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+    Ok(accepted)
+}
+
+/// What the demo's summary shows.
+struct Summary<'a> {
+    accepted: usize,
+    expected_fail: usize,
+    distinct: usize,
+    reported_cases: usize,
+    callbacks: &'a CallbackCounter,
+    sim: &'a SimStats,
+    gate: &'a GateStats,
+    elapsed: Duration,
+}
+
+fn print_summary(s: &Summary<'_>) {
+    let per_req = if s.sim.create_requests > 0 {
+        s.sim.cases_created as f64 / s.sim.create_requests as f64
+    } else {
+        0.0
+    };
+    println!();
+    println!("Summary");
+    println!("  {:<34} {:>10}", "orders submitted (202)", s.accepted);
+    println!(
+        "  {:<34} {:>10}",
+        "cases created in Duvo", s.sim.cases_created
+    );
+    println!("  {:<34} {:>10}", "distinct orders among cases", s.distinct);
+    println!(
+        "  {:<34} {:>10}",
+        "completed",
+        s.sim.by_status.get("completed").copied().unwrap_or(0)
+    );
+    println!(
+        "  {:<34} {:>10}  (marked to fail: {})",
+        "failed",
+        s.sim.by_status.get("failed").copied().unwrap_or(0),
+        s.expected_fail
+    );
+    println!(
+        "  {:<34} {:>10}  (signed callbacks: {}, bad signatures: {})",
+        "failed cases reported back",
+        s.reported_cases,
+        s.callbacks.valid.load(Ordering::Relaxed),
+        s.callbacks.invalid.load(Ordering::Relaxed)
+    );
+    println!("  {:<34} {:>10}", "API requests (all)", s.sim.requests);
+    println!("  {:<34} {:>10}", "create requests", s.sim.create_requests);
+    println!(
+        "  {:<34} {:>10}",
+        "tracking (list) requests", s.sim.list_requests
+    );
+    println!("  {:<34} {:>10.1}", "cases per create request", per_req);
+    println!(
+        "  {:<34} {:>10}",
+        "rate-limit waits (window/retry-after)",
+        s.gate.window_waits + s.gate.retry_after_waits
+    );
+    println!("  {:<34} {:>10}", "429 answers", s.sim.rate_limited);
+    println!("  {:<34} {:>10}", "early retries", s.sim.early_retries);
+    println!("  {:<34} {:>9.1}s", "elapsed", s.elapsed.as_secs_f64());
+}
+
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     crate::telemetry::init_logging(&LogConfig {
         level: args.log_level.clone(),
@@ -197,40 +299,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|o| o.get("simulate").is_some())
         .count();
-    let producer = {
-        let stored_bar = stored_bar.clone();
-        tokio::spawn(async move {
-            let mut accepted = 0usize;
-            for (chunk_no, chunk) in orders.chunks(200).enumerate() {
-                let key = format!("demo-batch-{chunk_no}");
-                loop {
-                    let r = client
-                        .post(&url)
-                        .header("Idempotency-Key", &key)
-                        .json(&chunk)
-                        .send()
-                        .await;
-                    match r {
-                        Ok(resp) if resp.status() == reqwest::StatusCode::ACCEPTED => {
-                            accepted += chunk.len();
-                            stored_bar.set_position(accepted as u64);
-                            break;
-                        }
-                        Ok(resp) => {
-                            let status = resp.status();
-                            let text = resp.text().await.unwrap_or_default();
-                            if status.is_client_error() {
-                                anyhow::bail!("bridge refused a request ({status}): {text}");
-                            }
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                    }
-                }
-            }
-            Ok::<usize, anyhow::Error>(accepted)
-        })
-    };
+    let producer = tokio::spawn(post_orders(client, url, orders, stored_bar.clone()));
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let mut timed_out = false;
@@ -280,57 +349,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             distinct.insert(d.clone());
         }
     }
-    let per_req = if st.create_requests > 0 {
-        st.cases_created as f64 / st.create_requests as f64
-    } else {
-        0.0
-    };
-    println!();
-    println!("Summary");
-    println!("  {:<34} {:>10}", "orders submitted (202)", accepted);
-    println!("  {:<34} {:>10}", "cases created in Duvo", st.cases_created);
-    println!(
-        "  {:<34} {:>10}",
-        "distinct orders among cases",
-        distinct.len()
-    );
-    println!(
-        "  {:<34} {:>10}",
-        "completed",
-        st.by_status.get("completed").copied().unwrap_or(0)
-    );
-    println!(
-        "  {:<34} {:>10}  (marked to fail: {expected_fail})",
-        "failed",
-        st.by_status.get("failed").copied().unwrap_or(0)
-    );
     let reported_cases = callbacks
         .cases
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .len();
-    println!(
-        "  {:<34} {:>10}  (signed callbacks: {}, bad signatures: {})",
-        "failed cases reported back",
+    print_summary(&Summary {
+        accepted,
+        expected_fail,
+        distinct: distinct.len(),
         reported_cases,
-        callbacks.valid.load(Ordering::Relaxed),
-        callbacks.invalid.load(Ordering::Relaxed)
-    );
-    println!("  {:<34} {:>10}", "API requests (all)", st.requests);
-    println!("  {:<34} {:>10}", "create requests", st.create_requests);
-    println!(
-        "  {:<34} {:>10}",
-        "tracking (list) requests", st.list_requests
-    );
-    println!("  {:<34} {:>10.1}", "cases per create request", per_req);
-    println!(
-        "  {:<34} {:>10}",
-        "rate-limit waits (window/retry-after)",
-        gate.window_waits + gate.retry_after_waits
-    );
-    println!("  {:<34} {:>10}", "429 answers", st.rate_limited);
-    println!("  {:<34} {:>10}", "early retries", st.early_retries);
-    println!("  {:<34} {:>9.1}s", "elapsed", elapsed.as_secs_f64());
+        callbacks: &callbacks,
+        sim: &st,
+        gate: &gate,
+        elapsed,
+    });
     sim.shutdown().await;
     if timed_out {
         anyhow::bail!(

@@ -120,6 +120,10 @@ enum Outcome {
     Aborted,
 }
 
+/// What a send task returns: the report's destination (when it could be
+/// read) and how the send ended.
+type Sent = (Option<Arc<str>>, Outcome);
+
 /// One source's dispatcher loop.
 ///
 /// A failed send does not keep its slot while it waits to be retried:
@@ -133,8 +137,9 @@ enum Outcome {
 /// it fails, the destination backs off longer; once one is acknowledged the
 /// destination's schedule is dropped and all its reports are eligible
 /// again. So a dead target with thousands of pending reports costs one
-/// attempt per backoff period, and probes use at most half the slots. Reports stay in the outbox throughout: only
-/// an acknowledgement removes one.
+/// attempt per backoff period, and probes use at most half the slots.
+/// Reports stay in the outbox throughout: only an acknowledgement removes
+/// one.
 async fn run_source(
     outbox: Outbox,
     source: String,
@@ -143,222 +148,309 @@ async fn run_source(
     stop: CancellationToken,
     abort: CancellationToken,
 ) {
-    let kind = reporter.kind();
     let backing_off = metrics::gauge!("duvo_bridge_report_destinations_backing_off",
         "source" => source.clone());
-    let mut in_flight: HashSet<u64> = HashSet::new();
-    let mut tasks: HashMap<tokio::task::Id, u64> = HashMap::new();
-    let mut sends: JoinSet<(Option<Arc<str>>, Outcome)> = JoinSet::new();
-    // Destination of each pending report seen so far (read once from disk).
-    let mut dest_of: HashMap<u64, Arc<str>> = HashMap::new();
-    let mut parked: HashMap<Arc<str>, Backoff> = HashMap::new();
-    // Union of every `Backoff::held`, for the scan's skip test.
-    let mut held: HashSet<u64> = HashSet::new();
-    // Ids that cannot be read (corrupt, or indexed but missing): skipped
-    // until the next start instead of being picked up again at once.
-    let mut broken: HashSet<u64> = HashSet::new();
-    // Every pending id below `cursor` is in flight, held or broken: filling
-    // slots resumes there, so the held backlog of a dead destination is not
-    // walked again for every slot. Reset to 0 whenever an id below it may
-    // have become eligible: new reports announced (ids may be announced out
-    // of order), a destination's held reports released, a send task lost.
-    let mut cursor: u64 = 0;
+    let mut d = SourceDispatch::new(outbox.clone(), source, reporter, cfg, abort.clone());
     loop {
         let now = Instant::now();
         if !stop.is_cancelled() {
-            let mut room = cfg.concurrency.saturating_sub(in_flight.len());
-            let spawn = |id: u64,
-                         sends: &mut JoinSet<(Option<Arc<str>>, Outcome)>,
-                         tasks: &mut HashMap<tokio::task::Id, u64>,
-                         in_flight: &mut HashSet<u64>| {
-                in_flight.insert(id);
-                let outbox = outbox.clone();
-                let reporter = reporter.clone();
-                let abort = abort.clone();
-                let handle = sends.spawn(async move {
-                    send_once(&outbox, &*reporter, id, cfg.retry, &abort).await
-                });
-                tasks.insert(handle.id(), id);
-            };
-            // Probes first: one report per destination whose deadline passed,
-            // in at most half the slots, so that many dead destinations
-            // (whose probes may each hang until the send times out) cannot
-            // take every slot from the reports to healthy ones.
-            let probe_cap = (cfg.concurrency / 2).max(1);
-            let mut probes = parked.values().filter(|b| b.probe.is_some()).count();
-            for b in parked.values_mut() {
-                if room == 0 || probes >= probe_cap {
-                    break;
-                }
-                if b.probe.is_none()
-                    && b.until <= now
-                    && let Some(id) = b.held.pop_first()
-                {
-                    held.remove(&id);
-                    b.probe = Some(id);
-                    spawn(id, &mut sends, &mut tasks, &mut in_flight);
-                    room -= 1;
-                    probes += 1;
-                }
-            }
-            // A due destination with nothing known to send is forgotten.
-            parked.retain(|_, b| b.probe.is_some() || !b.held.is_empty() || b.until > now);
-            // Then the oldest reports whose destination is not backing off.
-            let mut reads = 0;
-            while room > 0 {
-                let (candidates, last) =
-                    outbox.pending_report_ids_where(&source, cursor, room, LOOKAHEAD, |id| {
-                        in_flight.contains(&id) || held.contains(&id) || broken.contains(&id)
-                    });
-                let Some(last) = last else { break };
-                cursor = last.saturating_add(1);
-                if candidates.is_empty() {
-                    // A whole step of skipped ids: let others run, go on.
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                for id in candidates {
-                    let dest = match dest_of.get(&id) {
-                        Some(d) => Some(d.clone()),
-                        None => {
-                            reads += 1;
-                            match outbox.report(id) {
-                                Ok(Some(r)) => {
-                                    let d: Arc<str> = reporter.destination(&r).into();
-                                    dest_of.insert(id, d.clone());
-                                    Some(d)
-                                }
-                                Ok(None) => {
-                                    broken.insert(id);
-                                    continue;
-                                }
-                                Err(e @ OutboxError::Corrupt { .. }) => {
-                                    tracing::error!(report = id, error = %e, "corrupt report record; left on disk");
-                                    broken.insert(id);
-                                    continue;
-                                }
-                                // Sent anyway: the send retries the read.
-                                Err(_) => None,
-                            }
-                        }
-                    };
-                    if let Some(b) = dest.as_ref().and_then(|d| parked.get_mut(d)) {
-                        if b.probe.is_none() && b.until <= now && probes < probe_cap {
-                            b.probe = Some(id);
-                            probes += 1;
-                        } else {
-                            b.held.insert(id);
-                            held.insert(id);
-                            continue;
-                        }
-                    }
-                    spawn(id, &mut sends, &mut tasks, &mut in_flight);
-                    room -= 1;
-                }
-                if reads >= READS_PER_YIELD {
-                    reads = 0;
-                    tokio::task::yield_now().await;
-                }
-            }
-        } else if sends.is_empty() {
+            d.fill_slots(now).await;
+        } else if d.sends.is_empty() {
             backing_off.set(0.0);
             return;
         }
-        backing_off.set(parked.len() as f64);
+        backing_off.set(d.parked.len() as f64);
         // Wake for the earliest deadline of a destination with no probe out.
-        let wake = parked
+        let wake = d
+            .parked
             .values()
             .filter(|b| b.probe.is_none() && b.until > now)
             .map(|b| b.until)
             .min();
         tokio::select! {
-            Some(done) = sends.join_next_with_id(), if !sends.is_empty() => {
-                let (task, dest, outcome) = match done {
-                    Ok((task, (dest, outcome))) => (task, dest, Some(outcome)),
+            Some(done) = d.sends.join_next_with_id(), if !d.sends.is_empty() => {
+                let (task, sent) = match done {
+                    Ok((task, sent)) => (task, Some(sent)),
                     Err(e) => {
                         tracing::error!(error = %e, "report send task failed; its report stays in the outbox");
-                        (e.id(), None, None)
+                        (e.id(), None)
                     }
                 };
-                let Some(id) = tasks.remove(&task) else { continue };
-                if outcome.is_none() {
-                    cursor = 0;
-                }
-                in_flight.remove(&id);
-                let dest = dest.or_else(|| dest_of.get(&id).cloned());
-                let mut was_probe = false;
-                if let Some(b) = dest.as_ref().and_then(|d| parked.get_mut(d))
-                    && b.probe == Some(id)
-                {
-                    b.probe = None;
-                    was_probe = true;
-                }
-                match outcome {
-                    Some(Outcome::Done) => {
-                        dest_of.remove(&id);
-                        metrics::counter!("duvo_bridge_reports_sent_total",
-                            "source" => source.clone(), "kind" => kind)
-                        .increment(1);
-                        // The destination works: its backlog is eligible again.
-                        if let Some(b) = dest.as_ref().and_then(|d| parked.remove(d)) {
-                            for h in &b.held {
-                                held.remove(h);
-                            }
-                            cursor = 0;
-                            tracing::info!(%source, destination = %dest.as_deref().unwrap_or(""),
-                                released = b.held.len(), "report destination acknowledged again");
-                        }
-                    }
-                    Some(Outcome::Failed { error, attempt }) => {
-                        metrics::counter!("duvo_bridge_report_send_failures_total",
-                            "source" => source.clone(), "kind" => kind)
-                        .increment(1);
-                        let dest = dest.unwrap_or_else(|| Arc::from(""));
-                        let now = Instant::now();
-                        let fresh = !parked.contains_key(&dest);
-                        let b = parked.entry(dest.clone()).or_insert_with(|| Backoff {
-                            schedule: cfg.retry.new_schedule(),
-                            until: now,
-                            probe: None,
-                            held: BTreeSet::new(),
-                        });
-                        // A send that started before the destination was
-                        // parked does not lengthen the backoff again, unless
-                        // the deadline passed meanwhile (it then counts as
-                        // the probe).
-                        if fresh || was_probe || (b.probe.is_none() && b.until <= now) {
-                            b.until = now + b.schedule.next_delay();
-                        }
-                        b.held.insert(id);
-                        held.insert(id);
-                        let retry_in_ms = b.until.saturating_duration_since(now).as_millis() as u64;
-                        match &error {
-                            ReportError::NoDestination(_) => tracing::error!(report = id, %source, attempt,
-                                destination = %dest, error = %error, retry_in_ms,
-                                "report cannot be addressed; kept and retried"),
-                            _ => tracing::warn!(report = id, %source, attempt, destination = %dest,
-                                error = %error, retry_in_ms,
-                                "report not acknowledged; its destination backs off, the report is kept"),
-                        }
-                    }
-                    Some(Outcome::Gone) => {
-                        dest_of.remove(&id);
-                    }
-                    Some(Outcome::Corrupt) => {
-                        dest_of.remove(&id);
-                        broken.insert(id);
-                    }
-                    Some(Outcome::Aborted) | None => {}
-                }
+                d.finished(task, sent);
             }
             _ = async { tokio::time::sleep_until(wake.unwrap_or(now)).await }, if wake.is_some() && !stop.is_cancelled() => {}
-            _ = outbox.reports_notified(), if !stop.is_cancelled() => cursor = 0,
+            _ = outbox.reports_notified(), if !stop.is_cancelled() => d.cursor = 0,
             _ = stop.cancelled(), if !stop.is_cancelled() => {}
             _ = abort.cancelled() => {
-                sends.shutdown().await;
+                d.sends.shutdown().await;
                 backing_off.set(0.0);
                 return;
             }
+        }
+    }
+}
+
+/// The state of one source's dispatcher between two turns of its loop.
+struct SourceDispatch {
+    outbox: Outbox,
+    source: String,
+    reporter: Arc<dyn Reporter>,
+    cfg: DispatchConfig,
+    abort: CancellationToken,
+    in_flight: HashSet<u64>,
+    tasks: HashMap<tokio::task::Id, u64>,
+    sends: JoinSet<Sent>,
+    /// Destination of each pending report seen so far (read once from disk).
+    dest_of: HashMap<u64, Arc<str>>,
+    parked: HashMap<Arc<str>, Backoff>,
+    /// Union of every `Backoff::held`, for the scan's skip test.
+    held: HashSet<u64>,
+    /// Ids that cannot be read (corrupt, or indexed but missing): skipped
+    /// until the next start instead of being picked up again at once.
+    broken: HashSet<u64>,
+    /// Every pending id below `cursor` is in flight, held or broken: filling
+    /// slots resumes there, so the held backlog of a dead destination is not
+    /// walked again for every slot. Reset to 0 whenever an id below it may
+    /// have become eligible: new reports announced (ids may be announced out
+    /// of order), a destination's held reports released, a send task lost.
+    cursor: u64,
+}
+
+impl SourceDispatch {
+    fn new(
+        outbox: Outbox,
+        source: String,
+        reporter: Arc<dyn Reporter>,
+        cfg: DispatchConfig,
+        abort: CancellationToken,
+    ) -> SourceDispatch {
+        SourceDispatch {
+            outbox,
+            source,
+            reporter,
+            cfg,
+            abort,
+            in_flight: HashSet::new(),
+            tasks: HashMap::new(),
+            sends: JoinSet::new(),
+            dest_of: HashMap::new(),
+            parked: HashMap::new(),
+            held: HashSet::new(),
+            broken: HashSet::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Start sending report `id` in a free slot.
+    fn spawn(&mut self, id: u64) {
+        self.in_flight.insert(id);
+        let outbox = self.outbox.clone();
+        let reporter = self.reporter.clone();
+        let abort = self.abort.clone();
+        let retry = self.cfg.retry;
+        let handle = self
+            .sends
+            .spawn(async move { send_once(&outbox, &*reporter, id, retry, &abort).await });
+        self.tasks.insert(handle.id(), id);
+    }
+
+    /// Fill the free slots: probes of due destinations first, then the
+    /// oldest reports whose destination is not backing off.
+    async fn fill_slots(&mut self, now: Instant) {
+        let mut room = self.cfg.concurrency.saturating_sub(self.in_flight.len());
+        // Probes first: one report per destination whose deadline passed,
+        // in at most half the slots, so that many dead destinations
+        // (whose probes may each hang until the send times out) cannot
+        // take every slot from the reports to healthy ones.
+        let probe_cap = (self.cfg.concurrency / 2).max(1);
+        let mut probes = self.parked.values().filter(|b| b.probe.is_some()).count();
+        let mut due = Vec::new();
+        for b in self.parked.values_mut() {
+            if room == 0 || probes >= probe_cap {
+                break;
+            }
+            if b.probe.is_none()
+                && b.until <= now
+                && let Some(id) = b.held.pop_first()
+            {
+                b.probe = Some(id);
+                due.push(id);
+                room -= 1;
+                probes += 1;
+            }
+        }
+        for id in due {
+            self.held.remove(&id);
+            self.spawn(id);
+        }
+        // A due destination with nothing known to send is forgotten.
+        self.parked
+            .retain(|_, b| b.probe.is_some() || !b.held.is_empty() || b.until > now);
+        let mut reads = 0;
+        while room > 0 {
+            let (candidates, last) = {
+                let (in_flight, held, broken) = (&self.in_flight, &self.held, &self.broken);
+                self.outbox.pending_report_ids_where(
+                    &self.source,
+                    self.cursor,
+                    room,
+                    LOOKAHEAD,
+                    |id| in_flight.contains(&id) || held.contains(&id) || broken.contains(&id),
+                )
+            };
+            let Some(last) = last else { break };
+            self.cursor = last.saturating_add(1);
+            if candidates.is_empty() {
+                // A whole step of skipped ids: let others run, go on.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            for id in candidates {
+                let dest = match self.dest_of.get(&id) {
+                    Some(d) => Some(d.clone()),
+                    None => {
+                        reads += 1;
+                        match self.read_destination(id) {
+                            Ok(d) => d,
+                            Err(()) => continue,
+                        }
+                    }
+                };
+                if let Some(b) = dest.as_ref().and_then(|d| self.parked.get_mut(d)) {
+                    if b.probe.is_none() && b.until <= now && probes < probe_cap {
+                        b.probe = Some(id);
+                        probes += 1;
+                    } else {
+                        b.held.insert(id);
+                        self.held.insert(id);
+                        continue;
+                    }
+                }
+                self.spawn(id);
+                room -= 1;
+            }
+            if reads >= READS_PER_YIELD {
+                reads = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// The destination of report `id`, read from disk and cached; `Err`
+    /// when the report cannot be read (it is marked broken and skipped);
+    /// `Ok(None)` on a read error worth sending anyway (the send retries
+    /// the read).
+    fn read_destination(&mut self, id: u64) -> Result<Option<Arc<str>>, ()> {
+        match self.outbox.report(id) {
+            Ok(Some(r)) => {
+                let d: Arc<str> = self.reporter.destination(&r).into();
+                self.dest_of.insert(id, d.clone());
+                Ok(Some(d))
+            }
+            Ok(None) => {
+                self.broken.insert(id);
+                Err(())
+            }
+            Err(e @ OutboxError::Corrupt { .. }) => {
+                tracing::error!(report = id, error = %e, "corrupt report record; left on disk");
+                self.broken.insert(id);
+                Err(())
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// A send task ended (`None`: it panicked or was cancelled).
+    fn finished(&mut self, task: tokio::task::Id, sent: Option<Sent>) {
+        let Some(id) = self.tasks.remove(&task) else {
+            return;
+        };
+        let (dest, outcome) = match sent {
+            Some((dest, outcome)) => (dest, Some(outcome)),
+            None => {
+                self.cursor = 0;
+                (None, None)
+            }
+        };
+        self.in_flight.remove(&id);
+        let dest = dest.or_else(|| self.dest_of.get(&id).cloned());
+        let mut was_probe = false;
+        if let Some(b) = dest.as_ref().and_then(|d| self.parked.get_mut(d))
+            && b.probe == Some(id)
+        {
+            b.probe = None;
+            was_probe = true;
+        }
+        let kind = self.reporter.kind();
+        match outcome {
+            Some(Outcome::Done) => {
+                self.dest_of.remove(&id);
+                metrics::counter!("duvo_bridge_reports_sent_total",
+                    "source" => self.source.clone(), "kind" => kind)
+                .increment(1);
+                // The destination works: its backlog is eligible again.
+                if let Some(b) = dest.as_ref().and_then(|d| self.parked.remove(d)) {
+                    for h in &b.held {
+                        self.held.remove(h);
+                    }
+                    self.cursor = 0;
+                    tracing::info!(source = %self.source, destination = %dest.as_deref().unwrap_or(""),
+                        released = b.held.len(), "report destination acknowledged again");
+                }
+            }
+            Some(Outcome::Failed { error, attempt }) => {
+                metrics::counter!("duvo_bridge_report_send_failures_total",
+                    "source" => self.source.clone(), "kind" => kind)
+                .increment(1);
+                self.back_off(id, dest, was_probe, &error, attempt);
+            }
+            Some(Outcome::Gone) => {
+                self.dest_of.remove(&id);
+            }
+            Some(Outcome::Corrupt) => {
+                self.dest_of.remove(&id);
+                self.broken.insert(id);
+            }
+            Some(Outcome::Aborted) | None => {}
+        }
+    }
+
+    /// Report `id` was not acknowledged: hold it, and park its destination.
+    fn back_off(
+        &mut self,
+        id: u64,
+        dest: Option<Arc<str>>,
+        was_probe: bool,
+        error: &ReportError,
+        attempt: u32,
+    ) {
+        let dest = dest.unwrap_or_else(|| Arc::from(""));
+        let now = Instant::now();
+        let fresh = !self.parked.contains_key(&dest);
+        let retry = self.cfg.retry;
+        let b = self.parked.entry(dest.clone()).or_insert_with(|| Backoff {
+            schedule: retry.new_schedule(),
+            until: now,
+            probe: None,
+            held: BTreeSet::new(),
+        });
+        // A send that started before the destination was parked does not
+        // lengthen the backoff again, unless the deadline passed meanwhile
+        // (it then counts as the probe).
+        if fresh || was_probe || (b.probe.is_none() && b.until <= now) {
+            b.until = now + b.schedule.next_delay();
+        }
+        b.held.insert(id);
+        self.held.insert(id);
+        let retry_in_ms = b.until.saturating_duration_since(now).as_millis() as u64;
+        let source = &self.source;
+        match error {
+            ReportError::NoDestination(_) => tracing::error!(report = id, %source, attempt,
+                destination = %dest, error = %error, retry_in_ms,
+                "report cannot be addressed; kept and retried"),
+            _ => tracing::warn!(report = id, %source, attempt, destination = %dest,
+                error = %error, retry_in_ms,
+                "report not acknowledged; its destination backs off, the report is kept"),
         }
     }
 }

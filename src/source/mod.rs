@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::admin::Health;
 use crate::mapping::{Mapper, MappingConfig};
-use crate::outbox::Outbox;
+use crate::outbox::{AppendOutcome, Outbox};
 pub use amqp::config::{AmqpSourceConfig, UndecodablePolicy};
 pub use http::config::HttpSourceConfig;
 pub use kafka::config::{KafkaSourceConfig, KafkaUndecodablePolicy};
@@ -156,6 +156,23 @@ pub(crate) fn check_name(at: &str, name: &str, errors: &mut Vec<String>) {
 /// serde's `default = ...` for flags that are on unless turned off.
 pub(crate) fn default_true() -> bool {
     true
+}
+
+/// Count an append's outcomes (`duvo_bridge_events_stored_total`,
+/// `..._duplicate_total`); returns (stored, duplicates).
+pub(crate) fn count_appended(source: &str, outcomes: &[AppendOutcome]) -> (usize, usize) {
+    let stored = outcomes
+        .iter()
+        .filter(|o| matches!(o, AppendOutcome::Stored(_)))
+        .count();
+    let dups = outcomes.len() - stored;
+    metrics::counter!("duvo_bridge_events_stored_total", "source" => source.to_string())
+        .increment(stored as u64);
+    if dups > 0 {
+        metrics::counter!("duvo_bridge_events_duplicate_total", "source" => source.to_string())
+            .increment(dups as u64);
+    }
+    (stored, dups)
 }
 
 /// Errors a source reports at start-up.

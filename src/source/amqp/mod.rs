@@ -57,7 +57,7 @@ use super::{Source, SourceContext, SourceError};
 use crate::duvo::NewCase;
 use crate::encoding::base64;
 use crate::mapping::Mapper;
-use crate::outbox::{AppendOutcome, NewEvent, Origin};
+use crate::outbox::{NewEvent, Origin};
 use crate::retry::RetryPolicy;
 use crate::secret::{amqp_uri_password, scrub_password};
 
@@ -494,17 +494,7 @@ impl AmqpSource {
         if !events.is_empty() {
             match ctx.outbox.append(events).await {
                 Ok(outcomes) => {
-                    let stored = outcomes
-                        .iter()
-                        .filter(|o| matches!(o, AppendOutcome::Stored(_)))
-                        .count();
-                    let dups = outcomes.len() - stored;
-                    metrics::counter!("duvo_bridge_events_stored_total", "source" => src.to_string())
-                        .increment(stored as u64);
-                    if dups > 0 {
-                        metrics::counter!("duvo_bridge_events_duplicate_total", "source" => src.to_string())
-                            .increment(dups as u64);
-                    }
+                    super::count_appended(src, &outcomes);
                 }
                 Err(e) => {
                     tracing::error!(source = src, error = %e, "outbox append failed; requeueing the deliveries");

@@ -32,7 +32,7 @@ use super::{Source, SourceContext, SourceError};
 pub mod config;
 
 use crate::mapping::Mapper;
-use crate::outbox::{AppendOutcome, EventId, NewEvent, Origin};
+use crate::outbox::{EventId, NewEvent, Origin};
 use crate::secret::Secret;
 pub use config::HttpSourceConfig;
 use config::check_http_url;
@@ -194,27 +194,8 @@ async fn post_events(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let src = &*state.name;
-    if !authorized(&state, &headers) {
-        count_rejected(src, "unauthorized");
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        );
-    }
-    if state.ctx.stop.is_cancelled() {
-        count_rejected(src, "shutting_down");
-        return unavailable(
-            "shutting_down",
-            "the bridge is draining; retry against another replica or later",
-        );
-    }
-    if state.ctx.outbox.over_high_water() {
-        count_rejected(src, "outbox_full");
-        return unavailable(
-            "outbox_full",
-            "the outbox is over its high-water mark; retry later",
-        );
+    if let Err(refusal) = admit(&state, &headers) {
+        return *refusal;
     }
     let body = match body {
         Ok(b) => b,
@@ -234,43 +215,9 @@ async fn post_events(
             return error(rej.status(), "unreadable_body", rej.body_text());
         }
     };
-    let idem_key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => match v.to_str() {
-            Ok(s) if !s.is_empty() && s.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(s.to_string()),
-            _ => {
-                count_rejected(src, "bad_idempotency_key");
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_idempotency_key",
-                    format!(
-                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
-                    ),
-                );
-            }
-        },
-    };
-    let callback_url = match headers.get(crate::report::http::CALLBACK_URL_HEADER) {
-        None => None,
-        Some(_) if !state.cfg.callback_url_header => {
-            count_rejected(src, "callback_url_not_allowed");
-            return error(
-                StatusCode::BAD_REQUEST,
-                "callback_url_not_allowed",
-                "this source does not accept X-Duvo-Callback-Url (set callback_url_header = true)",
-            );
-        }
-        Some(v) => match v.to_str().ok().filter(|u| check_http_url(u).is_ok()) {
-            Some(u) => Some(u.to_string()),
-            None => {
-                count_rejected(src, "bad_callback_url");
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_callback_url",
-                    "X-Duvo-Callback-Url must be an absolute http:// or https:// URL",
-                );
-            }
-        },
+    let (idem_key, callback_url) = match request_options(&state, &headers) {
+        Ok(o) => o,
+        Err(refusal) => return *refusal,
     };
     let format = BodyFormat::from_content_type(
         headers
@@ -287,6 +234,98 @@ async fn post_events(
     metrics::counter!("duvo_bridge_events_received_total", "source" => src.to_string())
         .increment(events.len() as u64);
 
+    let batch = match to_new_events(&state, &events, idem_key.as_deref(), callback_url) {
+        Ok(b) => b,
+        Err(refusal) => return *refusal,
+    };
+    store(&state, batch).await
+}
+
+/// Whether a request may come in at all: the token, the drain, the
+/// outbox's high-water mark.
+fn admit(state: &HttpState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let src = &*state.name;
+    if !authorized(state, headers) {
+        count_rejected(src, "unauthorized");
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        )));
+    }
+    if state.ctx.stop.is_cancelled() {
+        count_rejected(src, "shutting_down");
+        return Err(Box::new(unavailable(
+            "shutting_down",
+            "the bridge is draining; retry against another replica or later",
+        )));
+    }
+    if state.ctx.outbox.over_high_water() {
+        count_rejected(src, "outbox_full");
+        return Err(Box::new(unavailable(
+            "outbox_full",
+            "the outbox is over its high-water mark; retry later",
+        )));
+    }
+    Ok(())
+}
+
+/// The request's Idempotency-Key and per-request callback URL, checked.
+fn request_options(
+    state: &HttpState,
+    headers: &HeaderMap,
+) -> Result<(Option<String>, Option<String>), Box<Response>> {
+    let src = &*state.name;
+    let idem_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(s) if !s.is_empty() && s.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(s.to_string()),
+            _ => {
+                count_rejected(src, "bad_idempotency_key");
+                return Err(Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_idempotency_key",
+                    format!(
+                        "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+                    ),
+                )));
+            }
+        },
+    };
+    let callback_url = match headers.get(crate::report::http::CALLBACK_URL_HEADER) {
+        None => None,
+        Some(_) if !state.cfg.callback_url_header => {
+            count_rejected(src, "callback_url_not_allowed");
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "callback_url_not_allowed",
+                "this source does not accept X-Duvo-Callback-Url (set callback_url_header = true)",
+            )));
+        }
+        Some(v) => match v.to_str().ok().filter(|u| check_http_url(u).is_ok()) {
+            Some(u) => Some(u.to_string()),
+            None => {
+                count_rejected(src, "bad_callback_url");
+                return Err(Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_callback_url",
+                    "X-Duvo-Callback-Url must be an absolute http:// or https:// URL",
+                )));
+            }
+        },
+    };
+    Ok((idem_key, callback_url))
+}
+
+/// Map each event to its case and outbox record; refuses the whole
+/// request when one case is too large for the API.
+fn to_new_events(
+    state: &HttpState,
+    events: &[serde_json::Value],
+    idem_key: Option<&str>,
+    callback_url: Option<String>,
+) -> Result<Vec<NewEvent>, Box<Response>> {
+    let src = &*state.name;
     let received_at_ms = crate::clock::now_ms();
     let mut batch = Vec::with_capacity(events.len());
     for (i, ev) in events.iter().enumerate() {
@@ -294,7 +333,7 @@ async fn post_events(
         let size = serde_json::to_vec(&case).map(|v| v.len()).unwrap_or(0);
         if size > state.ctx.max_case_bytes {
             count_rejected(src, "event_too_large");
-            return (
+            return Err(Box::new((
                 StatusCode::PAYLOAD_TOO_LARGE,
                 axum::Json(json!({
                     "error": "event_too_large",
@@ -302,9 +341,9 @@ async fn post_events(
                     "index": i,
                 })),
             )
-                .into_response();
+                .into_response()));
         }
-        let identity = match &idem_key {
+        let identity = match idem_key {
             Some(k) => Some(format!("http:{src}:key:{k}:{i}")),
             None => state
                 .cfg
@@ -329,19 +368,15 @@ async fn post_events(
             }),
         });
     }
+    Ok(batch)
+}
+
+/// Append the request's events; 202 with their ids once durable.
+async fn store(state: &HttpState, batch: Vec<NewEvent>) -> Response {
+    let src = &*state.name;
     match state.ctx.outbox.append(batch).await {
         Ok(outcomes) => {
-            let stored = outcomes
-                .iter()
-                .filter(|o| matches!(o, AppendOutcome::Stored(_)))
-                .count();
-            let dups = outcomes.len() - stored;
-            metrics::counter!("duvo_bridge_events_stored_total", "source" => src.to_string())
-                .increment(stored as u64);
-            if dups > 0 {
-                metrics::counter!("duvo_bridge_events_duplicate_total", "source" => src.to_string())
-                    .increment(dups as u64);
-            }
+            let (stored, dups) = super::count_appended(src, &outcomes);
             let ids: Vec<String> = outcomes.iter().map(|o| o.id().to_string()).collect();
             (
                 StatusCode::ACCEPTED,

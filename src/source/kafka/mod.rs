@@ -53,7 +53,7 @@ pub mod config;
 pub use client::consumer_config;
 pub use config::{KafkaSourceConfig, KafkaUndecodablePolicy};
 use context::{KafkaContext, Shared};
-use offsets::{BatchOffsets, Tp};
+use offsets::{BatchOffsets, PartitionOutcome, Tp};
 
 use super::{Source, SourceContext, SourceError};
 use crate::duvo::NewCase;
@@ -62,7 +62,7 @@ use crate::kafka::{
     LogContext, Scrubber, check_librdkafka, describe_config_error, with_source_coordinates,
 };
 use crate::mapping::Mapper;
-use crate::outbox::{AppendOutcome, NewEvent, Origin};
+use crate::outbox::{NewEvent, Origin};
 use crate::retry::RetryPolicy;
 
 /// How often backpressure is re-checked while partitions are paused.
@@ -444,40 +444,9 @@ impl KafkaSource {
         let src = self.cfg.name.as_str();
         metrics::counter!("duvo_bridge_events_received_total", "source" => src.to_string())
             .increment(batch.len() as u64);
-        let mut consumed: Vec<(Tp, u64)> = Vec::new();
-        for it in &batch {
-            match consumed
-                .iter_mut()
-                .find(|((t, p), _)| *p == it.partition && *t == it.topic)
-            {
-                Some((_, n)) => *n += 1,
-                None => consumed.push(((it.topic.clone(), it.partition), 1)),
-            }
-        }
-        for (tp, n) in &consumed {
-            metrics::counter!("duvo_bridge_kafka_consumed_total", "source" => src.to_string(), "topic" => tp.0.clone(), "partition" => tp.1.to_string())
-                .increment(*n);
-        }
+        count_consumed(src, &batch);
 
-        // Records whose partition was revoked after they were read: the
-        // next owner reads them again from the committed offset.
-        let epoch = shared.epoch();
-        let before = batch.len();
-        let batch: Vec<Item> = if batch.iter().all(|i| i.epoch == epoch) {
-            batch
-        } else {
-            batch
-                .into_iter()
-                .filter(|i| shared.still_owned(&(i.topic.clone(), i.partition), i.epoch))
-                .collect()
-        };
-        if batch.len() < before {
-            tracing::info!(
-                source = src,
-                dropped = before - batch.len(),
-                "records of revoked partitions left unappended; their next owner reads them"
-            );
-        }
+        let batch = drop_revoked(src, shared, batch);
         if batch.is_empty() {
             return Ok(());
         }
@@ -505,35 +474,78 @@ impl KafkaSource {
         }
 
         let mut pause = false;
-        if !events.is_empty() {
-            match ctx.outbox.append(events).await {
-                Ok(outcomes) => {
-                    let stored = outcomes
-                        .iter()
-                        .filter(|o| matches!(o, AppendOutcome::Stored(_)))
-                        .count();
-                    let dups = outcomes.len() - stored;
-                    tracing::debug!(
-                        source = src,
-                        stored,
-                        duplicates = dups,
-                        "kafka: batch appended"
-                    );
-                    metrics::counter!("duvo_bridge_events_stored_total", "source" => src.to_string())
-                        .increment(stored as u64);
-                    if dups > 0 {
-                        metrics::counter!("duvo_bridge_events_duplicate_total", "source" => src.to_string())
-                            .increment(dups as u64);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(source = src, error = %e, "outbox append failed; the records are read again");
-                    count_rejected(src, "outbox_error", coords.len());
-                    progress.fail_all();
-                    pause = true;
-                }
+        if !events.is_empty() && !self.append(ctx, events).await {
+            count_rejected(src, "outbox_error", coords.len());
+            progress.fail_all();
+            pause = true;
+        }
+        pause |= !self
+            .send_dead_letters(dead_letters, dead, &mut progress)
+            .await;
+
+        let mut outcomes = progress.outcomes(|(t, p)| {
+            coords
+                .iter()
+                .filter(|(tt, pp, _)| pp == p && tt == t)
+                .map(|(_, _, o)| *o)
+                .collect()
+        });
+        self.handle_gaps(consumer, shared, &mut outcomes);
+        store_offsets(src, consumer, shared, &outcomes);
+        for o in &outcomes {
+            if let Some(f) = o.seek {
+                consumer
+                    .seek(&o.tp.0, o.tp.1, Offset::Offset(f), Duration::from_secs(10))
+                    .map_err(|e| {
+                        format!(
+                            "seeking {}[{}] back to {f} failed ({e}); restarting from the committed offsets",
+                            o.tp.0, o.tp.1
+                        )
+                    })?;
             }
         }
+        if pause {
+            tokio::select! {
+                _ = ctx.stop.cancelled() => {}
+                _ = tokio::time::sleep(ERROR_PAUSE) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Append a batch's events to the outbox; `false` when the append
+    /// failed (nothing of the batch may be stored then).
+    async fn append(&self, ctx: &SourceContext, events: Vec<NewEvent>) -> bool {
+        let src = self.cfg.name.as_str();
+        match ctx.outbox.append(events).await {
+            Ok(outcomes) => {
+                let (stored, dups) = super::count_appended(src, &outcomes);
+                tracing::debug!(
+                    source = src,
+                    stored,
+                    duplicates = dups,
+                    "kafka: batch appended"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(source = src, error = %e, "outbox append failed; the records are read again");
+                false
+            }
+        }
+    }
+
+    /// Produce the batch's dead letters (those not behind a failed record
+    /// already); a failed produce blocks its partition from that record.
+    /// `false` when one failed.
+    async fn send_dead_letters(
+        &self,
+        dead_letters: Option<&DeadLetters>,
+        dead: Vec<(String, i32, i64, &'static str, OwnedMessage)>,
+        progress: &mut BatchOffsets,
+    ) -> bool {
+        let src = self.cfg.name.as_str();
+        let mut ok = true;
         for (topic, partition, offset, reason, msg) in dead {
             if progress.blocked(&topic, partition, offset) {
                 continue;
@@ -558,20 +570,23 @@ impl KafkaSource {
                         "dead-letter produce failed; the partition is read again from this record"
                     );
                     progress.fail(&topic, partition, offset);
-                    pause = true;
+                    ok = false;
                 }
             }
         }
+        ok
+    }
 
-        let outcomes = progress.outcomes(|(t, p)| {
-            coords
-                .iter()
-                .filter(|(tt, pp, _)| pp == p && tt == t)
-                .map(|(_, _, o)| *o)
-                .collect()
-        });
-        let mut outcomes = outcomes;
-        for o in &mut outcomes {
+    /// Look for holes in each partition's offsets and decide whether to
+    /// read the partition again from the first missing one.
+    fn handle_gaps(
+        &self,
+        consumer: &StreamConsumer<KafkaContext>,
+        shared: &Shared,
+        outcomes: &mut [PartitionOutcome],
+    ) {
+        let src = self.cfg.name.as_str();
+        for o in outcomes.iter_mut() {
             tracing::debug!(
                 source = src, topic = %o.tp.0, partition = o.tp.1, first = o.first,
                 records = o.records, store = ?o.store, seek = ?o.seek, "kafka: batch handled"
@@ -609,64 +624,6 @@ impl KafkaSource {
                 );
             }
         }
-        let mut tpl = TopicPartitionList::new();
-        for o in &outcomes {
-            if let Some(s) = o.store {
-                let _ = tpl.add_partition_offset(&o.tp.0, o.tp.1, Offset::Offset(s));
-            }
-        }
-        if tpl.count() > 0 {
-            match consumer.store_offsets(&tpl) {
-                Ok(()) => {
-                    for o in &outcomes {
-                        if let Some(s) = o.store {
-                            shared.note_stored(&o.tp, s);
-                        }
-                    }
-                }
-                // Some partition is no longer assigned ("Erroneous state"):
-                // store the others one by one. The records of the lost one
-                // are durable here and re-read (deduplicated) if it comes
-                // back, or read by its next owner.
-                Err(e) => {
-                    for o in &outcomes {
-                        let Some(s) = o.store else { continue };
-                        let mut one = TopicPartitionList::new();
-                        let _ = one.add_partition_offset(&o.tp.0, o.tp.1, Offset::Offset(s));
-                        match consumer.store_offsets(&one) {
-                            Ok(()) => shared.note_stored(&o.tp, s),
-                            Err(e1) => {
-                                metrics::counter!("duvo_bridge_kafka_offset_store_errors_total", "source" => src.to_string()).increment(1);
-                                tracing::warn!(
-                                    source = src, topic = %o.tp.0, partition = o.tp.1, offset = s,
-                                    error = %e1, batch_error = %e,
-                                    "offset not stored (partition no longer assigned?); its records are in the outbox, a re-read is deduplicated"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        for o in &outcomes {
-            if let Some(f) = o.seek {
-                consumer
-                    .seek(&o.tp.0, o.tp.1, Offset::Offset(f), Duration::from_secs(10))
-                    .map_err(|e| {
-                        format!(
-                            "seeking {}[{}] back to {f} failed ({e}); restarting from the committed offsets",
-                            o.tp.0, o.tp.1
-                        )
-                    })?;
-            }
-        }
-        if pause {
-            tokio::select! {
-                _ = ctx.stop.cancelled() => {}
-                _ = tokio::time::sleep(ERROR_PAUSE) => {}
-            }
-        }
-        Ok(())
     }
 
     /// Produce the record unchanged to the dead-letter topic, with headers
@@ -799,6 +756,99 @@ impl KafkaSource {
         match from_header().or_else(from_field) {
             Some(id) => format!("kafka:{src}:id:{id}"),
             None => format!("kafka:{src}:{topic}:{}:{}", m.partition(), m.offset()),
+        }
+    }
+}
+
+/// Count what a batch consumed, per partition.
+fn count_consumed(src: &str, batch: &[Item]) {
+    let mut consumed: Vec<(Tp, u64)> = Vec::new();
+    for it in batch {
+        match consumed
+            .iter_mut()
+            .find(|((t, p), _)| *p == it.partition && *t == it.topic)
+        {
+            Some((_, n)) => *n += 1,
+            None => consumed.push(((it.topic.clone(), it.partition), 1)),
+        }
+    }
+    for (tp, n) in &consumed {
+        metrics::counter!("duvo_bridge_kafka_consumed_total", "source" => src.to_string(), "topic" => tp.0.clone(), "partition" => tp.1.to_string())
+            .increment(*n);
+    }
+}
+
+/// The records of a batch whose partition is still ours: those of a
+/// partition revoked after they were read are read again by its next
+/// owner from the committed offset.
+fn drop_revoked(src: &str, shared: &Shared, batch: Vec<Item>) -> Vec<Item> {
+    // Records whose partition was revoked after they were read: the
+    // next owner reads them again from the committed offset.
+    let epoch = shared.epoch();
+    let before = batch.len();
+    let batch: Vec<Item> = if batch.iter().all(|i| i.epoch == epoch) {
+        batch
+    } else {
+        batch
+            .into_iter()
+            .filter(|i| shared.still_owned(&(i.topic.clone(), i.partition), i.epoch))
+            .collect()
+    };
+    if batch.len() < before {
+        tracing::info!(
+            source = src,
+            dropped = before - batch.len(),
+            "records of revoked partitions left unappended; their next owner reads them"
+        );
+    }
+    batch
+}
+
+/// Store the offsets a batch decided on; when some partition is no longer
+/// assigned, store the others one by one.
+fn store_offsets(
+    src: &str,
+    consumer: &StreamConsumer<KafkaContext>,
+    shared: &Shared,
+    outcomes: &[PartitionOutcome],
+) {
+    let mut tpl = TopicPartitionList::new();
+    for o in outcomes {
+        if let Some(s) = o.store {
+            let _ = tpl.add_partition_offset(&o.tp.0, o.tp.1, Offset::Offset(s));
+        }
+    }
+    if tpl.count() > 0 {
+        match consumer.store_offsets(&tpl) {
+            Ok(()) => {
+                for o in outcomes {
+                    if let Some(s) = o.store {
+                        shared.note_stored(&o.tp, s);
+                    }
+                }
+            }
+            // Some partition is no longer assigned ("Erroneous state"):
+            // store the others one by one. The records of the lost one
+            // are durable here and re-read (deduplicated) if it comes
+            // back, or read by its next owner.
+            Err(e) => {
+                for o in outcomes {
+                    let Some(s) = o.store else { continue };
+                    let mut one = TopicPartitionList::new();
+                    let _ = one.add_partition_offset(&o.tp.0, o.tp.1, Offset::Offset(s));
+                    match consumer.store_offsets(&one) {
+                        Ok(()) => shared.note_stored(&o.tp, s),
+                        Err(e1) => {
+                            metrics::counter!("duvo_bridge_kafka_offset_store_errors_total", "source" => src.to_string()).increment(1);
+                            tracing::warn!(
+                                source = src, topic = %o.tp.0, partition = o.tp.1, offset = s,
+                                error = %e1, batch_error = %e,
+                                "offset not stored (partition no longer assigned?); its records are in the outbox, a re-read is deduplicated"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }
