@@ -1,7 +1,7 @@
 //! duvo-bridge: a durable, rate-limited bridge from Kafka, RabbitMQ and
 //! webhooks into Duvo cases. See `ARCHITECTURE.md` for the bird's-eye view.
 //!
-//! `main.rs` is a thin shell over [`cli::run`]; everything else lives here so
+//! `main.rs` is a thin shell over [`cli::main`]; everything else lives here so
 //! tests and the demo can start any part in-process.
 
 pub mod admin;

@@ -249,3 +249,101 @@ fn the_checks_see_what_they_check() {
     let deps = dependencies(&mods);
     assert!(find_cycle(&deps).is_some());
 }
+
+/// The top-level modules bottom-up, in the order ARCHITECTURE.md's code
+/// map lists them: each may import only those before it.
+const LAYERS: &[&str] = &[
+    "clock",
+    "encoding",
+    "secret",
+    "retry",
+    "kafka",
+    "duvo",
+    "mapping",
+    "admin",
+    "shutdown",
+    "telemetry",
+    "outbox",
+    "deliver",
+    "track",
+    "report",
+    "source",
+    "sim",
+    "systemd",
+    "config",
+    "reload",
+    "app",
+    "demo",
+    "cli",
+];
+
+#[test]
+fn each_top_level_module_imports_only_those_listed_before_it() {
+    let deps = dependencies(&modules());
+    let tops: BTreeSet<&str> = deps
+        .keys()
+        .map(|m| top(m))
+        .filter(|m| *m != "crate")
+        .collect();
+    assert_eq!(
+        tops,
+        LAYERS.iter().copied().collect::<BTreeSet<_>>(),
+        "LAYERS must list every top-level module"
+    );
+    let rank = |m: &str| LAYERS.iter().position(|l| *l == top(m));
+    let mut upward = Vec::new();
+    for (m, ds) in &deps {
+        let Some(r) = rank(m) else { continue };
+        for d in ds {
+            if top(d) != top(m) && rank(d).is_some_and(|rd| rd > r) {
+                upward.push(format!("{m} -> {d}"));
+            }
+        }
+    }
+    assert_eq!(upward, Vec::<String>::new(), "imports of a higher layer");
+}
+
+#[test]
+fn architecture_md_names_every_module_once_per_paragraph() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ARCHITECTURE.md"))
+            .unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut missing = Vec::new();
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    for f in files {
+        let rel = f.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+        // `a/b.rs` by path, or a directory's files as `a/` plus `b.rs`.
+        let named = doc.contains(&format!("`{rel}`"))
+            || rel.rsplit_once('/').is_some_and(|(dir, file)| {
+                doc.contains(&format!("`{dir}/`")) && doc.contains(&format!("`{file}`"))
+            });
+        if !named {
+            missing.push(rel);
+        }
+    }
+    assert_eq!(
+        missing,
+        Vec::<String>::new(),
+        "modules ARCHITECTURE.md does not name"
+    );
+    // No paragraph (or bullet) appears twice.
+    let mut seen = BTreeSet::new();
+    for para in doc.split("\n\n").flat_map(|p| p.split("\n- ")) {
+        let p = para.split_whitespace().collect::<Vec<_>>().join(" ");
+        if p.len() > 40 {
+            assert!(seen.insert(p.clone()), "repeated paragraph: {p}");
+        }
+    }
+}
