@@ -294,7 +294,15 @@ fn describe_all() {
     );
     describe_counter!(
         "duvo_bridge_kafka_offset_gaps_total",
-        "Batches that started past the offset stored last for their partition (compaction, transaction markers, or records the broker skipped)."
+        "Holes found in a partition's offsets: before a batch (past the offset stored last) or inside it (compaction, transaction markers, aborted transactions, deleted or skipped records)."
+    );
+    describe_gauge!(
+        "duvo_bridge_kafka_partition_stalled",
+        "1 while the partition is stopped at a hole it must not commit past (records deleted before they were read); 0 otherwise."
+    );
+    describe_counter!(
+        "duvo_bridge_kafka_partition_stalls_total",
+        "Times a partition stopped at a hole of records deleted before they were read."
     );
     describe_counter!(
         "duvo_bridge_kafka_dead_lettered_total",

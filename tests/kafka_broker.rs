@@ -347,3 +347,208 @@ async fn a_broker_of_three_killed_and_restarted_loses_nothing() {
     assert_eq!(keys.len(), want, "every failed case reported");
     bridge.stop().await;
 }
+
+/// Orders `range`, each pinned to `partition`.
+fn orders_on(partition: i32, range: std::ops::Range<usize>) -> Vec<Rec> {
+    range
+        .map(|i| Rec {
+            partition: Some(partition),
+            ..Rec::json(
+                &format!("key-{i}"),
+                &json!({ "order_id": format!("ORD-{i:06}") }),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_deleted_before_they_were_read_stall_their_partition_which_is_never_committed_past()
+{
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let bs = apache_kafka().await;
+    let suffix = suffix();
+    let topic = format!("orders-deleted-{suffix}");
+    create_topics(&bs, &[(&topic, 2)], 1).await;
+    let p = producer(&bs);
+    produce(&p, &topic, &orders_on(0, 0..50)).await;
+    produce(&p, &topic, &orders_on(1, 50..100)).await;
+    let sim = start_sim(sim_config()).await;
+    let q = sim.queues()[0];
+    let group = format!("g-{suffix}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || {
+        kafka_bridge_config(
+            &sim,
+            dir.path(),
+            vec![kafka_source("del", &bs, &group, &[&topic], q)],
+        )
+    };
+    let a = Bridge::start(cfg()).await;
+    expect_cases(&sim, 100, 60).await;
+    a.stop().await;
+    assert_eq!(committed(&bs, &group, &topic, 2), vec![50, 50]);
+
+    // While no bridge runs, partition 0 gets 50 more records (offsets
+    // 50..100) and loses the first 30 of them to DeleteRecords, as
+    // retention would take them from a lagging consumer.
+    produce(&p, &topic, &orders_on(0, 100..150)).await;
+    produce(&p, &topic, &orders_on(1, 150..200)).await;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, rdkafka::Offset::Offset(80))
+        .unwrap();
+    admin
+        .delete_records(&tpl, &AdminOptions::new())
+        .await
+        .expect("records deleted");
+
+    let b = Bridge::start(cfg()).await;
+    // Partition 1 keeps flowing; partition 0's surviving records (orders
+    // 130..150) are read and kept, but its offset never moves past 50.
+    expect_cases(&sim, 170, 60).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            committed(&bs, &group, &topic, 2)[1] == 100
+        })
+        .await,
+        "partition 1 committed to its end: {:?}",
+        committed(&bs, &group, &topic, 2)
+    );
+    let per = cases_per_order(&sim);
+    for i in (0..100).chain(130..200) {
+        assert_eq!(per.get(&format!("ORD-{i:06}")), Some(&1), "order {i}");
+    }
+    for i in 100..130 {
+        assert!(
+            !per.contains_key(&format!("ORD-{i:06}")),
+            "deleted order {i}"
+        );
+    }
+    let stalled_ready = reqwest::get(format!("http://{}/readyz", b.running.admin_addr))
+        .await
+        .unwrap();
+    assert_eq!(stalled_ready.status(), 503);
+    let why = stalled_ready.text().await.unwrap();
+    assert!(
+        why.contains(&format!("{topic}[0]")) && why.contains("stalled at offset 50"),
+        "{why}"
+    );
+    let m = b.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "duvo_bridge_kafka_partition_stalled",
+            &[&topic, "partition=\"0\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "duvo_bridge_kafka_partition_stalled",
+            &[&topic, "partition=\"1\""]
+        ),
+        0.0
+    );
+    // New records on the stalled partition wait; its offset stays put.
+    produce(&p, &topic, &orders_on(0, 200..210)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(committed(&bs, &group, &topic, 2), vec![50, 100]);
+    assert!(!cases_per_order(&sim).contains_key("ORD-000205"));
+    b.stop().await;
+    assert_eq!(committed(&bs, &group, &topic, 2), vec![50, 100]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_topic_with_aborts_makes_every_committed_record_one_case_and_no_aborted_one()
+ {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let bs = apache_kafka().await;
+    let suffix = suffix();
+    let topic = format!("orders-txn-{suffix}");
+    create_topics(&bs, &[(&topic, 2)], 1).await;
+    let sim = start_sim(sim_config()).await;
+    let q = sim.queues()[0];
+    let group = format!("g-{suffix}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = kafka_source("txn", &bs, &group, &[&topic], q);
+    src.max_batch = 7;
+    let bridge = Bridge::start(kafka_bridge_config(&sim, dir.path(), vec![src])).await;
+
+    // 40 transactions of 10 orders over both partitions; every third is
+    // aborted. Committed orders are numbered 0.., aborted ones 10_000.. .
+    let (bs2, topic2) = (bs.clone(), topic.clone());
+    let committed_n = tokio::task::spawn_blocking(move || {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bs2)
+            .set(
+                "transactional.id",
+                format!("txn-test-{}", uuid::Uuid::new_v4()),
+            )
+            .set("linger.ms", "2")
+            .create()
+            .expect("transactional producer");
+        p.init_transactions(Duration::from_secs(30)).unwrap();
+        let (mut ok, mut aborted) = (0usize, 10_000usize);
+        for t in 0..40 {
+            p.begin_transaction().unwrap();
+            let abort = t % 3 == 2;
+            for j in 0..10 {
+                let n = if abort { aborted + j } else { ok + j };
+                let value = json!({ "order_id": format!("ORD-{n:06}") }).to_string();
+                let key = format!("key-{n}");
+                p.send(
+                    BaseRecord::to(&topic2)
+                        .partition((j % 2) as i32)
+                        .key(&key)
+                        .payload(&value),
+                )
+                .unwrap();
+            }
+            if abort {
+                p.abort_transaction(Duration::from_secs(30)).unwrap();
+                aborted += 10;
+            } else {
+                p.commit_transaction(Duration::from_secs(30)).unwrap();
+                ok += 10;
+            }
+        }
+        ok
+    })
+    .await
+    .unwrap();
+    assert_eq!(committed_n, 270);
+    expect_cases(&sim, committed_n as u64, 60).await;
+    // Committed to the end of both partitions: the markers after the last
+    // transactions did not stall them.
+    let ends: Vec<i64> = (0..2)
+        .map(|p| {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bs)
+                .create()
+                .unwrap();
+            c.fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            let c = committed(&bs, &group, &topic, 2);
+            // The last record of a partition is a commit marker; the
+            // consumer's position may stop right before it.
+            c.iter().zip(&ends).all(|(c, e)| *c >= e - 1)
+        })
+        .await,
+        "committed {:?}, log ends {ends:?}",
+        committed(&bs, &group, &topic, 2)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_exactly_once(&sim, committed_n);
+    assert!(bridge.ready().await, "no partition stalled on markers");
+    bridge.stop().await;
+}

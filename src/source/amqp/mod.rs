@@ -480,13 +480,14 @@ impl AmqpSource {
             .increment(batch.len() as u64);
         let received_at_ms = crate::clock::now_ms();
         let mut events = Vec::with_capacity(batch.len());
-        let mut ack_tag = None;
+        // Deliveries handled (appended, or dead-lettered by the bridge).
+        let mut ackable = Vec::with_capacity(batch.len());
         let mut rejects = Vec::new();
         for d in &batch {
             match self.decode(d, received_at_ms, ctx.max_case_bytes) {
                 Decoded::Case(ev) => {
                     events.push(*ev);
-                    ack_tag = ack_tag.max(Some(d.delivery_tag));
+                    ackable.push(d.delivery_tag);
                 }
                 Decoded::Reject(reason) => rejects.push((d, reason)),
             }
@@ -516,6 +517,7 @@ impl AmqpSource {
         // Rejections first: a nacked delivery must be settled before the
         // multiple-ack below; one published to the dead-letter exchange
         // (confirmed) is acked with it.
+        let mut nack_failed = Vec::new();
         for (d, reason) in rejects {
             count_rejected(src, reason, 1);
             if let Some(dlx_name) = &self.cfg.dead_letter_exchange {
@@ -528,7 +530,7 @@ impl AmqpSource {
                             dead_letter_exchange = %dlx_name,
                             "rejected delivery published to the dead-letter exchange with its reason"
                         );
-                        ack_tag = ack_tag.max(Some(d.delivery_tag));
+                        ackable.push(d.delivery_tag);
                         continue;
                     }
                     Err(e) => tracing::warn!(
@@ -552,10 +554,12 @@ impl AmqpSource {
                 requeue: false,
             };
             if let Err(e) = d.acker.nack(opts).await {
-                tracing::warn!(source = src, error = %self.scrub(e.to_string()), "nack failed; the broker will redeliver");
+                tracing::warn!(source = src, tag = d.delivery_tag, error = %self.scrub(e.to_string()),
+                    "nack failed; the delivery stays unacknowledged and the broker redelivers it");
+                nack_failed.push(d.delivery_tag);
             }
         }
-        if let Some(tag) = ack_tag {
+        for (tag, multiple) in ack_plan(&ackable, &nack_failed) {
             if !channel.status().connected() {
                 tracing::debug!(
                     source = src,
@@ -563,10 +567,7 @@ impl AmqpSource {
                 );
                 return;
             }
-            if let Err(e) = channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .await
-            {
+            if let Err(e) = channel.basic_ack(tag, BasicAckOptions { multiple }).await {
                 tracing::warn!(source = src, error = %self.scrub(e.to_string()), "ack failed; the broker redelivers and dedupe absorbs it");
             }
         }
@@ -661,6 +662,28 @@ impl AmqpSource {
     }
 }
 
+/// The acks that settle the `ackable` deliveries of a batch without
+/// covering any in `nack_failed` (a rejected delivery whose nack failed must
+/// stay unacknowledged, so the broker redelivers it and it is rejected
+/// again, never dropped by a multiple-ack): one multiple-ack up to the
+/// highest ackable tag below the first failed nack, then single acks.
+/// `(tag, multiple)` pairs, in order.
+fn ack_plan(ackable: &[u64], nack_failed: &[u64]) -> Vec<(u64, bool)> {
+    let first_failed = nack_failed.iter().copied().min().unwrap_or(u64::MAX);
+    let mut plan = Vec::new();
+    if let Some(below) = ackable.iter().copied().filter(|t| *t < first_failed).max() {
+        plan.push((below, true));
+    }
+    let mut above: Vec<u64> = ackable
+        .iter()
+        .copied()
+        .filter(|t| *t > first_failed)
+        .collect();
+    above.sort_unstable();
+    plan.extend(above.into_iter().map(|t| (t, false)));
+    plan
+}
+
 fn amqp_value_id(v: &AMQPValue) -> Option<String> {
     let s = match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
@@ -699,6 +722,27 @@ impl Source for AmqpSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_whose_nack_failed_is_never_covered_by_a_multiple_ack() {
+        // Nothing failed: one multiple-ack of the highest tag.
+        assert_eq!(ack_plan(&[3, 1, 2, 5], &[]), vec![(5, true)]);
+        assert_eq!(ack_plan(&[], &[]), vec![]);
+        // The nack of 4 failed: a multiple-ack below it, single acks above.
+        assert_eq!(
+            ack_plan(&[1, 2, 3, 5, 7, 6], &[4]),
+            vec![(3, true), (5, false), (6, false), (7, false)]
+        );
+        // Two failed nacks: neither is acked, whatever the order.
+        let plan = ack_plan(&[1, 3, 5, 7], &[6, 2]);
+        assert_eq!(plan, vec![(1, true), (3, false), (5, false), (7, false)]);
+        for (tag, multiple) in &plan {
+            assert!(![2, 6].contains(tag));
+            assert!(!*multiple || *tag < 2);
+        }
+        // Nothing ackable below the failure: no multiple-ack at all.
+        assert_eq!(ack_plan(&[5, 6], &[1]), vec![(5, false), (6, false)]);
+    }
 
     #[test]
     fn uri_password_is_redacted() {

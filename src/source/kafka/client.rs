@@ -18,6 +18,7 @@ pub fn consumer_config(cfg: &KafkaSourceConfig) -> Result<ClientConfig, String> 
         &mut c,
         &[
             ("auto.offset.reset", "earliest"),
+            ("isolation.level", "read_committed"),
             ("auto.commit.interval.ms", "1000"),
             ("statistics.interval.ms", "5000"),
         ],
@@ -90,6 +91,7 @@ mod tests {
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(c.get("enable.auto.commit"), Some("true"));
         assert_eq!(c.get("auto.commit.interval.ms"), Some("1000"));
+        assert_eq!(c.get("isolation.level"), Some("read_committed"));
         assert_eq!(c.get("group.id"), Some("g"));
         let p = cfg.client().producer_config("reports");
         assert_eq!(p.get("enable.idempotence"), Some("true"));

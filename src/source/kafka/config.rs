@@ -132,18 +132,29 @@ pub struct KafkaSourceConfig {
     /// When the consumer is handed records with a hole in their offsets
     /// (after the offset stored last, or between two records of a batch),
     /// store only up to the hole and read the partition again from it,
-    /// once: a broker that skipped records by mistake hands them over then,
-    /// and a hole that is still there is accepted (compaction, transaction
-    /// markers). Either way it is logged and counted
+    /// once: a broker that skipped records by mistake hands them over then.
+    /// A hole still there inside the log is passed (compaction, transaction
+    /// markers, aborted transactions); a hole below the log start (records
+    /// deleted before they were read) always stalls the partition, with or
+    /// without this. Either way it is logged and counted
     /// (`duvo_bridge_kafka_offset_gaps_total`). Set to false for compacted
     /// or transactional topics to save the re-reads.
     #[serde(default = "crate::source::default_true")]
     pub reread_offset_gaps: bool,
+    /// Accept `auto.offset.reset = "latest"` (or `largest`, `end`) in
+    /// `[sources.librdkafka]`. With it, a new consumer group, or one whose
+    /// committed offset is no longer in the log, starts at the end of the
+    /// log and never reads the records already there. Off: `validate`
+    /// refuses that setting (the bridge's default is `earliest`).
+    #[serde(default)]
+    pub allow_offset_reset_to_latest: bool,
     /// librdkafka settings passed through (TLS, SASL, timeouts...). The
     /// bridge sets `bootstrap.servers`, `group.id`, `group.instance.id`,
     /// `enable.auto.offset.store` (false), `enable.auto.commit` (true),
     /// `enable.idempotence` and `acks` itself; defaults it sets unless given
-    /// here: `auto.offset.reset = "earliest"`, `auto.commit.interval.ms =
+    /// here: `auto.offset.reset = "earliest"`, `isolation.level =
+    /// "read_committed"` (aborted transactions are never cases),
+    /// `auto.commit.interval.ms =
     /// 1000`, `statistics.interval.ms = 5000`.
     #[serde(default)]
     pub librdkafka: LibrdkafkaSettings,
@@ -201,6 +212,7 @@ impl KafkaSourceConfig {
             failure_topic: None,
             max_batch: default_kafka_max_batch(),
             reread_offset_gaps: true,
+            allow_offset_reset_to_latest: false,
             librdkafka: LibrdkafkaSettings::default(),
         }
     }
@@ -367,6 +379,17 @@ impl KafkaSourceConfig {
                 ));
             }
         }
+        if let Some(reset) = k.librdkafka.get("auto.offset.reset")
+            && matches!(
+                reset.to_ascii_lowercase().as_str(),
+                "latest" | "largest" | "end"
+            )
+            && !k.allow_offset_reset_to_latest
+        {
+            errors.push(format!(
+                "{at}.librdkafka.\"auto.offset.reset\" = {reset:?} skips every record already in a topic when the group is new or its committed offset is out of range; remove it (the default is \"earliest\") or set {at}.allow_offset_reset_to_latest = true to accept that"
+            ));
+        }
         for e in check_librdkafka(&k.librdkafka) {
             errors.push(format!("{at}.librdkafka: {e}"));
         }
@@ -379,6 +402,23 @@ mod tests {
     use super::*;
     use crate::report::Reporter;
     use crate::report::kafka::KafkaReporter;
+
+    #[test]
+    fn offset_reset_to_latest_is_refused_unless_accepted() {
+        let mut cfg = KafkaSourceConfig::new("k", "127.0.0.1:1", "g", &["t"], uuid::Uuid::nil());
+        assert_eq!(cfg.check(), Vec::<String>::new());
+        for v in ["latest", "LARGEST", "end"] {
+            cfg.librdkafka.insert("auto.offset.reset", v);
+            let errs = cfg.check();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(errs[0].contains("allow_offset_reset_to_latest"), "{errs:?}");
+        }
+        cfg.allow_offset_reset_to_latest = true;
+        assert_eq!(cfg.check(), Vec::<String>::new());
+        cfg.allow_offset_reset_to_latest = false;
+        cfg.librdkafka.insert("auto.offset.reset", "earliest");
+        assert_eq!(cfg.check(), Vec::<String>::new());
+    }
 
     #[tokio::test]
     async fn no_failure_topic_means_no_reporter() {

@@ -47,6 +47,8 @@ struct PartState {
     committed: HashMap<Tp, i64>,
     /// Per partition, the last offset hole the loop went back to re-read.
     reread_gaps: HashMap<Tp, Gap>,
+    /// Partitions stopped at a hole they must not store past.
+    stalled: BTreeSet<Tp>,
     paused: bool,
     connected: Option<bool>,
 }
@@ -114,6 +116,36 @@ impl Shared {
         }
     }
 
+    /// Stop `tp` at a hole it must not store past: `/readyz` names it and
+    /// `duvo_bridge_kafka_partition_stalled` is 1 until the partition is
+    /// revoked (its next owner finds the hole again) or the bridge
+    /// restarts. Returns whether it was not stalled yet.
+    pub fn stall(&self, tp: &Tp, reason: String) -> bool {
+        let new = self.lock().stalled.insert(tp.clone());
+        metrics::gauge!(
+            "duvo_bridge_kafka_partition_stalled",
+            &labels(&self.source, tp)
+        )
+        .set(1.0);
+        self.health
+            .set_unready(&stall_key(&self.health_key, tp), reason);
+        new
+    }
+
+    /// The partitions stalled at a hole (left paused on resume).
+    pub fn stalled(&self) -> BTreeSet<Tp> {
+        self.lock().stalled.clone()
+    }
+
+    fn clear_stall(&self, tp: &Tp) {
+        metrics::gauge!(
+            "duvo_bridge_kafka_partition_stalled",
+            &labels(&self.source, tp)
+        )
+        .set(0.0);
+        self.health.set_ready(&stall_key(&self.health_key, tp));
+    }
+
     pub fn note_stored(&self, tp: &Tp, offset: i64) {
         self.lock().stored.insert(tp.clone(), offset);
         metrics::gauge!("duvo_bridge_kafka_stored_offset", &labels(&self.source, tp))
@@ -171,6 +203,11 @@ impl Shared {
             })
             .collect()
     }
+}
+
+/// The readiness condition of a stalled partition.
+fn stall_key(health_key: &str, tp: &Tp) -> String {
+    format!("{health_key}:{}[{}]", tp.0, tp.1)
 }
 
 fn tps_of(tpl: &TopicPartitionList) -> Vec<Tp> {
@@ -285,6 +322,9 @@ impl ConsumerContext for KafkaContext {
                     st.stored.remove(tp);
                     st.committed.remove(tp);
                     st.reread_gaps.remove(tp);
+                    if st.stalled.remove(tp) {
+                        s.clear_stall(tp);
+                    }
                     metrics::gauge!("duvo_bridge_kafka_paused", &labels(&s.source, tp)).set(0.0);
                     // This replica no longer knows the partition's lag: NaN
                     // rather than the last value, so a stale number (or a

@@ -53,7 +53,7 @@ pub mod config;
 pub use client::consumer_config;
 pub use config::{KafkaSourceConfig, KafkaUndecodablePolicy};
 use context::{KafkaContext, Shared};
-use offsets::{BatchOffsets, PartitionOutcome, Tp};
+use offsets::{BatchOffsets, Gap, PartitionOutcome, Tp};
 
 use super::{Source, SourceContext, SourceError};
 use crate::duvo::NewCase;
@@ -75,6 +75,8 @@ const DLQ_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 const FINAL_COMMIT_FOR: Duration = Duration::from_secs(10);
 /// Identical consumer errors are logged at most this often.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
+/// Longest wait for a partition's log start when a hole is found.
+const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the records of one topic go.
 struct Route {
@@ -577,8 +579,17 @@ impl KafkaSource {
         ok
     }
 
-    /// Look for holes in each partition's offsets and decide whether to
-    /// read the partition again from the first missing one.
+    /// Look for holes in each partition's offsets and decide, per
+    /// partition, how far to store and whether to read again.
+    ///
+    /// A hole below the partition's log start means records were deleted
+    /// (retention, DeleteRecords) before this bridge read them: the
+    /// partition stalls there (never stored past, paused, named in
+    /// `/readyz`) until an operator decides. Any other hole is read again
+    /// once from its first missing offset (a broker that skipped records by
+    /// mistake hands them over then); a hole that is still there is inside
+    /// the log, where Kafka leaves holes only for compaction, transaction
+    /// markers and aborted transactions, and is passed.
     fn handle_gaps(
         &self,
         consumer: &StreamConsumer<KafkaContext>,
@@ -591,10 +602,6 @@ impl KafkaSource {
                 source = src, topic = %o.tp.0, partition = o.tp.1, first = o.first,
                 records = o.records, store = ?o.store, seek = ?o.seek, "kafka: batch handled"
             );
-            if o.seek.is_some() {
-                // Going back anyway (a record failed).
-                continue;
-            }
             // The first batch of a partition since it was assigned starts
             // where the group committed; anywhere past that is a hole too.
             let expected = shared
@@ -603,26 +610,85 @@ impl KafkaSource {
             let Some(gap) = o.gap(expected) else {
                 continue;
             };
+            if o.seek.is_some_and(|f| f <= gap.expected) {
+                // Going back to a failed record before the hole anyway.
+                continue;
+            }
             metrics::counter!("duvo_bridge_kafka_offset_gaps_total", "source" => src.to_string(), "topic" => o.tp.0.clone(), "partition" => o.tp.1.to_string())
                 .increment(1);
-            if self.cfg.reread_offset_gaps && shared.reread_gap(&o.tp, gap) {
-                // Store up to the hole and read again from it: what comes
-                // after it is in the outbox and is deduplicated on re-read.
-                o.store = (gap.expected > o.first).then_some(gap.expected);
-                o.seek = Some(gap.expected);
-                tracing::warn!(
-                    source = src, topic = %o.tp.0, partition = o.tp.1,
-                    expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
-                    "kafka: the broker skipped offsets; reading the partition again from the first missing one"
-                );
+            // Nothing at or past the hole is stored, whatever follows.
+            let up_to_hole = if gap.expected > o.first {
+                o.store.map(|s| s.min(gap.expected))
             } else {
-                tracing::warn!(
-                    source = src, topic = %o.tp.0, partition = o.tp.1,
-                    expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
-                    reread = self.cfg.reread_offset_gaps,
-                    "kafka: offsets missing on the broker (compaction or transaction markers); moving past them"
-                );
+                None
+            };
+            let log_start = consumer
+                .fetch_watermarks(&o.tp.0, o.tp.1, WATERMARK_TIMEOUT)
+                .map(|(low, _)| low);
+            match log_start {
+                Ok(low) if gap.expected < low => {
+                    o.store = up_to_hole;
+                    o.seek = None;
+                    self.stall(consumer, shared, &o.tp, gap, low);
+                }
+                Err(e) => {
+                    // Cannot tell: store up to the hole and read it again.
+                    o.store = up_to_hole;
+                    o.seek = Some(gap.expected);
+                    tracing::warn!(
+                        source = src, topic = %o.tp.0, partition = o.tp.1,
+                        expected = gap.expected, next = gap.next, error = %e,
+                        "kafka: offsets missing and the partition's log start is unknown; reading again from the first missing one"
+                    );
+                }
+                Ok(_) if self.cfg.reread_offset_gaps && shared.reread_gap(&o.tp, gap) => {
+                    // Read again from the hole: what comes after it is in
+                    // the outbox and is deduplicated on re-read.
+                    o.store = up_to_hole;
+                    o.seek = Some(gap.expected);
+                    tracing::warn!(
+                        source = src, topic = %o.tp.0, partition = o.tp.1,
+                        expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
+                        "kafka: the broker skipped offsets; reading the partition again from the first missing one"
+                    );
+                }
+                Ok(_) => {
+                    tracing::info!(
+                        source = src, topic = %o.tp.0, partition = o.tp.1,
+                        expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
+                        reread = self.cfg.reread_offset_gaps,
+                        "kafka: offsets missing inside the log (compaction, transaction markers, aborted transactions); moving past them"
+                    );
+                }
             }
+        }
+    }
+
+    /// Stop `tp` at `gap`, whose first records were deleted before this
+    /// bridge read them (the log now starts at `log_start`).
+    fn stall(
+        &self,
+        consumer: &StreamConsumer<KafkaContext>,
+        shared: &Shared,
+        tp: &Tp,
+        gap: Gap,
+        log_start: i64,
+    ) {
+        let lost = log_start - gap.expected;
+        let reason = format!(
+            "kafka partition {}[{}] stalled at offset {}: the log starts at {log_start}, {lost} records were deleted (retention or DeleteRecords) before this bridge read them; nothing past the hole is committed (see README, \"A partition stalled at a hole\")",
+            tp.0, tp.1, gap.expected
+        );
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        if let Err(e) = consumer.pause(&tpl) {
+            tracing::warn!(source = %self.cfg.name, error = %e, "kafka: pausing a stalled partition failed");
+        }
+        if shared.stall(tp, reason.clone()) {
+            metrics::counter!("duvo_bridge_kafka_partition_stalls_total", "source" => self.cfg.name.clone(), "topic" => tp.0.clone(), "partition" => tp.1.to_string())
+                .increment(1);
+            tracing::error!(source = %self.cfg.name, topic = %tp.0, partition = tp.1,
+                expected = gap.expected, log_start, lost, "{reason}");
         }
     }
 
@@ -869,9 +935,22 @@ fn committed_offset(consumer: &StreamConsumer<KafkaContext>, tp: &Tp) -> Option<
 }
 
 fn set_paused(consumer: &StreamConsumer<KafkaContext>, pause: bool, source: &str) {
-    let Ok(tpl) = consumer.assignment() else {
+    let Ok(mut tpl) = consumer.assignment() else {
         return;
     };
+    if !pause {
+        // Stalled partitions stay paused.
+        let stalled = consumer.context().shared.stalled();
+        if !stalled.is_empty() {
+            let mut keep = TopicPartitionList::new();
+            for e in tpl.elements() {
+                if !stalled.contains(&(e.topic().to_string(), e.partition())) {
+                    keep.add_partition(e.topic(), e.partition());
+                }
+            }
+            tpl = keep;
+        }
+    }
     if tpl.count() == 0 {
         return;
     }
