@@ -552,3 +552,60 @@ async fn a_transactional_topic_with_aborts_makes_every_committed_record_one_case
     assert!(bridge.ready().await, "no partition stalled on markers");
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_and_created_again_within_retention_has_its_records_become_cases() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let bs = apache_kafka().await;
+    let suffix = suffix();
+    let topic = format!("orders-recreated-{suffix}");
+    create_topics(&bs, &[(&topic, 1)], 1).await;
+    let p = producer(&bs);
+    produce(&p, &topic, &orders_on(0, 0..20)).await;
+    let sim = start_sim(sim_config()).await;
+    let q = sim.queues()[0];
+    let group = format!("g-{suffix}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || {
+        kafka_bridge_config(
+            &sim,
+            dir.path(),
+            vec![kafka_source("re", &bs, &group, &[&topic], q)],
+        )
+    };
+    let a = Bridge::start(cfg()).await;
+    expect_cases(&sim, 20, 60).await;
+    a.stop().await;
+
+    // The topic is deleted and created again; its new records reuse
+    // offsets 0..20 while the outbox still remembers the old ones.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&[&topic], &opts).await.unwrap() {
+        r.expect("topic deleted");
+    }
+    let recreated = wait_until(Duration::from_secs(60), || async {
+        let t = NewTopic::new(&topic, 1, TopicReplication::Fixed(1));
+        matches!(
+            admin.create_topics(&[t], &opts).await.as_deref(),
+            Ok([Ok(_)])
+        )
+    })
+    .await;
+    assert!(recreated, "topic created again");
+    produce(&p, &topic, &orders_on(0, 100..120)).await;
+
+    let b = Bridge::start(cfg()).await;
+    expect_cases(&sim, 40, 60).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per = cases_per_order(&sim);
+    for i in (0..20).chain(100..120) {
+        assert_eq!(per.get(&format!("ORD-{i:06}")), Some(&1), "order {i}");
+    }
+    assert_eq!(per.len(), 40);
+    b.stop().await;
+}

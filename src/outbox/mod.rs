@@ -281,6 +281,12 @@ impl Outbox {
         Ok(outcomes)
     }
 
+    /// Whether an event with `identity` is known (within retention): what
+    /// `append` would answer `Duplicate` for.
+    pub fn identity_known(&self, identity: &str) -> Result<bool, OutboxError> {
+        Ok(self.inner.events.contains_key(identity_key(identity))?)
+    }
+
     /// What the outbox knows about an event; `None` if unknown or purged.
     pub fn get(&self, id: EventId) -> Result<Option<EventView>, OutboxError> {
         Ok(self.read_event(id.0)?.map(|rec| EventView {

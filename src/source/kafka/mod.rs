@@ -19,9 +19,10 @@
 //!   stored and the consumer seeks back to it (see [`offsets`]).
 //! - Redelivered records (after a crash, a seek, a rebalance back to this
 //!   replica) are deduplicated by the outbox: identity
-//!   `kafka:{source}:{topic}:{partition}:{offset}`, or
-//!   `kafka:{source}:id:{id}` when a configured header or JSON field carries
-//!   a producer-supplied id.
+//!   `kafka:{source}:{topic}:{partition}:{offset}:t{timestamp}` (the
+//!   timestamp tells a re-created topic's records from the old ones at the
+//!   same offsets), or `kafka:{source}:id:{id}` when a configured header or
+//!   JSON field carries a producer-supplied id.
 //!
 //! Backpressure: over the outbox high-water mark every assigned partition
 //! is paused (librdkafka drops what it prefetched for them and resumes from
@@ -41,7 +42,9 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{
+    BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage, Timestamp,
+};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
@@ -517,8 +520,24 @@ impl KafkaSource {
 
     /// Append a batch's events to the outbox; `false` when the append
     /// failed (nothing of the batch may be stored then).
-    async fn append(&self, ctx: &SourceContext, events: Vec<NewEvent>) -> bool {
+    async fn append(&self, ctx: &SourceContext, mut events: Vec<NewEvent>) -> bool {
         let src = self.cfg.name.as_str();
+        // A record stored by a version that identified records by their
+        // coordinates alone is recognised by that identity (read again
+        // after an upgrade, it is the same record).
+        for ev in &mut events {
+            let Some(legacy) = legacy_of(src, ev) else {
+                continue;
+            };
+            match ctx.outbox.identity_known(&legacy) {
+                Ok(true) => ev.identity = Some(legacy),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(source = src, error = %e, "outbox read failed; the records are read again");
+                    return false;
+                }
+            }
+        }
         match ctx.outbox.append(events).await {
             Ok(outcomes) => {
                 let (stored, dups) = super::count_appended(src, &outcomes);
@@ -821,9 +840,44 @@ impl KafkaSource {
         };
         match from_header().or_else(from_field) {
             Some(id) => format!("kafka:{src}:id:{id}"),
-            None => format!("kafka:{src}:{topic}:{}:{}", m.partition(), m.offset()),
+            None => offset_identity(src, topic, m.partition(), m.offset(), m.timestamp()),
         }
     }
+}
+
+/// The identity of a record without a producer-supplied id: its
+/// coordinates and its timestamp, so that the records of a topic deleted
+/// and created again (or of a broker that lost its log), which reuse the
+/// old offsets, are not taken for the old ones.
+fn offset_identity(src: &str, topic: &str, partition: i32, offset: i64, ts: Timestamp) -> String {
+    match ts.to_millis() {
+        Some(t) => format!("kafka:{src}:{topic}:{partition}:{offset}:t{t}"),
+        None => legacy_offset_identity(src, topic, partition, offset),
+    }
+}
+
+/// The identity older versions gave every record without a producer id
+/// (coordinates only). A record an older version stored is recognised by
+/// it until the outbox's retention forgets it (see [`KafkaSource::append`]).
+fn legacy_offset_identity(src: &str, topic: &str, partition: i32, offset: i64) -> String {
+    format!("kafka:{src}:{topic}:{partition}:{offset}")
+}
+
+/// The legacy identity of `ev` when its identity is the timestamped
+/// offset identity (not a producer id).
+fn legacy_of(src: &str, ev: &NewEvent) -> Option<String> {
+    let Some(Origin::Kafka {
+        topic,
+        partition,
+        offset,
+        ..
+    }) = &ev.origin
+    else {
+        return None;
+    };
+    let legacy = legacy_offset_identity(src, topic, *partition, *offset);
+    let rest = ev.identity.as_deref()?.strip_prefix(legacy.as_str())?;
+    rest.starts_with(":t").then_some(legacy)
 }
 
 /// Count what a batch consumed, per partition.
@@ -1038,6 +1092,117 @@ mod tests {
         // "\u0001" escapes to six bytes each.
         assert!(case_fits(&case(1000), 6200));
         assert!(!case_fits(&case(1000), 5900));
+    }
+
+    fn event(identity: String, offset: i64) -> NewEvent {
+        NewEvent {
+            source: "k".into(),
+            identity: Some(identity),
+            queue_id: Uuid::nil(),
+            case: NewCase {
+                title: "t".into(),
+                data: None,
+                labels: vec![],
+                priority: None,
+            },
+            received_at_ms: 0,
+            origin: Some(Origin::Kafka {
+                topic: "orders".into(),
+                partition: 2,
+                offset,
+                key_b64: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_offset_identity_carries_the_timestamp_and_knows_its_legacy_form() {
+        let id = offset_identity(
+            "k",
+            "orders",
+            2,
+            7,
+            Timestamp::CreateTime(1_700_000_000_123),
+        );
+        assert_eq!(id, "kafka:k:orders:2:7:t1700000000123");
+        // Same coordinates, another timestamp: another record.
+        assert_ne!(
+            id,
+            offset_identity(
+                "k",
+                "orders",
+                2,
+                7,
+                Timestamp::LogAppendTime(1_700_000_999_000)
+            )
+        );
+        assert_eq!(
+            offset_identity("k", "orders", 2, 7, Timestamp::NotAvailable),
+            "kafka:k:orders:2:7"
+        );
+        assert_eq!(
+            legacy_of("k", &event(id, 7)).as_deref(),
+            Some("kafka:k:orders:2:7")
+        );
+        // A producer id, or coordinates that are not the event's own, have
+        // no legacy form.
+        assert_eq!(legacy_of("k", &event("kafka:k:id:ORD-7".into(), 7)), None);
+        assert_eq!(
+            legacy_of("k", &event("kafka:k:orders:2:7:t1".into(), 8)),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_stored_under_its_legacy_identity_is_still_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox =
+            crate::outbox::Outbox::open(crate::outbox::OutboxConfig::new(dir.path().join("db")))
+                .await
+                .unwrap();
+        // What an older version stored for offset 7.
+        let old = outbox
+            .append(vec![event("kafka:k:orders:2:7".into(), 7)])
+            .await
+            .unwrap();
+        let src = KafkaSource::new(KafkaSourceConfig::new(
+            "k",
+            "127.0.0.1:1",
+            "g",
+            &["orders"],
+            Uuid::nil(),
+        ))
+        .unwrap();
+        let ctx = SourceContext {
+            outbox: outbox.clone(),
+            health: crate::admin::Health::default(),
+            stop: tokio_util::sync::CancellationToken::new(),
+            max_case_bytes: 1_000_000,
+        };
+        let ts = Timestamp::CreateTime(1_700_000_000_000);
+        assert!(
+            src.append(
+                &ctx,
+                vec![
+                    event(offset_identity("k", "orders", 2, 7, ts), 7),
+                    event(offset_identity("k", "orders", 2, 8, ts), 8),
+                ]
+            )
+            .await
+        );
+        // Offset 7 was the old record (no second event); 8 is new.
+        assert_eq!(outbox.depth(), 2);
+        assert_eq!(old.len(), 1);
+        assert!(
+            outbox
+                .identity_known("kafka:k:orders:2:8:t1700000000000")
+                .unwrap()
+        );
+        assert!(
+            !outbox
+                .identity_known("kafka:k:orders:2:7:t1700000000000")
+                .unwrap()
+        );
     }
 
     #[test]
