@@ -609,3 +609,141 @@ async fn a_topic_deleted_and_created_again_within_retention_has_its_records_beco
     assert_eq!(per.len(), 40);
     b.stop().await;
 }
+
+/// Every record of partition 0 of `topic`, read by an assigned consumer
+/// from the beginning up to the high watermark.
+fn read_partition(bs: &str, topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bs)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let (_, high) = c
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    while out
+        .last()
+        .is_none_or(|m: &rdkafka::message::OwnedMessage| m.offset() < high - 1)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read {} of {topic}",
+            out.len()
+        );
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_topic_passes_its_holes_and_delivers_what_compaction_kept() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let bs = apache_kafka().await;
+    let suffix = suffix();
+    let topic = format!("orders-compacted-{suffix}");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bs)
+        .create()
+        .unwrap();
+    // Segments roll every 100 ms; the cleaner (every 15 s) takes any
+    // closed one.
+    let t = NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact")
+        .set("segment.ms", "100")
+        .set("min.cleanable.dirty.ratio", "0.001")
+        .set("min.compaction.lag.ms", "0")
+        .set("delete.retention.ms", "0");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.create_topics(&[t], &opts).await.unwrap() {
+        r.expect("topic created");
+    }
+    let keyed = |key: usize, order: usize| Rec {
+        partition: Some(0),
+        ..Rec::json(
+            &format!("key-{key}"),
+            &json!({ "order_id": format!("ORD-{order:06}") }),
+        )
+    };
+    let order_of = |m: &rdkafka::message::OwnedMessage| {
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        v["order_id"].as_str().unwrap().to_string()
+    };
+    let p = producer(&bs);
+    // Keys 0..50, then new values for keys 10..20 and 30..40: compaction
+    // keeps the newer values and the untouched keys, with holes between.
+    produce(
+        &p,
+        &topic,
+        &(0..50).map(|i| keyed(i, i)).collect::<Vec<_>>(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let overwritten: Vec<Rec> = (10..20).chain(30..40).map(|i| keyed(i, 1000 + i)).collect();
+    produce(&p, &topic, &overwritten).await;
+    let mut fillers = 0;
+    let survivors = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // An append after 100 ms rolls the segment, so the one before it
+        // can be cleaned.
+        produce(&p, &topic, &[keyed(100 + fillers, 2000 + fillers)]).await;
+        fillers += 1;
+        let (bs, topic) = (bs.clone(), topic.clone());
+        let seen = tokio::task::spawn_blocking(move || read_partition(&bs, &topic))
+            .await
+            .unwrap();
+        let orders: std::collections::BTreeSet<String> = seen.iter().map(order_of).collect();
+        if !orders.contains("ORD-000010") && !orders.contains("ORD-000030") {
+            let offsets: Vec<i64> = seen.iter().map(|m| m.offset()).collect();
+            assert!(
+                offsets.windows(2).any(|w| w[1] > w[0] + 1),
+                "compaction left holes: {offsets:?}"
+            );
+            break orders;
+        }
+        assert!(fillers < 120, "the cleaner never compacted the topic");
+    };
+    for kept in [
+        "ORD-000000",
+        "ORD-000020",
+        "ORD-000049",
+        "ORD-001010",
+        "ORD-001039",
+    ] {
+        assert!(survivors.contains(kept), "{kept} in {survivors:?}");
+    }
+
+    let sim = start_sim(sim_config()).await;
+    let q = sim.queues()[0];
+    let group = format!("g-{suffix}");
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = Bridge::start(kafka_bridge_config(
+        &sim,
+        dir.path(),
+        vec![kafka_source("cmp", &bs, &group, &[&topic], q)],
+    ))
+    .await;
+    expect_cases(&sim, survivors.len() as u64, 60).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per = cases_per_order(&sim);
+    let cases: std::collections::BTreeSet<String> = per.keys().cloned().collect();
+    assert_eq!(
+        cases, survivors,
+        "every record compaction kept is a case, nothing else"
+    );
+    assert!(per.values().all(|n| *n == 1), "no duplicate case");
+    assert!(
+        bridge.ready().await,
+        "the holes did not stall the partition"
+    );
+    bridge.stop().await;
+}
