@@ -629,31 +629,23 @@ impl KafkaSource {
             let Some(gap) = o.gap(expected) else {
                 continue;
             };
-            if o.seek.is_some_and(|f| f <= gap.expected) {
+            if o.failure_covers(gap) {
                 // Going back to a failed record before the hole anyway.
                 continue;
             }
             metrics::counter!("duvo_bridge_kafka_offset_gaps_total", "source" => src.to_string(), "topic" => o.tp.0.clone(), "partition" => o.tp.1.to_string())
                 .increment(1);
-            // Nothing at or past the hole is stored, whatever follows.
-            let up_to_hole = if gap.expected > o.first {
-                o.store.map(|s| s.min(gap.expected))
-            } else {
-                None
-            };
             let log_start = consumer
                 .fetch_watermarks(&o.tp.0, o.tp.1, WATERMARK_TIMEOUT)
                 .map(|(low, _)| low);
             match log_start {
                 Ok(low) if gap.expected < low => {
-                    o.store = up_to_hole;
-                    o.seek = None;
+                    o.stop_at(gap, false);
                     self.stall(consumer, shared, &o.tp, gap, low);
                 }
                 Err(e) => {
                     // Cannot tell: store up to the hole and read it again.
-                    o.store = up_to_hole;
-                    o.seek = Some(gap.expected);
+                    o.stop_at(gap, true);
                     tracing::warn!(
                         source = src, topic = %o.tp.0, partition = o.tp.1,
                         expected = gap.expected, next = gap.next, error = %e,
@@ -663,8 +655,7 @@ impl KafkaSource {
                 Ok(_) if self.cfg.reread_offset_gaps && shared.reread_gap(&o.tp, gap) => {
                     // Read again from the hole: what comes after it is in
                     // the outbox and is deduplicated on re-read.
-                    o.store = up_to_hole;
-                    o.seek = Some(gap.expected);
+                    o.stop_at(gap, true);
                     tracing::warn!(
                         source = src, topic = %o.tp.0, partition = o.tp.1,
                         expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,

@@ -161,6 +161,26 @@ impl PartitionOutcome {
     }
 }
 
+impl PartitionOutcome {
+    /// Whether going back to a failed record already covers `gap` (the
+    /// failure is at or before the hole).
+    pub fn failure_covers(&self, gap: Gap) -> bool {
+        self.seek.is_some_and(|f| f <= gap.expected)
+    }
+
+    /// Store nothing at or past `gap`, whatever else the batch allowed;
+    /// with `reread`, read the partition again from the hole, else stay
+    /// there (no seek: the caller pauses the partition).
+    pub fn stop_at(&mut self, gap: Gap, reread: bool) {
+        self.store = if gap.expected > self.first {
+            self.store.map(|s| s.min(gap.expected))
+        } else {
+            None
+        };
+        self.seek = reread.then_some(gap.expected);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +296,52 @@ mod tests {
         let out = outcomes(&b, &recs);
         assert_eq!((out[0].store, out[0].seek), (None, Some(10)));
         assert_eq!((out[1].store, out[1].seek), (None, Some(7)));
+    }
+
+    #[test]
+    fn a_hole_before_a_failed_record_is_not_hidden_by_the_failure() {
+        // Offsets 10, 11, (hole 12..15), 15, 16, 17 failed.
+        let mut b = BatchOffsets::default();
+        for o in [10, 11, 15, 16, 17] {
+            b.record("t", 0, o);
+        }
+        b.fail("t", 0, 17);
+        let mut o = b.outcomes(|_| vec![10, 11, 15, 16, 17]).remove(0);
+        assert_eq!((o.store, o.seek), (Some(17), Some(17)));
+        let gap = o.gap(Some(10)).unwrap();
+        assert_eq!(
+            gap,
+            Gap {
+                expected: 12,
+                next: 15
+            }
+        );
+        // The failure is past the hole: it does not cover it...
+        assert!(!o.failure_covers(gap));
+        // ...so the partition stores only up to the hole and reads it again.
+        o.stop_at(gap, true);
+        assert_eq!((o.store, o.seek), (Some(12), Some(12)));
+        // A failure at or before the hole covers it.
+        let mut b = BatchOffsets::default();
+        for o in [10, 11, 15] {
+            b.record("t", 0, o);
+        }
+        b.fail("t", 0, 11);
+        let o = b.outcomes(|_| vec![10, 11, 15]).remove(0);
+        assert!(o.failure_covers(o.gap(Some(10)).unwrap()));
+    }
+
+    #[test]
+    fn a_stall_stores_nothing_past_the_hole_and_does_not_seek() {
+        // The batch starts past the hole (the group committed 50, the log
+        // now starts at 80): nothing is stored at all.
+        let mut b = BatchOffsets::default();
+        for o in 80..100 {
+            b.record("t", 0, o);
+        }
+        let mut o = b.outcomes(|_| (80..100).collect()).remove(0);
+        let gap = o.gap(Some(50)).unwrap();
+        o.stop_at(gap, false);
+        assert_eq!((o.store, o.seek), (None, None));
     }
 }
