@@ -134,11 +134,13 @@ pub struct KafkaSourceConfig {
     /// store only up to the hole and read the partition again from it,
     /// once: a broker that skipped records by mistake hands them over then.
     /// A hole still there inside the log is passed (compaction, transaction
-    /// markers, aborted transactions); a hole below the log start (records
+    /// markers, aborted transactions), and the partition's holes pass
+    /// without a re-read for the next 60 s (on such topics they come
+    /// often); a hole below the log start (records
     /// deleted before they were read) always stalls the partition, with or
     /// without this. Either way it is logged and counted
     /// (`duvo_bridge_kafka_offset_gaps_total`). Set to false for compacted
-    /// or transactional topics to save the re-reads.
+    /// or transactional topics to save the remaining re-reads.
     #[serde(default = "crate::source::default_true")]
     pub reread_offset_gaps: bool,
     /// Accept `auto.offset.reset = "latest"` (or `largest`, `end`) in

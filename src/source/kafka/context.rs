@@ -25,6 +25,10 @@ use super::offsets::{Gap, Tp};
 use crate::admin::Health;
 use crate::kafka::{Scrubber, log_librdkafka};
 
+/// How long holes in a partition pass without a re-read once a re-read
+/// confirmed one.
+pub const HOLES_TRUSTED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Partition state shared by the consume loop and the callbacks.
 pub struct Shared {
     pub source: String,
@@ -47,6 +51,10 @@ struct PartState {
     committed: HashMap<Tp, i64>,
     /// Per partition, the last offset hole the loop went back to re-read.
     reread_gaps: HashMap<Tp, Gap>,
+    /// Per partition, until when holes pass without a re-read: a re-read
+    /// just confirmed one (compaction, transaction markers), and on such a
+    /// topic holes come often; re-reading each would read it many times.
+    holes_trusted_until: HashMap<Tp, tokio::time::Instant>,
     /// Partitions stopped at a hole they must not store past.
     stalled: BTreeSet<Tp>,
     paused: bool,
@@ -104,11 +112,18 @@ impl Shared {
     }
 
     /// Whether `gap` should be read again: not when the last re-read of the
-    /// partition was for this very hole (then it is real and accepted).
+    /// partition was for this very hole (then it is real and accepted), nor
+    /// for [`HOLES_TRUSTED_FOR`] after such a confirmation.
     pub fn reread_gap(&self, tp: &Tp, gap: Gap) -> bool {
+        let now = tokio::time::Instant::now();
         let mut st = self.lock();
+        if st.holes_trusted_until.get(tp).is_some_and(|t| now < *t) {
+            return false;
+        }
         if st.reread_gaps.get(tp) == Some(&gap) {
             st.reread_gaps.remove(tp);
+            st.holes_trusted_until
+                .insert(tp.clone(), now + HOLES_TRUSTED_FOR);
             false
         } else {
             st.reread_gaps.insert(tp.clone(), gap);
@@ -322,6 +337,7 @@ impl ConsumerContext for KafkaContext {
                     st.stored.remove(tp);
                     st.committed.remove(tp);
                     st.reread_gaps.remove(tp);
+                    st.holes_trusted_until.remove(tp);
                     if st.stalled.remove(tp) {
                         s.clear_stall(tp);
                     }
@@ -408,4 +424,32 @@ pub fn fmt_tps(tps: &[Tp]) -> String {
         .map(|(t, p)| format!("{t}[{p}]"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_confirmed_hole_lets_the_next_ones_pass_for_a_while() {
+        let s = Shared::new(
+            "k",
+            Health::default(),
+            "kafka:k".into(),
+            Scrubber::default(),
+        );
+        let tp: Tp = ("t".into(), 0);
+        let g = |e: i64| Gap {
+            expected: e,
+            next: e + 1,
+        };
+        // First sight: read again; the same hole again: real, accepted.
+        assert!(s.reread_gap(&tp, g(10)));
+        assert!(!s.reread_gap(&tp, g(10)));
+        // The next holes pass at once for a while (another partition not).
+        assert!(!s.reread_gap(&tp, g(20)));
+        assert!(s.reread_gap(&("t".into(), 1), g(20)));
+        tokio::time::advance(HOLES_TRUSTED_FOR).await;
+        assert!(s.reread_gap(&tp, g(30)));
+    }
 }
