@@ -131,8 +131,10 @@ pub struct KafkaSourceConfig {
     pub max_batch: usize,
     /// When the consumer is handed records with a hole in their offsets
     /// (after the offset stored last, or between two records of a batch),
-    /// store only up to the hole and read the partition again from it,
-    /// once: a broker that skipped records by mistake hands them over then.
+    /// store only up to the hole and read the partition again from it, then
+    /// from 1,000 records before it: a broker that skipped records by
+    /// mistake (or serves a record batch only from its first offset) hands
+    /// them over then.
     /// A hole still there inside the log is passed (compaction, transaction
     /// markers, aborted transactions), and the partition's holes pass
     /// without a re-read for the next 60 s (on such topics they come

@@ -25,6 +25,17 @@ use super::offsets::{Gap, Tp};
 use crate::admin::Health;
 use crate::kafka::{Scrubber, log_librdkafka};
 
+/// What [`Shared::reread_gap`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reread {
+    /// Read again from the hole's first missing offset.
+    FromHole,
+    /// Read again from further back than the hole.
+    StepBack,
+    /// The hole is real: move past it.
+    Pass,
+}
+
 /// How long holes in a partition pass without a re-read once a re-read
 /// confirmed one.
 pub const HOLES_TRUSTED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
@@ -49,8 +60,9 @@ struct PartState {
     stored: HashMap<Tp, i64>,
     /// Last offset the broker confirmed as committed per partition.
     committed: HashMap<Tp, i64>,
-    /// Per partition, the last offset hole the loop went back to re-read.
-    reread_gaps: HashMap<Tp, Gap>,
+    /// Per partition, the last offset hole the loop went back to re-read,
+    /// and how many times.
+    reread_gaps: HashMap<Tp, (Gap, u8)>,
     /// Per partition, until when holes pass without a re-read: a re-read
     /// just confirmed one (compaction, transaction markers), and on such a
     /// topic holes come often; re-reading each would read it many times.
@@ -111,23 +123,35 @@ impl Shared {
         self.lock().stored.get(tp).copied()
     }
 
-    /// Whether `gap` should be read again: not when the last re-read of the
-    /// partition was for this very hole (then it is real and accepted), nor
-    /// for [`HOLES_TRUSTED_FOR`] after such a confirmation.
-    pub fn reread_gap(&self, tp: &Tp, gap: Gap) -> bool {
+    /// What to do about `gap`: read again from it the first time; the
+    /// second time, from further back (a broker that serves a record batch
+    /// only from its first offset hands over the rest of it then); the
+    /// third time it is real and passed, and the partition's holes pass
+    /// without a re-read for [`HOLES_TRUSTED_FOR`].
+    pub fn reread_gap(&self, tp: &Tp, gap: Gap) -> Reread {
         let now = tokio::time::Instant::now();
         let mut st = self.lock();
         if st.holes_trusted_until.get(tp).is_some_and(|t| now < *t) {
-            return false;
+            return Reread::Pass;
         }
-        if st.reread_gaps.get(tp) == Some(&gap) {
-            st.reread_gaps.remove(tp);
-            st.holes_trusted_until
-                .insert(tp.clone(), now + HOLES_TRUSTED_FOR);
-            false
-        } else {
-            st.reread_gaps.insert(tp.clone(), gap);
-            true
+        match st.reread_gaps.get(tp) {
+            Some((g, 1)) if *g == gap => {
+                st.reread_gaps.insert(tp.clone(), (gap, 2));
+                Reread::StepBack
+            }
+            Some((g, _)) if *g == gap => {
+                tracing::info!(source = %self.source, topic = %tp.0, partition = tp.1,
+                    expected = gap.expected, next = gap.next,
+                    "kafka: offsets missing inside the log after two re-reads (compaction, transaction markers, aborted transactions); moving past them, and past this partition's holes for a minute");
+                st.reread_gaps.remove(tp);
+                st.holes_trusted_until
+                    .insert(tp.clone(), now + HOLES_TRUSTED_FOR);
+                Reread::Pass
+            }
+            _ => {
+                st.reread_gaps.insert(tp.clone(), (gap, 1));
+                Reread::FromHole
+            }
         }
     }
 
@@ -431,7 +455,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_confirmed_hole_lets_the_next_ones_pass_for_a_while() {
+    async fn a_hole_is_read_again_then_from_further_back_then_passed_and_trusted_for_a_while() {
         let s = Shared::new(
             "k",
             Health::default(),
@@ -443,13 +467,17 @@ mod tests {
             expected: e,
             next: e + 1,
         };
-        // First sight: read again; the same hole again: real, accepted.
-        assert!(s.reread_gap(&tp, g(10)));
-        assert!(!s.reread_gap(&tp, g(10)));
+        // First sight: read again from it; again: from further back; a
+        // third time: real, passed.
+        assert_eq!(s.reread_gap(&tp, g(10)), Reread::FromHole);
+        assert_eq!(s.reread_gap(&tp, g(10)), Reread::StepBack);
+        assert_eq!(s.reread_gap(&tp, g(10)), Reread::Pass);
         // The next holes pass at once for a while (another partition not).
-        assert!(!s.reread_gap(&tp, g(20)));
-        assert!(s.reread_gap(&("t".into(), 1), g(20)));
+        assert_eq!(s.reread_gap(&tp, g(20)), Reread::Pass);
+        assert_eq!(s.reread_gap(&("t".into(), 1), g(20)), Reread::FromHole);
         tokio::time::advance(HOLES_TRUSTED_FOR).await;
-        assert!(s.reread_gap(&tp, g(30)));
+        assert_eq!(s.reread_gap(&tp, g(30)), Reread::FromHole);
+        // A different hole starts over.
+        assert_eq!(s.reread_gap(&tp, g(40)), Reread::FromHole);
     }
 }

@@ -55,7 +55,7 @@ pub mod config;
 
 pub use client::consumer_config;
 pub use config::{KafkaSourceConfig, KafkaUndecodablePolicy};
-use context::{KafkaContext, Shared};
+use context::{KafkaContext, Reread, Shared};
 use offsets::{BatchOffsets, Gap, PartitionOutcome, Tp};
 
 use super::{Source, SourceContext, SourceError};
@@ -78,6 +78,9 @@ const DLQ_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 const FINAL_COMMIT_FOR: Duration = Duration::from_secs(10);
 /// Identical consumer errors are logged at most this often.
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(30);
+/// How far before a hole the second re-read starts (a broker serving a
+/// record batch only from its first offset needs the batch's start).
+const STEP_BACK: i64 = 1000;
 /// Longest wait for a partition's log start when a hole is found.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -496,6 +499,15 @@ impl KafkaSource {
                 .collect()
         });
         self.handle_gaps(consumer, shared, &mut outcomes);
+        // A re-read from before the offset stored last (a step back) must
+        // not move it backwards.
+        for o in &mut outcomes {
+            if let (Some(s), Some(prev)) = (o.store, shared.stored(&o.tp))
+                && s < prev
+            {
+                o.store = None;
+            }
+        }
         store_offsets(src, consumer, shared, &outcomes);
         for o in &outcomes {
             if let Some(f) = o.seek {
@@ -635,6 +647,14 @@ impl KafkaSource {
             }
             metrics::counter!("duvo_bridge_kafka_offset_gaps_total", "source" => src.to_string(), "topic" => o.tp.0.clone(), "partition" => o.tp.1.to_string())
                 .increment(1);
+            let pass = |o: &PartitionOutcome| {
+                tracing::debug!(
+                    source = src, topic = %o.tp.0, partition = o.tp.1,
+                    expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
+                    reread = self.cfg.reread_offset_gaps,
+                    "kafka: offsets missing inside the log (compaction, transaction markers, aborted transactions); moving past them"
+                );
+            };
             let log_start = consumer
                 .fetch_watermarks(&o.tp.0, o.tp.1, WATERMARK_TIMEOUT)
                 .map(|(low, _)| low);
@@ -652,24 +672,26 @@ impl KafkaSource {
                         "kafka: offsets missing and the partition's log start is unknown; reading again from the first missing one"
                     );
                 }
-                Ok(_) if self.cfg.reread_offset_gaps && shared.reread_gap(&o.tp, gap) => {
-                    // Read again from the hole: what comes after it is in
-                    // the outbox and is deduplicated on re-read.
+                Ok(low) if self.cfg.reread_offset_gaps => {
+                    let how = shared.reread_gap(&o.tp, gap);
+                    if how == Reread::Pass {
+                        pass(o);
+                        continue;
+                    }
+                    // Read again: what comes after the hole is in the
+                    // outbox and is deduplicated on re-read.
                     o.stop_at(gap, true);
+                    if how == Reread::StepBack {
+                        o.seek = Some((gap.expected - STEP_BACK).max(low).max(0));
+                    }
                     tracing::warn!(
                         source = src, topic = %o.tp.0, partition = o.tp.1,
                         expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
-                        "kafka: the broker skipped offsets; reading the partition again from the first missing one"
+                        from = ?o.seek,
+                        "kafka: offsets missing; reading the partition again"
                     );
                 }
-                Ok(_) => {
-                    tracing::info!(
-                        source = src, topic = %o.tp.0, partition = o.tp.1,
-                        expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
-                        reread = self.cfg.reread_offset_gaps,
-                        "kafka: offsets missing inside the log (compaction, transaction markers, aborted transactions); moving past them"
-                    );
-                }
+                Ok(_) => pass(o),
             }
         }
     }
