@@ -538,3 +538,84 @@ async fn bearer_token_is_required_when_configured() {
     assert_eq!(h.bridge.outbox.stats().appended, 3);
     h.stop().await;
 }
+
+/// Send `head` (request line and headers, no body) on a fresh connection
+/// and return the status of the answer, which must come without the body
+/// being sent; the connection is kept open (returned) so its request stays
+/// in progress where the server reads it.
+async fn answer_without_body(
+    addr: std::net::SocketAddr,
+    head: &str,
+) -> (Option<u16>, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let status = match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 12 => std::str::from_utf8(&buf[9..12])
+            .ok()
+            .and_then(|c| c.parse().ok()),
+        _ => None,
+    };
+    (status, s)
+}
+
+#[tokio::test]
+async fn requests_are_refused_on_their_headers_before_their_bodies_are_read() {
+    // SAFETY: set before any thread reads it; unique to this test.
+    unsafe { std::env::set_var("PIPELINE_TEST_HEADERS_TOKEN", "t0ken-for-headers") };
+    let h = Harness::start(sim_config(), |cfg| {
+        if let duvo_bridge::config::SourceConfig::Http(s) = &mut cfg.sources[0] {
+            s.auth_token_env = Some("PIPELINE_TEST_HEADERS_TOKEN".into());
+            s.max_body_bytes = 1024 * 1024;
+            s.max_inflight_bytes = 2 * 1024 * 1024;
+        }
+    })
+    .await;
+    let head = |auth: &str, len: usize| {
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {len}\r\n\r\n"
+        )
+    };
+    let ok = "Authorization: Bearer t0ken-for-headers\r\n";
+    // No token, 4 MiB announced, nothing sent: 401 at once.
+    let (status, _c) = answer_without_body(h.addr, &head("", 4 << 20)).await;
+    assert_eq!(status, Some(401));
+    let (status, _c) =
+        answer_without_body(h.addr, &head("Authorization: Bearer nope\r\n", 100)).await;
+    assert_eq!(status, Some(401));
+    // With the token, more than max_body_bytes announced: 413 at once.
+    let (status, _c) = answer_without_body(h.addr, &head(ok, (1 << 20) + 1)).await;
+    assert_eq!(status, Some(413));
+    // Two bodies of 1 MiB being read take the 2 MiB in flight: a third
+    // request is told to come back (503) before its body is read...
+    let (status, _a) = answer_without_body(h.addr, &head(ok, 1 << 20)).await;
+    assert_eq!(status, None, "waits for its body");
+    let (status, _b) = answer_without_body(h.addr, &head(ok, 1 << 20)).await;
+    assert_eq!(status, None, "waits for its body");
+    let (status, _c) = answer_without_body(h.addr, &head(ok, 10)).await;
+    assert_eq!(status, Some(503));
+    // ...and once they are gone, there is room again.
+    drop((_a, _b));
+    let url = format!("http://{}/v1/events", h.addr);
+    let mut accepted = false;
+    for _ in 0..50 {
+        let r = h
+            .client
+            .post(&url)
+            .bearer_auth("t0ken-for-headers")
+            .json(&json!(orders(0..2)))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 202 {
+            accepted = true;
+            break;
+        }
+        assert_eq!(r.status(), 503);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted, "room again once the slow bodies are gone");
+    assert_eq!(h.bridge.outbox.stats().appended, 2);
+    h.stop().await;
+}

@@ -56,6 +56,12 @@ pub struct HttpSourceConfig {
     /// Largest accepted request body, bytes.
     #[serde(default = "default_http_max_body")]
     pub max_body_bytes: usize,
+    /// Most request-body bytes being read or decoded at once, over all
+    /// connections of this source: a request announcing more than is left
+    /// is answered 503 with Retry-After before its body is read. Bounds the
+    /// intake's memory whatever the number of clients.
+    #[serde(default = "default_http_max_inflight_bytes")]
+    pub max_inflight_bytes: usize,
     /// Most events in one request.
     #[serde(default = "default_http_max_events")]
     pub max_events_per_request: usize,
@@ -94,6 +100,9 @@ fn default_http_listen() -> String {
 fn default_http_max_body() -> usize {
     4 * 1024 * 1024
 }
+fn default_http_max_inflight_bytes() -> usize {
+    64 * 1024 * 1024
+}
 fn default_http_max_events() -> usize {
     10_000
 }
@@ -114,6 +123,7 @@ impl HttpSourceConfig {
             auth_token_env: None,
             auth_token_credential: None,
             max_body_bytes: default_http_max_body(),
+            max_inflight_bytes: default_http_max_inflight_bytes(),
             max_events_per_request: default_http_max_events(),
             callback_url: None,
             callback_secret_env: None,
@@ -200,6 +210,13 @@ impl HttpSourceConfig {
         }
         if h.max_body_bytes < 1024 {
             errors.push(format!("{at}.max_body_bytes must be at least 1024"));
+        }
+        if h.max_inflight_bytes < h.max_body_bytes || h.max_inflight_bytes > u32::MAX as usize {
+            errors.push(format!(
+                "{at}.max_inflight_bytes must be within max_body_bytes ({})..={}",
+                h.max_body_bytes,
+                u32::MAX
+            ));
         }
         if h.max_events_per_request == 0 {
             errors.push(format!("{at}.max_events_per_request must be at least 1"));

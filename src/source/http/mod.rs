@@ -15,8 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +24,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::decode::{BodyFormat, decode_events};
@@ -96,6 +96,8 @@ struct HttpState {
     queue_id: Uuid,
     token: Option<Secret>,
     ctx: SourceContext,
+    /// Body bytes being read or decoded, one permit per byte.
+    inflight: Arc<Semaphore>,
 }
 
 impl Source for HttpSource {
@@ -122,6 +124,7 @@ impl Source for HttpSource {
                 queue_id,
                 token,
                 ctx: ctx.clone(),
+                inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
                 cfg: Arc::new(cfg),
             };
             let limit = state.cfg.max_body_bytes;
@@ -188,31 +191,41 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn post_events(
-    State(state): State<HttpState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
     let src = &*state.name;
+    // Everything that can refuse a request is decided on its headers,
+    // before a byte of its body is read.
     if let Err(refusal) = admit(&state, &headers) {
         return *refusal;
     }
-    let body = match body {
+    let max = state.cfg.max_body_bytes;
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > max as u64) {
+        count_rejected(src, "too_large");
+        return too_large(max);
+    }
+    // Room for the body (announced, or the largest allowed) among the
+    // bytes all requests of this source are reading and decoding.
+    let want = announced.map_or(max, |n| n as usize).max(1) as u32;
+    let Ok(_room) = state.inflight.clone().try_acquire_many_owned(want) else {
+        count_rejected(src, "busy");
+        return unavailable(
+            "busy",
+            "too many request bodies are being read; retry shortly",
+        );
+    };
+    let body = match axum::body::to_bytes(body, max).await {
         Ok(b) => b,
-        Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        Err(e) if is_length_limit(&e) => {
             count_rejected(src, "too_large");
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "request body is larger than {} bytes",
-                    state.cfg.max_body_bytes
-                ),
-            );
+            return too_large(max);
         }
-        Err(rej) => {
+        Err(e) => {
             count_rejected(src, "unreadable");
-            return error(rej.status(), "unreadable_body", rej.body_text());
+            return error(StatusCode::BAD_REQUEST, "unreadable_body", e.to_string());
         }
     };
     let (idem_key, callback_url) = match request_options(&state, &headers) {
@@ -239,6 +252,27 @@ async fn post_events(
         Err(refusal) => return *refusal,
     };
     store(&state, batch).await
+}
+
+/// 413 for a body over `max` bytes.
+fn too_large(max: usize) -> Response {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request body is larger than {max} bytes"),
+    )
+}
+
+/// Whether reading a body failed on its length limit.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = src {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        src = err.source();
+    }
+    false
 }
 
 /// Whether a request may come in at all: the token, the drain, the
