@@ -312,6 +312,7 @@ fn environment_overrides_every_key_and_reports_bad_ones() {
             ("DUVO_BRIDGE__DUVO__RATE_LIMIT_PER_MINUTE", "120"),
             ("DUVO_BRIDGE__DUVO__RATE_SHARE", "0.33"),
             ("DUVO_BRIDGE__SOURCES__OMS__LISTEN", "0.0.0.0:18080"),
+            ("DUVO_BRIDGE__SOURCES__OMS__ALLOW_UNAUTHENTICATED", "true"),
             ("DUVO_BRIDGE__SOURCES__0__LABELS__TEAM", "ops"),
             ("DUVO_BRIDGE__LOG__FORMAT", "json"),
             (

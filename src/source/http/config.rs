@@ -53,6 +53,11 @@ pub struct HttpSourceConfig {
     /// `auth_token_env`.
     #[serde(default)]
     pub auth_token_credential: Option<String>,
+    /// Accept an intake without a token on an address other than loopback
+    /// (anyone who reaches the port can then post events and read
+    /// `GET /v1/events/{id}`). Off: `validate` refuses that setup.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
     /// Largest accepted request body, bytes.
     #[serde(default = "default_http_max_body")]
     pub max_body_bytes: usize,
@@ -123,6 +128,7 @@ impl HttpSourceConfig {
             auth_token_env: None,
             auth_token_credential: None,
             max_body_bytes: default_http_max_body(),
+            allow_unauthenticated: false,
             max_inflight_bytes: default_http_max_inflight_bytes(),
             max_events_per_request: default_http_max_events(),
             callback_url: None,
@@ -195,8 +201,19 @@ impl HttpSourceConfig {
         let h = self;
         let at = format!("sources.{}", h.name);
         check_name(&at, &h.name, &mut errors);
-        if h.listen.parse::<SocketAddr>().is_err() {
-            errors.push(format!("{at}.listen {:?} is not an address", h.listen));
+        match h.listen.parse::<SocketAddr>() {
+            Err(_) => errors.push(format!("{at}.listen {:?} is not an address", h.listen)),
+            Ok(addr)
+                if !addr.ip().is_loopback()
+                    && h.auth_token_env.is_none()
+                    && h.auth_token_credential.is_none()
+                    && !h.allow_unauthenticated =>
+            {
+                errors.push(format!(
+                    "{at}.listen {addr} is reachable from other hosts but no auth_token_env or auth_token_credential is set: anyone could post events; set a token, listen on 127.0.0.1, or set {at}.allow_unauthenticated = true"
+                ));
+            }
+            Ok(_) => {}
         }
         check_routing(
             &at,
@@ -262,4 +279,27 @@ pub fn check_http_url(u: &str) -> Result<(), String> {
         return Err("has no host".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_intake_reachable_from_other_hosts_needs_a_token_or_an_explicit_yes() {
+        let mut h = HttpSourceConfig::new("oms", Uuid::nil());
+        h.listen = "127.0.0.1:8080".into();
+        assert_eq!(h.check(), Vec::<String>::new());
+        for listen in ["0.0.0.0:8080", "10.1.2.3:8080", "[::]:8080"] {
+            h.listen = listen.into();
+            let errs = h.check();
+            assert_eq!(errs.len(), 1, "{listen}: {errs:?}");
+            assert!(errs[0].contains("allow_unauthenticated"), "{errs:?}");
+        }
+        h.allow_unauthenticated = true;
+        assert_eq!(h.check(), Vec::<String>::new());
+        h.allow_unauthenticated = false;
+        h.listen = "[::1]:8080".into();
+        assert_eq!(h.check(), Vec::<String>::new());
+    }
 }
