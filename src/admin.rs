@@ -99,9 +99,13 @@ pub async fn serve(
     health: Health,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(prometheus, health))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    crate::listener::serve(
+        listener,
+        router(prometheus, health),
+        crate::listener::ListenerLimits::default(),
+        shutdown,
+    )
+    .await
 }
 
 pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {

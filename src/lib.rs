@@ -14,6 +14,7 @@ pub mod demo;
 pub mod duvo;
 pub mod encoding;
 pub mod kafka;
+pub mod listener;
 pub mod mapping;
 pub mod outbox;
 pub mod reload;

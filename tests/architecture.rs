@@ -258,6 +258,7 @@ const LAYERS: &[&str] = &[
     "secret",
     "retry",
     "kafka",
+    "listener",
     "duvo",
     "mapping",
     "admin",

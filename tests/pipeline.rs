@@ -619,3 +619,92 @@ async fn requests_are_refused_on_their_headers_before_their_bodies_are_read() {
     assert_eq!(h.bridge.outbox.stats().appended, 2);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_at_the_header_and_body_timeouts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(sim_config(), |cfg| {
+        if let duvo_bridge::config::SourceConfig::Http(s) = &mut cfg.sources[0] {
+            s.header_read_timeout_ms = 1000;
+            s.body_read_timeout_ms = 1000;
+        }
+    })
+    .await;
+    // Headers trickled one byte every 300 ms: the connection is closed
+    // about a second in, whatever the client keeps sending.
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(b"POST /v1/events HTTP/1.1\r\n").await.unwrap();
+    let mut closed = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if s.write_all(b"X").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                // A 408 before the close is fine too.
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "a header trickle is cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A body trickled after complete headers: 408, nothing stored.
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = s.write_all(b" ").await;
+        let mut buf = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            answer.extend_from_slice(&buf[..n]);
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(h.bridge.outbox.stats().appended, 0);
+
+    // An idle keep-alive connection is closed too; a normal request works.
+    let r = h
+        .client
+        .post(format!("http://{}/v1/events", h.addr))
+        .json(&json!(orders(0..1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let mut idle = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(3), idle.read(&mut buf))
+        .await
+        .expect("closed by the server")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    h.stop().await;
+}

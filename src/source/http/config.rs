@@ -67,6 +67,17 @@ pub struct HttpSourceConfig {
     /// intake's memory whatever the number of clients.
     #[serde(default = "default_http_max_inflight_bytes")]
     pub max_inflight_bytes: usize,
+    /// Longest time a client may take to send a request's headers (also
+    /// while a keep-alive connection waits for its next request), ms.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Longest time a client may take to send a request's body, ms
+    /// (answered 408, nothing stored).
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
+    /// Most connections open at once; more wait in the kernel's backlog.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
     /// Most events in one request.
     #[serde(default = "default_http_max_events")]
     pub max_events_per_request: usize,
@@ -105,6 +116,15 @@ fn default_http_listen() -> String {
 fn default_http_max_body() -> usize {
     4 * 1024 * 1024
 }
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_http_max_connections() -> usize {
+    1024
+}
 fn default_http_max_inflight_bytes() -> usize {
     64 * 1024 * 1024
 }
@@ -130,6 +150,9 @@ impl HttpSourceConfig {
             max_body_bytes: default_http_max_body(),
             allow_unauthenticated: false,
             max_inflight_bytes: default_http_max_inflight_bytes(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
+            max_connections: default_http_max_connections(),
             max_events_per_request: default_http_max_events(),
             callback_url: None,
             callback_secret_env: None,
@@ -234,6 +257,15 @@ impl HttpSourceConfig {
                 h.max_body_bytes,
                 u32::MAX
             ));
+        }
+        for (key, v) in [
+            ("header_read_timeout_ms", h.header_read_timeout_ms),
+            ("body_read_timeout_ms", h.body_read_timeout_ms),
+            ("max_connections", h.max_connections as u64),
+        ] {
+            if v == 0 {
+                errors.push(format!("{at}.{key} must be at least 1"));
+            }
         }
         if h.max_events_per_request == 0 {
             errors.push(format!("{at}.max_events_per_request must be at least 1"));

@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -31,6 +32,7 @@ use super::decode::{BodyFormat, decode_events};
 use super::{Source, SourceContext, SourceError};
 pub mod config;
 
+use crate::listener::ListenerLimits;
 use crate::mapping::Mapper;
 use crate::outbox::{EventId, NewEvent, Origin};
 use crate::secret::Secret;
@@ -128,13 +130,14 @@ impl Source for HttpSource {
                 cfg: Arc::new(cfg),
             };
             let limit = state.cfg.max_body_bytes;
+            let limits = ListenerLimits {
+                header_read_timeout: Duration::from_millis(state.cfg.header_read_timeout_ms),
+                max_connections: state.cfg.max_connections,
+            };
             let app = router(state).layer(DefaultBodyLimit::max(limit));
-            let stop = ctx.stop.clone();
             // Graceful: stop accepting, let requests in progress finish
             // their append (and so their acknowledgement).
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await?;
+            crate::listener::serve(listener, app, limits, ctx.stop.clone()).await?;
             ctx.health.set_unready(&health_key, "stopped");
             Ok(())
         }
@@ -217,7 +220,16 @@ async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: B
             "too many request bodies are being read; retry shortly",
         );
     };
-    let body = match axum::body::to_bytes(body, max).await {
+    let timeout = Duration::from_millis(state.cfg.body_read_timeout_ms);
+    let Ok(body) = tokio::time::timeout(timeout, axum::body::to_bytes(body, max)).await else {
+        count_rejected(src, "body_timeout");
+        return error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {timeout:?}"),
+        );
+    };
+    let body = match body {
         Ok(b) => b,
         Err(e) if is_length_limit(&e) => {
             count_rejected(src, "too_large");
