@@ -288,6 +288,20 @@ async fn a_per_request_callback_url_is_used_when_allowed() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // A 200 KB URL is refused (it would be kept with every event).
+    let huge = format!("{}?pad={}", own_sink.url, "a".repeat(200_000));
+    let bad = h
+        .client
+        .post(format!("http://{}/v1/events", h.addr))
+        .header("X-Duvo-Callback-Url", &huge)
+        .json(&order(3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let v: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(v["error"], "invalid_callback_url", "{v}");
+    assert_eq!(h.bridge.outbox.stats().appended, 1);
     assert!(wait_until(Duration::from_secs(30), || async { own_sink.count() == 1 }).await);
     assert_eq!(default_sink.count(), 0);
     h.stop().await;

@@ -82,6 +82,10 @@ impl HttpReporter {
     pub fn new(target: HttpTarget) -> Result<HttpReporter, HttpReporterError> {
         let client = reqwest::Client::builder()
             .timeout(target.timeout)
+            // A redirect is an answer that is not 2xx: never followed, so a
+            // receiver cannot bounce a signed report (with its event) to
+            // an address nobody configured.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("duvo-bridge/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|err| HttpReporterError::Client {
@@ -168,6 +172,64 @@ fn endpoint(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_redirect_is_refused_and_never_followed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = std::sync::Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let elsewhere = axum::Router::new().fallback(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+            async { "ok" }
+        });
+        let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other = format!("http://{}/stolen", l2.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l2, elsewhere).await });
+        let loc = other.clone();
+        let redirecting = axum::Router::new().fallback(move || {
+            let loc = loc.clone();
+            async move {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, loc)],
+                )
+            }
+        });
+        let l1 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/callback", l1.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l1, redirecting).await });
+        let r = HttpReporter::new(HttpTarget {
+            source: "oms".into(),
+            default_url: Some(url),
+            secret: Secret::new("k"),
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        let report = Report {
+            id: 1,
+            source: "oms".into(),
+            event_id: crate::outbox::EventId(1),
+            origin: None,
+            queue_id: uuid::Uuid::nil(),
+            case_id: None,
+            status: crate::outbox::ReportStatus::Rejected,
+            reason: None,
+            case_updated_at: None,
+            title: "t".into(),
+            event: Some("{}".into()),
+            created_at_ms: 0,
+            attempts: 0,
+        };
+        let e = r.send(&report).await.unwrap_err();
+        assert!(matches!(e, ReportError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("307"), "{e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            0,
+            "the redirect was not followed"
+        );
+    }
 
     #[test]
     fn the_destination_is_the_callback_endpoint_without_secrets() {

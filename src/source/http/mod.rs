@@ -39,6 +39,9 @@ use crate::secret::Secret;
 pub use config::HttpSourceConfig;
 use config::check_http_url;
 
+/// Longest accepted `X-Duvo-Callback-Url` (it is kept with every event of
+/// the request).
+const MAX_CALLBACK_URL_LEN: usize = 2048;
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// Seconds a client is asked to wait when the outbox is full.
@@ -346,6 +349,14 @@ fn request_options(
                 StatusCode::BAD_REQUEST,
                 "callback_url_not_allowed",
                 "this source does not accept X-Duvo-Callback-Url (set callback_url_header = true)",
+            )));
+        }
+        Some(v) if v.len() > MAX_CALLBACK_URL_LEN => {
+            count_rejected(src, "bad_callback_url");
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_callback_url",
+                format!("X-Duvo-Callback-Url is longer than {MAX_CALLBACK_URL_LEN} bytes"),
             )));
         }
         Some(v) => match v.to_str().ok().filter(|u| check_http_url(u).is_ok()) {
