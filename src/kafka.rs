@@ -26,10 +26,7 @@ pub struct LibrdkafkaSettings(std::collections::BTreeMap<String, Secret>);
 impl LibrdkafkaSettings {
     /// Whether the value of `key` must never be shown.
     pub fn is_secret_key(key: &str) -> bool {
-        let k = key.to_ascii_lowercase();
-        k.contains("password")
-            || k.contains("secret")
-            || matches!(k.as_str(), "ssl.key.pem" | "sasl.oauthbearer.config")
+        crate::secret::names_a_secret(key)
     }
 
     pub fn insert(&mut self, key: &str, value: &str) {

@@ -131,6 +131,56 @@ pub fn redact_amqp_uri(uri: &str) -> String {
     }
 }
 
+/// Whether a configuration key holds a secret value (not the name of a
+/// variable, file or credential that holds one): `api_key`, `uri`,
+/// `callback_secret`, and librdkafka keys naming a password, a secret or
+/// a private key.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    if k.ends_with("_env") || k.ends_with("_file") || k.ends_with("_credential") {
+        return false;
+    }
+    matches!(k.as_str(), "api_key" | "uri") || names_a_secret(&k)
+}
+
+/// Whether a key's name says its value is secret: it mentions a password
+/// or a secret, or is a private key or an OAuth configuration.
+pub fn names_a_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || matches!(k.as_str(), "ssl.key.pem" | "sasl.oauthbearer.config")
+}
+
+/// `text` with every one of `secrets` (3 characters or more, so a tiny
+/// one cannot mangle every message) replaced by [`REDACTED`].
+pub fn scrub_all(text: String, secrets: &[String]) -> String {
+    let mut out = text;
+    for s in secrets.iter().filter(|s| s.len() >= 3) {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), REDACTED);
+        }
+    }
+    out
+}
+
+/// A URL as `--print-config` shows it: no password, no query.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            if u.query().is_some() {
+                u.set_query(Some(REDACTED));
+            }
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "[unparsable url]".into(),
+    }
+}
+
 /// The password of a parsed AMQP URI, to scrub from library error texts
 /// (only from 3 characters on, so a tiny one cannot mangle every message).
 pub fn amqp_uri_password(uri: &lapin::uri::AMQPUri) -> Option<String> {

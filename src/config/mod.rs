@@ -181,7 +181,15 @@ impl Config {
         if errors.is_empty() {
             Ok(cfg)
         } else {
-            Err(ConfigErrors(errors))
+            // serde's type errors quote the value they refused: never a
+            // secret's.
+            let secrets = secret_values(&toml::Value::Table(table), None);
+            Err(ConfigErrors(
+                errors
+                    .into_iter()
+                    .map(|e| crate::secret::scrub_all(e, &secrets))
+                    .collect(),
+            ))
         }
     }
 
@@ -227,9 +235,38 @@ impl Config {
     }
 }
 
+/// Parse TOML text. A syntax error names its line and column, never the
+/// text there (the line may hold a secret).
 fn parse_table(text: &str) -> Result<toml::Table, ConfigErrors> {
-    text.parse()
-        .map_err(|e: toml::de::Error| ConfigErrors(vec![format!("TOML syntax: {e}")]))
+    text.parse().map_err(|e: toml::de::Error| {
+        let at = e
+            .span()
+            .map(|sp| {
+                let before = &text[..sp.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(" at line {line}, column {column}")
+            })
+            .unwrap_or_default();
+        ConfigErrors(vec![format!("TOML syntax{at}: {}", one_line(e.message()))])
+    })
+}
+
+/// The values of secret-holding keys anywhere in `v` (`key` is the key
+/// `v` sits under), as the text an error would quote them as.
+fn secret_values(v: &toml::Value, key: Option<&str>) -> Vec<String> {
+    match v {
+        toml::Value::Table(t) => t
+            .iter()
+            .flat_map(|(k, v)| secret_values(v, Some(k)))
+            .collect(),
+        toml::Value::Array(a) => a.iter().flat_map(|v| secret_values(v, key)).collect(),
+        scalar if key.is_some_and(crate::secret::is_secret_key) => match scalar {
+            toml::Value::String(s) => vec![s.clone()],
+            other => vec![other.to_string()],
+        },
+        _ => Vec::new(),
+    }
 }
 
 /// The process environment (variables that are not UTF-8 cannot be

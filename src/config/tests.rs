@@ -381,3 +381,40 @@ fn secrets_are_redacted_when_printed() {
     assert!(printed.contains(crate::secret::REDACTED));
     assert!(!format!("{c:?}").contains("dv_test_key_value"));
 }
+
+#[test]
+fn no_config_error_quotes_a_secret_value() {
+    // An override of the API key with a number: the type error must not
+    // quote it.
+    let vars = vec![
+        (
+            "DUVO_BRIDGE__DUVO__API_KEY".to_string(),
+            "424242424242424242".to_string(),
+        ),
+        (
+            "DUVO_BRIDGE__SOURCES__0__CALLBACK_SECRET".to_string(),
+            "987654321987".to_string(),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, GOOD).unwrap();
+    let err = Config::load_with_env(&path, vars).unwrap_err().to_string();
+    assert!(!err.contains("424242424242424242"), "{err}");
+    assert!(!err.contains("987654321987"), "{err}");
+    assert!(err.contains("[redacted]"), "{err}");
+    // A syntax error names the line, not its text.
+    let bad = "[duvo]\napi_key = \"dv_live_0123456789abcdef_unterminated\n";
+    let err = Config::parse(bad).unwrap_err().to_string();
+    assert!(!err.contains("dv_live_0123456789abcdef"), "{err}");
+    assert!(err.contains("line 2"), "{err}");
+    // --print-config shows a callback URL without its password or query.
+    let mut c = Config::parse(GOOD).unwrap();
+    if let SourceConfig::Http(h) = &mut c.sources[0] {
+        h.callback_url = Some("https://oms:hunter22@oms.example/cb?token=abc123xyz".into());
+    }
+    let printed = c.to_redacted_toml();
+    assert!(!printed.contains("hunter22"), "{printed}");
+    assert!(!printed.contains("abc123xyz"), "{printed}");
+    assert!(printed.contains("oms.example/cb"), "{printed}");
+}

@@ -85,7 +85,7 @@ pub struct HttpSourceConfig {
     /// with `event_id`, `case_id`, `queue_id`, `status`, `reason` and the
     /// original `event`), signed with `X-Duvo-Bridge-Signature:
     /// sha256=<hex HMAC-SHA256 of the body>`. Retried until a 2xx answer.
-    #[serde(default)]
+    #[serde(default, serialize_with = "redacted_url")]
     pub callback_url: Option<String>,
     /// Environment variable holding the HMAC secret of the callbacks
     /// (required with `callback_url` or `callback_url_header`).
@@ -104,6 +104,14 @@ pub struct HttpSourceConfig {
     /// Timeout of one callback request, seconds.
     #[serde(default = "default_callback_timeout")]
     pub callback_timeout_secs: u64,
+}
+
+/// `callback_url` as `--print-config` shows it (no password, no query).
+fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_some(&crate::secret::redact_url(u)),
+        None => s.serialize_none(),
+    }
 }
 
 fn default_callback_timeout() -> u64 {
