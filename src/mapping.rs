@@ -202,7 +202,7 @@ impl Mapper {
     /// becomes `title_fallback`. Labels whose value renders empty (or blank) are
     /// skipped. Never fails: missing fields fall back.
     pub fn map(&self, event: &Value) -> NewCase {
-        let title = self.title.render(Some(event));
+        let title = clean(&self.title.render(Some(event)));
         let title = match title.trim() {
             "" => self.title_fallback.clone(),
             t => truncate_title(t),
@@ -232,10 +232,10 @@ impl Mapper {
         self.labels
             .iter()
             .filter_map(|(key, template)| {
-                let value = template.render(event);
+                let value = clean(&template.render(event));
                 (!value.trim().is_empty()).then(|| Label {
                     key: key.clone(),
-                    value,
+                    value: truncate(&value, MAX_LABEL_VALUE_CHARS),
                 })
             })
             .collect()
@@ -267,18 +267,41 @@ fn parse_priority(s: &str) -> Option<Priority> {
     .map(|(_, p)| p)
 }
 
-/// Cut `s` to at most [`MAX_TITLE_CHARS`] characters, marking a cut with `…`
-/// (which counts towards the limit, so the result is always accepted).
+/// Longest label value the bridge sends (cut like a title beyond it): the
+/// API sets no limit, a case's labels are for filtering, not for payloads.
+pub const MAX_LABEL_VALUE_CHARS: usize = 500;
+
+/// `s` without what can hide or rearrange text for whoever reads the case:
+/// control characters (NUL, CR, LF, tabs: a space each) and the Unicode
+/// bidirectional overrides, embeddings, isolates and marks (dropped).
+fn clean(s: &str) -> String {
+    if !s.chars().any(|c| c.is_control() || is_bidi_control(c)) {
+        return s.to_owned();
+    }
+    s.chars()
+        .filter(|c| !is_bidi_control(*c))
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Cut `s` to at most [`MAX_TITLE_CHARS`] characters (see [`truncate`]).
 fn truncate_title(s: &str) -> String {
-    match s.char_indices().nth(MAX_TITLE_CHARS) {
+    truncate(s, MAX_TITLE_CHARS)
+}
+
+/// Cut `s` to at most `max` characters, marking a cut with `…` (which
+/// counts towards the limit, so the result is always accepted).
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
         None => s.to_owned(),
         Some(_) => {
             // Byte index of the first character that no longer fits once the
             // ellipsis takes the last slot; char_indices never splits a char.
-            let cut = s
-                .char_indices()
-                .nth(MAX_TITLE_CHARS - 1)
-                .map_or(s.len(), |(i, _)| i);
+            let cut = s.char_indices().nth(max - 1).map_or(s.len(), |(i, _)| i);
             let mut out = String::with_capacity(cut + ELLIPSIS.len_utf8());
             out.push_str(&s[..cut]);
             out.push(ELLIPSIS);
@@ -567,6 +590,32 @@ mod tests {
         assert_eq!(case.data.as_deref(), Some(r#"{"id":5,"x":"y"}"#));
         assert!(case.labels.is_empty());
         assert_eq!(case.priority, None);
+    }
+
+    #[test]
+    fn control_and_bidi_characters_never_reach_titles_or_labels() {
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("note".to_string(), "{/note}".to_string());
+        let m = Mapper::new(&MappingConfig {
+            title: "Order {/id}".into(),
+            title_fallback: "x".into(),
+            labels,
+            priority: None,
+            priority_field: None,
+        })
+        .unwrap();
+        let ev = serde_json::json!({
+            "id": "A\u{0}B\r\nC\u{202E}gpj.exe\u{2066}",
+            "note": "x".repeat(2000) + "\u{200F}",
+        });
+        let c = m.map(&ev);
+        assert_eq!(c.title, "Order A B  Cgpj.exe");
+        let note = &c.labels[0].value;
+        assert_eq!(note.chars().count(), MAX_LABEL_VALUE_CHARS);
+        assert!(note.ends_with('…'));
+        assert!(!note.contains('\u{200F}'));
+        // The event itself is untouched in `data`.
+        assert!(c.data.unwrap().contains('\u{202E}'));
     }
 
     #[test]
