@@ -708,3 +708,49 @@ async fn slow_clients_are_cut_off_at_the_header_and_body_timeouts() {
     assert_eq!(n, 0, "closed without an answer");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_callback_header_naming_an_internal_address_is_refused() {
+    let h = Harness::start(sim_config(), |cfg| {
+        if let duvo_bridge::config::SourceConfig::Http(s) = &mut cfg.sources[0] {
+            s.callback_url_header = true;
+            s.callback_secret = Some(duvo_bridge::secret::Secret::new("cb-secret"));
+        }
+    })
+    .await;
+    let admin = h.bridge.admin_addr;
+    for url in [
+        format!("http://{admin}/metrics"),
+        format!("http://2130706433:{}/", admin.port()),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://[::1]/cb".to_string(),
+        "http://localhost:9/cb".to_string(),
+        "http://10.0.0.7/cb".to_string(),
+    ] {
+        let r = h
+            .client
+            .post(format!("http://{}/v1/events", h.addr))
+            .header("X-Duvo-Callback-Url", &url)
+            .json(&json!(orders(0..1)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{url}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "forbidden_callback_url", "{url}: {v}");
+    }
+    assert_eq!(h.bridge.outbox.stats().appended, 0);
+    let r = h
+        .client
+        .post(format!("http://{}/v1/events", h.addr))
+        .header(
+            "X-Duvo-Callback-Url",
+            "https://oms.example.com/duvo-callbacks",
+        )
+        .json(&json!(orders(0..1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    h.stop().await;
+}

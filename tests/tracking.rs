@@ -264,6 +264,8 @@ async fn a_per_request_callback_url_is_used_when_allowed() {
             with_callback(cfg, &default_sink.url, "TRACK_TEST_SECRET_4");
             if let duvo_bridge::config::SourceConfig::Http(h) = &mut cfg.sources[0] {
                 h.callback_url_header = true;
+                // The test's receivers listen on loopback.
+                h.callback_allow = vec!["127.0.0.1".into()];
             }
         },
     )
@@ -413,6 +415,8 @@ async fn reports_to_dead_callbacks_do_not_block_the_healthy_ones() {
             cfg.tracking.report_concurrency = 2;
             if let duvo_bridge::config::SourceConfig::Http(h) = &mut cfg.sources[0] {
                 h.callback_url_header = true;
+                // The test's receivers listen on loopback.
+                h.callback_allow = vec!["127.0.0.1".into()];
             }
         },
     )

@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::callback_policy::CallbackPolicy;
 use super::{Report, ReportError, Reporter};
 use crate::outbox::Origin;
 use crate::secret::Secret;
@@ -49,6 +50,8 @@ pub struct HttpTarget {
     pub secret: Secret,
     /// Timeout of one callback request.
     pub timeout: Duration,
+    /// Where per-request callback URLs may go.
+    pub policy: CallbackPolicy,
 }
 
 /// Why the reporter could not be built.
@@ -64,6 +67,9 @@ pub enum HttpReporterError {
 /// Posts reports of one HTTP source.
 pub struct HttpReporter {
     client: reqwest::Client,
+    /// For per-request URLs: resolves only to addresses `policy` permits.
+    guarded: reqwest::Client,
+    policy: CallbackPolicy,
     default_url: Option<String>,
     secret: Secret,
 }
@@ -80,31 +86,39 @@ impl std::fmt::Debug for HttpReporter {
 impl HttpReporter {
     /// The reporter of an HTTP source.
     pub fn new(target: HttpTarget) -> Result<HttpReporter, HttpReporterError> {
-        let client = reqwest::Client::builder()
-            .timeout(target.timeout)
-            // A redirect is an answer that is not 2xx: never followed, so a
-            // receiver cannot bounce a signed report (with its event) to
-            // an address nobody configured.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("duvo-bridge/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|err| HttpReporterError::Client {
+        let build = |guard: Option<&CallbackPolicy>| {
+            let mut b = reqwest::Client::builder()
+                .timeout(target.timeout)
+                // A redirect is an answer that is not 2xx: never followed,
+                // so a receiver cannot bounce a signed report (with its
+                // event) to an address nobody configured.
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("duvo-bridge/", env!("CARGO_PKG_VERSION")));
+            if let Some(p) = guard {
+                b = b.dns_resolver(p.clone().resolver());
+            }
+            b.build().map_err(|err| HttpReporterError::Client {
                 source_name: target.source.clone(),
                 err,
-            })?;
+            })
+        };
         Ok(HttpReporter {
-            client,
+            client: build(None)?,
+            guarded: build(Some(&target.policy))?,
+            policy: target.policy.clone(),
             default_url: target.default_url,
             secret: target.secret,
         })
     }
 
-    fn url_for<'a>(&'a self, report: &'a Report) -> Option<&'a str> {
+    /// The URL of `report`, and whether the event brought it (a
+    /// per-request URL, held to the policy) rather than the configuration.
+    fn url_for<'a>(&'a self, report: &'a Report) -> Option<(&'a str, bool)> {
         match &report.origin {
             Some(Origin::Http {
                 callback_url: Some(u),
-            }) => Some(u),
-            _ => self.default_url.as_deref(),
+            }) => Some((u, true)),
+            _ => self.default_url.as_deref().map(|u| (u, false)),
         }
     }
 }
@@ -116,15 +130,24 @@ impl Reporter for HttpReporter {
 
     fn send<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<(), ReportError>> {
         Box::pin(async move {
-            let Some(url) = self.url_for(report) else {
+            let Some((url, per_request)) = self.url_for(report) else {
                 return Err(ReportError::NoDestination(
                     "no callback_url configured and none given with the event".into(),
                 ));
             };
+            if per_request && let Err(e) = self.policy.check_url(url) {
+                return Err(ReportError::NoDestination(format!(
+                    "callback URL refused: {e}"
+                )));
+            }
+            let client = if per_request {
+                &self.guarded
+            } else {
+                &self.client
+            };
             let body = serde_json::to_vec(&report.body()).expect("JSON values always serialise");
             let sig = signature(self.secret.expose().as_bytes(), &body);
-            let resp = self
-                .client
+            let resp = client
                 .post(url)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .header(SIGNATURE_HEADER, sig)
@@ -148,7 +171,7 @@ impl Reporter for HttpReporter {
     /// backoff is about.
     fn destination(&self, report: &Report) -> String {
         match self.url_for(report) {
-            Some(u) => endpoint(u),
+            Some((u, _)) => endpoint(u),
             None => "(no callback url)".into(),
         }
     }
@@ -172,6 +195,76 @@ fn endpoint(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_per_request_url_resolving_to_this_host_is_never_called() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let hits = std::sync::Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let sink = axum::Router::new().fallback(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+            async { "ok" }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(l, sink).await });
+        let reporter = |policy| {
+            HttpReporter::new(HttpTarget {
+                source: "oms".into(),
+                default_url: None,
+                secret: Secret::new("k"),
+                timeout: Duration::from_secs(5),
+                policy,
+            })
+            .unwrap()
+        };
+        let mut report = sample_report();
+        report.origin = Some(Origin::Http {
+            callback_url: Some(format!("http://localhost:{port}/cb")),
+        });
+        let e = reporter(CallbackPolicy::default())
+            .send(&report)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ReportError::NoDestination(_)), "{e}");
+        // A name (not `localhost` itself) that resolves to loopback fails
+        // at resolution.
+        report.origin = Some(Origin::Http {
+            callback_url: Some(format!("http://localhost.:{port}/cb")),
+        });
+        assert!(
+            reporter(CallbackPolicy::default())
+                .send(&report)
+                .await
+                .is_err()
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        // Allowed by name: delivered.
+        report.origin = Some(Origin::Http {
+            callback_url: Some(format!("http://localhost:{port}/cb")),
+        });
+        let allow = CallbackPolicy::new(&["localhost".into()]).unwrap();
+        reporter(allow).send(&report).await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    fn sample_report() -> Report {
+        Report {
+            id: 1,
+            source: "oms".into(),
+            event_id: crate::outbox::EventId(1),
+            origin: None,
+            queue_id: uuid::Uuid::nil(),
+            case_id: None,
+            status: crate::outbox::ReportStatus::Rejected,
+            reason: None,
+            case_updated_at: None,
+            title: "t".into(),
+            event: Some("{}".into()),
+            created_at_ms: 0,
+            attempts: 0,
+        }
+    }
 
     #[tokio::test]
     async fn a_redirect_is_refused_and_never_followed() {
@@ -203,23 +296,10 @@ mod tests {
             default_url: Some(url),
             secret: Secret::new("k"),
             timeout: Duration::from_secs(5),
+            policy: CallbackPolicy::default(),
         })
         .unwrap();
-        let report = Report {
-            id: 1,
-            source: "oms".into(),
-            event_id: crate::outbox::EventId(1),
-            origin: None,
-            queue_id: uuid::Uuid::nil(),
-            case_id: None,
-            status: crate::outbox::ReportStatus::Rejected,
-            reason: None,
-            case_updated_at: None,
-            title: "t".into(),
-            event: Some("{}".into()),
-            created_at_ms: 0,
-            attempts: 0,
-        };
+        let report = sample_report();
         let e = r.send(&report).await.unwrap_err();
         assert!(matches!(e, ReportError::Refused(_)), "{e}");
         assert!(e.to_string().contains("307"), "{e}");

@@ -58,5 +58,6 @@ pub trait Reporter: Send + Sync + 'static {
 }
 
 pub mod amqp;
+pub mod callback_policy;
 pub mod dispatch;
 pub mod http;

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::duvo::Priority;
 use crate::mapping::MappingConfig;
+use crate::report::callback_policy::CallbackPolicy;
 use crate::report::http::HttpTarget;
 use crate::secret::Secret;
 use crate::source::{check_name, check_routing};
@@ -101,6 +102,12 @@ pub struct HttpSourceConfig {
     /// any URL.
     #[serde(default)]
     pub callback_url_header: bool,
+    /// Internal destinations a per-request callback URL may name anyway:
+    /// host names, addresses or prefixes (`"10.20.0.0/16"`). Without an
+    /// entry, a header URL naming (or resolving to) this host, a private,
+    /// link-local or metadata address is refused.
+    #[serde(default)]
+    pub callback_allow: Vec<String>,
     /// Timeout of one callback request, seconds.
     #[serde(default = "default_callback_timeout")]
     pub callback_timeout_secs: u64,
@@ -166,6 +173,7 @@ impl HttpSourceConfig {
             callback_secret_env: None,
             callback_secret: None,
             callback_url_header: false,
+            callback_allow: Vec::new(),
             callback_timeout_secs: default_callback_timeout(),
         }
     }
@@ -286,10 +294,27 @@ impl HttpSourceConfig {
         if let Err(e) = h.callback_secret() {
             errors.push(e);
         }
+        if let Err(errs) = CallbackPolicy::new(&h.callback_allow) {
+            for e in errs {
+                errors.push(format!("{at}.callback_allow: {e}"));
+            }
+        }
         if h.callback_timeout_secs == 0 {
             errors.push(format!("{at}.callback_timeout_secs must be at least 1"));
         }
         errors
+    }
+
+    /// The per-request callback policy (a bad entry, refused by `check`,
+    /// is left out).
+    pub fn callback_policy(&self) -> CallbackPolicy {
+        let ok: Vec<String> = self
+            .callback_allow
+            .iter()
+            .filter(|e| CallbackPolicy::new(std::slice::from_ref(e)).is_ok())
+            .cloned()
+            .collect();
+        CallbackPolicy::new(&ok).unwrap_or_default()
     }
 
     /// Where this source's failure reports go; `None` without a callback.
@@ -305,6 +330,7 @@ impl HttpSourceConfig {
             default_url: self.callback_url.clone(),
             secret,
             timeout: Duration::from_secs(self.callback_timeout_secs),
+            policy: self.callback_policy(),
         }))
     }
 }

@@ -35,6 +35,7 @@ pub mod config;
 use crate::listener::ListenerLimits;
 use crate::mapping::Mapper;
 use crate::outbox::{EventId, NewEvent, Origin};
+use crate::report::callback_policy::CallbackPolicy;
 use crate::secret::Secret;
 pub use config::HttpSourceConfig;
 use config::check_http_url;
@@ -103,6 +104,8 @@ struct HttpState {
     ctx: SourceContext,
     /// Body bytes being read or decoded, one permit per byte.
     inflight: Arc<Semaphore>,
+    /// Where per-request callback URLs may go.
+    callback_policy: Arc<CallbackPolicy>,
 }
 
 impl Source for HttpSource {
@@ -130,6 +133,7 @@ impl Source for HttpSource {
                 token,
                 ctx: ctx.clone(),
                 inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
+                callback_policy: Arc::new(cfg.callback_policy()),
                 cfg: Arc::new(cfg),
             };
             let limit = state.cfg.max_body_bytes;
@@ -360,7 +364,17 @@ fn request_options(
             )));
         }
         Some(v) => match v.to_str().ok().filter(|u| check_http_url(u).is_ok()) {
-            Some(u) => Some(u.to_string()),
+            Some(u) => {
+                if let Err(e) = state.callback_policy.check_url(u) {
+                    count_rejected(src, "forbidden_callback_url");
+                    return Err(Box::new(error(
+                        StatusCode::BAD_REQUEST,
+                        "forbidden_callback_url",
+                        format!("X-Duvo-Callback-Url: {e}"),
+                    )));
+                }
+                Some(u.to_string())
+            }
             None => {
                 count_rejected(src, "bad_callback_url");
                 return Err(Box::new(error(
