@@ -754,3 +754,41 @@ async fn a_callback_header_naming_an_internal_address_is_refused() {
     assert_eq!(r.status(), 202);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn an_idempotency_key_reused_with_another_body_is_refused_and_stores_nothing() {
+    let h = Harness::start(sim_config(), |_| {}).await;
+    let url = format!("http://{}/v1/events", h.addr);
+    let post = |body: serde_json::Value, key: &'static str| {
+        let (client, url) = (h.client.clone(), url.clone());
+        async move {
+            client
+                .post(&url)
+                .header("Idempotency-Key", key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = post(json!(orders(0..3)), "batch-7").await;
+    assert_eq!(first.status(), 202);
+    let first: serde_json::Value = first.json().await.unwrap();
+    // The same bytes again: the same ids, nothing stored.
+    let again = post(json!(orders(0..3)), "batch-7").await;
+    assert_eq!(again.status(), 202);
+    let again: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(again["ids"], first["ids"]);
+    assert_eq!(again["duplicates"], 3);
+    // Another body under the same key: 422, nothing stored.
+    let other = post(json!(orders(10..14)), "batch-7").await;
+    assert_eq!(other.status(), 422);
+    let v: serde_json::Value = other.json().await.unwrap();
+    assert_eq!(v["error"], "idempotency_key_reused", "{v}");
+    assert_eq!(h.bridge.outbox.stats().appended, 3);
+    // A key that merely starts like another one is its own key.
+    let longer = post(json!(orders(10..14)), "batch-7:b").await;
+    assert_eq!(longer.status(), 202);
+    assert_eq!(h.bridge.outbox.stats().appended, 7);
+    h.stop().await;
+}

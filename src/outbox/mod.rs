@@ -287,6 +287,18 @@ impl Outbox {
         Ok(self.inner.events.contains_key(identity_key(identity))?)
     }
 
+    /// The first known identity starting with `prefix` (identities are
+    /// ordered bytewise), if any.
+    pub fn first_identity_with_prefix(&self, prefix: &str) -> Result<Option<String>, OutboxError> {
+        match self.inner.events.scan_prefix(identity_key(prefix)).next() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                Ok(Some(String::from_utf8_lossy(&k[1..]).into_owned()))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// What the outbox knows about an event; `None` if unknown or purged.
     pub fn get(&self, id: EventId) -> Result<Option<EventView>, OutboxError> {
         Ok(self.read_event(id.0)?.map(|rec| EventView {

@@ -106,6 +106,8 @@ struct HttpState {
     inflight: Arc<Semaphore>,
     /// Where per-request callback URLs may go.
     callback_policy: Arc<CallbackPolicy>,
+    /// One turn per stripe of Idempotency-Keys (see [`key_turn`]).
+    key_turns: Arc<[tokio::sync::Mutex<()>]>,
 }
 
 impl Source for HttpSource {
@@ -134,6 +136,9 @@ impl Source for HttpSource {
                 ctx: ctx.clone(),
                 inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
                 callback_policy: Arc::new(cfg.callback_policy()),
+                key_turns: (0..KEY_TURNS)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
                 cfg: Arc::new(cfg),
             };
             let limit = state.cfg.max_body_bytes;
@@ -266,11 +271,80 @@ async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: B
     metrics::counter!("duvo_bridge_events_received_total", "source" => src.to_string())
         .increment(events.len() as u64);
 
-    let batch = match to_new_events(&state, &events, idem_key.as_deref(), callback_url) {
+    // Requests with one Idempotency-Key are decided one at a time, so two
+    // different bodies sent at once under one key cannot both be stored.
+    let _key_turn = match &idem_key {
+        Some(k) => Some(state.key_turns[key_turn(k)].lock().await),
+        None => None,
+    };
+    let key_prefix = match &idem_key {
+        Some(k) => match key_identity_prefix(&state, k, &body) {
+            Ok(p) => Some(p),
+            Err(refusal) => return *refusal,
+        },
+        None => None,
+    };
+    let batch = match to_new_events(&state, &events, key_prefix.as_deref(), callback_url) {
         Ok(b) => b,
         Err(refusal) => return *refusal,
     };
     store(&state, batch).await
+}
+
+/// How many [`HttpState::key_turns`] there are.
+const KEY_TURNS: usize = 64;
+
+fn key_turn(key: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() as usize) % KEY_TURNS
+}
+
+/// The identity prefix of the events of a request sent with Idempotency-Key
+/// `key`: `http:{source}:keyb:{len}:{key}:{digest}:` (then the event's
+/// position), where the digest is of the body's bytes. The same key with
+/// the same body is the same request (its events are duplicates); the same
+/// key with another body is refused with 422, nothing stored. Requests
+/// stored by older versions (`http:{source}:key:{key}:{i}`, no digest) keep
+/// their identities.
+fn key_identity_prefix(state: &HttpState, key: &str, body: &[u8]) -> Result<String, Box<Response>> {
+    use sha2::{Digest, Sha256};
+    let src = &*state.name;
+    let outbox = &state.ctx.outbox;
+    let failed = |e: crate::outbox::OutboxError| {
+        tracing::error!(source = src, error = %e, "outbox read failed; nothing acknowledged");
+        count_rejected(src, "outbox_error");
+        Box::new(unavailable(
+            "outbox_error",
+            "the event store failed; nothing was stored, retry",
+        ))
+    };
+    let legacy = format!("http:{src}:key:{key}:");
+    if outbox
+        .identity_known(&format!("{legacy}0"))
+        .map_err(failed)?
+    {
+        return Ok(legacy);
+    }
+    let digest: String = Sha256::digest(body)
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let of_key = format!("http:{src}:keyb:{}:{key}:", key.len());
+    let ours = format!("{of_key}{digest}:");
+    match outbox.first_identity_with_prefix(&of_key).map_err(failed)? {
+        Some(known) if !known.starts_with(&ours) => {
+            count_rejected(src, "idempotency_key_reused");
+            Err(Box::new(error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another body; nothing was stored (a retry must send the same bytes)",
+            )))
+        }
+        _ => Ok(ours),
+    }
 }
 
 /// 413 for a body over `max` bytes.
@@ -393,7 +467,7 @@ fn request_options(
 fn to_new_events(
     state: &HttpState,
     events: &[serde_json::Value],
-    idem_key: Option<&str>,
+    key_prefix: Option<&str>,
     callback_url: Option<String>,
 ) -> Result<Vec<NewEvent>, Box<Response>> {
     let src = &*state.name;
@@ -414,8 +488,8 @@ fn to_new_events(
             )
                 .into_response()));
         }
-        let identity = match idem_key {
-            Some(k) => Some(format!("http:{src}:key:{k}:{i}")),
+        let identity = match key_prefix {
+            Some(prefix) => Some(format!("{prefix}{i}")),
             None => state
                 .cfg
                 .event_id_field
