@@ -220,6 +220,7 @@ async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: B
         .and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > max as u64) {
         count_rejected(src, "too_large");
+        discard(body, announced, &state.cfg).await;
         return too_large(max);
     }
     // Room for the body (announced, or the largest allowed) among the
@@ -227,6 +228,7 @@ async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: B
     let want = announced.map_or(max, |n| n as usize).max(1) as u32;
     let Ok(_room) = state.inflight.clone().try_acquire_many_owned(want) else {
         count_rejected(src, "busy");
+        discard(body, announced, &state.cfg).await;
         return unavailable(
             "busy",
             "too many request bodies are being read; retry shortly",
@@ -344,6 +346,31 @@ fn key_identity_prefix(state: &HttpState, key: &str, body: &[u8]) -> Result<Stri
             )))
         }
         _ => Ok(ours),
+    }
+}
+
+/// Longest time a refused body is read and dropped before the answer.
+const DISCARD_FOR: Duration = Duration::from_secs(1);
+
+/// Read and drop what an authenticated client is still sending of a body
+/// that is refused (what it announced, at most 64 MiB, for at most
+/// [`DISCARD_FOR`]), so it reads the answer instead of a connection reset.
+/// Nothing is kept.
+async fn discard(body: Body, announced: Option<u64>, cfg: &HttpSourceConfig) {
+    use http_body_util::BodyExt;
+    const MOST: u64 = 64 * 1024 * 1024;
+    let mut body = body;
+    let mut left = announced.unwrap_or(cfg.max_body_bytes as u64).min(MOST) as usize;
+    // Briefly: a client that sends nothing more gets its answer anyway.
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(cfg.body_read_timeout_ms).min(DISCARD_FOR);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                left = left.saturating_sub(f.data_ref().map_or(0, |d| d.len()));
+            }
+            _ => break,
+        }
     }
 }
 
