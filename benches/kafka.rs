@@ -168,6 +168,7 @@ where
 async fn outbox_only(n: usize) -> Duration {
     use duvo_bridge::mapping::{Mapper, MappingConfig};
     use duvo_bridge::outbox::NewEvent;
+    use duvo_bridge::raw_json::RawEvent;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut ocfg = OutboxConfig::new(dir.path().join("outbox"));
     ocfg.high_water_events = (n as u64) * 2;
@@ -181,12 +182,13 @@ async fn outbox_only(n: usize) -> Duration {
     let queue = uuid::Uuid::new_v4();
     let events: Vec<NewEvent> = (0..n)
         .map(|i| {
-            let v = serde_json::json!({"order_id": format!("ORD-{i:07}"), "channel": "web", "amount": i});
+            let v = serde_json::json!({"order_id": format!("ORD-{i:07}"), "channel": "web", "amount": i})
+                .to_string();
             NewEvent {
                 source: "bench".into(),
                 identity: Some(format!("kafka:bench:{TOPIC}:{}:{i}", i % 6)),
                 queue_id: queue,
-                case: mapper.map(&v),
+                case: mapper.map(&RawEvent::parse(&v).expect("an object")),
                 received_at_ms: 0,
                 origin: None,
             }

@@ -17,6 +17,7 @@ pub mod kafka;
 pub mod listener;
 pub mod mapping;
 pub mod outbox;
+pub mod raw_json;
 pub mod reload;
 pub mod report;
 pub mod retry;

@@ -27,10 +27,10 @@
 //! * `{{` and `}}` are a literal `{` and `}`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+use crate::raw_json::{Field, RawEvent};
 
 use crate::duvo::types::{Label, MAX_TITLE_CHARS, NewCase, Priority};
 
@@ -195,13 +195,13 @@ impl Mapper {
         })
     }
 
-    /// Map one event. `data` is the event as compact JSON (the original
-    /// event, so reports and humans working the case see exactly what came
-    /// in). The title is trimmed and cut to [`MAX_TITLE_CHARS`] characters
+    /// Map one event. `data` is the event's text byte for byte as the
+    /// producer sent it (so reports and humans working the case see exactly
+    /// what came in, big numbers and key order included). The title is trimmed and cut to [`MAX_TITLE_CHARS`] characters
     /// (never splitting a character, ending in `…` when cut); an empty title
     /// becomes `title_fallback`. Labels whose value renders empty (or blank) are
     /// skipped. Never fails: missing fields fall back.
-    pub fn map(&self, event: &Value) -> NewCase {
+    pub fn map(&self, event: &RawEvent<'_>) -> NewCase {
         let title = clean(&self.title.render(Some(event)));
         let title = match title.trim() {
             "" => self.title_fallback.clone(),
@@ -209,7 +209,7 @@ impl Mapper {
         };
         NewCase {
             title,
-            data: Some(event.to_string()),
+            data: Some(event.text().to_owned()),
             labels: self.render_labels(Some(event)),
             priority: self.priority_for(Some(event)),
         }
@@ -228,7 +228,7 @@ impl Mapper {
         }
     }
 
-    fn render_labels(&self, event: Option<&Value>) -> Vec<Label> {
+    fn render_labels(&self, event: Option<&RawEvent<'_>>) -> Vec<Label> {
         self.labels
             .iter()
             .filter_map(|(key, template)| {
@@ -241,14 +241,15 @@ impl Mapper {
             .collect()
     }
 
-    fn priority_for(&self, event: Option<&Value>) -> Option<Priority> {
+    fn priority_for(&self, event: Option<&RawEvent<'_>>) -> Option<Priority> {
         let from_field = self
             .priority_field
             .as_ref()
             .zip(event)
-            .and_then(|(ptr, event)| ptr.resolve(event))
-            .and_then(Value::as_str)
-            .and_then(parse_priority);
+            .and_then(|(ptr, event)| match ptr.resolve(event) {
+                Some(Field::String(s)) => parse_priority(&s),
+                _ => None,
+            });
         from_field.or(self.priority)
     }
 }
@@ -336,14 +337,8 @@ impl Pointer {
         Ok(Pointer { tokens })
     }
 
-    fn resolve<'v>(&self, root: &'v Value) -> Option<&'v Value> {
-        self.tokens
-            .iter()
-            .try_fold(root, |target, token| match target {
-                Value::Object(map) => map.get(token),
-                Value::Array(items) => array_index(token).and_then(|i| items.get(i)),
-                _ => None,
-            })
+    fn resolve<'a>(&self, event: &RawEvent<'a>) -> Option<Field<'a>> {
+        event.lookup(&self.tokens)
     }
 }
 
@@ -365,14 +360,6 @@ fn unescape_token(token: &str) -> Result<String, String> {
         }
     }
     Ok(out)
-}
-
-/// RFC 6901 array index: `0` or digits without a leading zero.
-fn array_index(token: &str) -> Option<usize> {
-    let valid = !token.is_empty()
-        && token.bytes().all(|b| b.is_ascii_digit())
-        && (token == "0" || !token.starts_with('0'));
-    if valid { token.parse().ok() } else { None }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -464,24 +451,21 @@ impl Template {
 
     /// Render against `event`; `None` (no JSON event) renders every
     /// placeholder as missing.
-    fn render(&self, event: Option<&Value>) -> String {
+    fn render(&self, event: Option<&RawEvent<'_>>) -> String {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Literal(s) => out.push_str(s),
                 Part::Field { pointer, fallback } => {
-                    match event.and_then(|e| pointer.resolve(e)) {
-                        None | Some(Value::Null) => {
+                    match event
+                        .and_then(|e| pointer.resolve(e))
+                        .and_then(|f| f.render())
+                    {
+                        Some(text) => out.push_str(&text),
+                        None => {
                             if let Some(f) = fallback {
                                 out.push_str(f);
                             }
-                        }
-                        Some(Value::String(s)) => out.push_str(s),
-                        // Display of a Value is compact JSON; writing into a
-                        // String cannot fail.
-                        Some(v) => {
-                            use fmt::Write as _;
-                            let _ = write!(out, "{v}");
                         }
                     }
                 }
@@ -505,7 +489,35 @@ pub fn default_title_fallback() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    /// Tests write events with `json!`; sources hand the mapper text.
+    trait MapValue {
+        fn map_value(&self, event: &Value) -> NewCase;
+    }
+
+    impl MapValue for Mapper {
+        fn map_value(&self, event: &Value) -> NewCase {
+            let text = event.to_string();
+            self.map(&RawEvent::parse(&text).unwrap())
+        }
+    }
+
+    #[test]
+    fn data_is_the_producers_text_and_big_numbers_stay_exact() {
+        let mut cfg = MappingConfig {
+            title: "Order {/order_id}".into(),
+            ..MappingConfig::default()
+        };
+        cfg.labels.insert("amount".into(), "{/amount}".into());
+        let m = Mapper::new(&cfg).unwrap();
+        let text =
+            r#"{ "order_id": 123456789012345678901234567890, "amount": 1e-999, "z":1, "a":[ 1 ] }"#;
+        let case = m.map(&RawEvent::parse(text).unwrap());
+        assert_eq!(case.data.as_deref(), Some(text));
+        assert_eq!(case.title, "Order 123456789012345678901234567890");
+        assert_eq!(case.labels[0].value, "1e-999");
+    }
+    use serde_json::{Value, json};
 
     fn mapper(title: &str) -> Mapper {
         Mapper::new(&MappingConfig {
@@ -527,37 +539,40 @@ mod tests {
             "customer": {"name": "Ada"},
             "items": [{"sku": "A"}, {"sku": "B"}]
         });
-        assert_eq!(m.map(&ev).title, "Order ORD-1 for Ada (B)");
+        assert_eq!(m.map_value(&ev).title, "Order ORD-1 for Ada (B)");
     }
 
     #[test]
     fn escaped_pointer_tokens() {
         let m = mapper("{/a~1b}|{/m~0n}|{/x~01}");
         let ev = json!({"a/b": "slash", "m~n": "tilde", "x~1": "literal"});
-        assert_eq!(m.map(&ev).title, "slash|tilde|literal");
+        assert_eq!(m.map_value(&ev).title, "slash|tilde|literal");
     }
 
     #[test]
     fn numbers_bools_objects_and_arrays_render_as_json() {
         let m = mapper("{/n} {/f} {/b} {/o} {/a}");
         let ev = json!({"n": 42, "f": 1.5, "b": true, "o": {"k": "v", "z": [1]}, "a": [1, "x"]});
-        assert_eq!(m.map(&ev).title, r#"42 1.5 true {"k":"v","z":[1]} [1,"x"]"#);
+        assert_eq!(
+            m.map_value(&ev).title,
+            r#"42 1.5 true {"k":"v","z":[1]} [1,"x"]"#
+        );
     }
 
     #[test]
     fn missing_or_null_fields_use_the_fallback() {
         let m = mapper("A={/a|none} B={/b|nil} C={/c}. D={/d/e|deep}");
         let ev = json!({"b": null, "d": "not an object"});
-        assert_eq!(m.map(&ev).title, "A=none B=nil C=. D=deep");
+        assert_eq!(m.map_value(&ev).title, "A=none B=nil C=. D=deep");
         // Present-but-empty is not missing.
-        assert_eq!(m.map(&json!({"a": ""})).title, "A= B=nil C=. D=deep");
+        assert_eq!(m.map_value(&json!({"a": ""})).title, "A= B=nil C=. D=deep");
     }
 
     #[test]
     fn array_indices_follow_rfc6901() {
         let m = mapper("[{/a/0|-}{/a/01|x}{/a/-|y}{/a/9|z}]");
         assert_eq!(
-            m.map(&json!({"a": ["first", "second"]})).title,
+            m.map_value(&json!({"a": ["first", "second"]})).title,
             "[firstxyz]"
         );
     }
@@ -565,7 +580,7 @@ mod tests {
     #[test]
     fn doubled_braces_are_literal() {
         let m = mapper("{{literal}} {{{/id}}}");
-        assert_eq!(m.map(&json!({"id": 7})).title, "{literal} {7}");
+        assert_eq!(m.map_value(&json!({"id": 7})).title, "{literal} {7}");
     }
 
     #[test]
@@ -576,17 +591,16 @@ mod tests {
             ..MappingConfig::default()
         })
         .expect("valid");
-        assert_eq!(m.map(&json!({})).title, "No subject");
-        assert_eq!(m.map(&json!({"subject": "   "})).title, "No subject");
-        assert_eq!(m.map(&json!({"subject": "  Hi  "})).title, "Hi");
+        assert_eq!(m.map_value(&json!({})).title, "No subject");
+        assert_eq!(m.map_value(&json!({"subject": "   "})).title, "No subject");
+        assert_eq!(m.map_value(&json!({"subject": "  Hi  "})).title, "Hi");
     }
 
     #[test]
     fn default_config_maps_any_event() {
         let m = Mapper::new(&MappingConfig::default()).expect("defaults are valid");
-        assert_eq!(m.map(&json!({"id": "e-1"})).title, "Event e-1");
-        assert_eq!(m.map(&json!([1, 2])).title, "Event (no id)");
-        let case = m.map(&json!({"id": 5, "x": "y"}));
+        assert_eq!(m.map_value(&json!({"id": "e-1"})).title, "Event e-1");
+        let case = m.map_value(&json!({"id": 5, "x": "y"}));
         assert_eq!(case.data.as_deref(), Some(r#"{"id":5,"x":"y"}"#));
         assert!(case.labels.is_empty());
         assert_eq!(case.priority, None);
@@ -608,7 +622,7 @@ mod tests {
             "id": "A\u{0}B\r\nC\u{202E}gpj.exe\u{2066}",
             "note": "x".repeat(2000) + "\u{200F}",
         });
-        let c = m.map(&ev);
+        let c = m.map_value(&ev);
         assert_eq!(c.title, "Order A B  Cgpj.exe");
         let note = &c.labels[0].value;
         assert_eq!(note.chars().count(), MAX_LABEL_VALUE_CHARS);
@@ -623,21 +637,21 @@ mod tests {
         let m = mapper("{/t}");
         let t: String = "é🙂".repeat(250);
         assert_eq!(t.chars().count(), 500);
-        assert_eq!(m.map(&json!({ "t": t })).title, t);
+        assert_eq!(m.map_value(&json!({ "t": t })).title, t);
     }
 
     #[test]
     fn long_title_is_cut_to_500_chars_with_ellipsis() {
         let m = mapper("{/t}");
         let t: String = "日本🙂".repeat(200); // 600 chars, 3- and 4-byte
-        let title = m.map(&json!({ "t": t })).title;
+        let title = m.map_value(&json!({ "t": t })).title;
         assert_eq!(title.chars().count(), MAX_TITLE_CHARS);
         assert!(title.ends_with('…'));
         let kept: String = t.chars().take(MAX_TITLE_CHARS - 1).collect();
         assert_eq!(title, format!("{kept}…"));
 
         let t501 = "ü".repeat(501);
-        let title = m.map(&json!({ "t": t501 })).title;
+        let title = m.map_value(&json!({ "t": t501 })).title;
         assert_eq!(title, format!("{}…", "ü".repeat(499)));
     }
 
@@ -744,7 +758,7 @@ mod tests {
             ..MappingConfig::default()
         })
         .expect("valid");
-        let case = m.map(&json!({"geo": {"region": "eu"}, "shop_id": 12}));
+        let case = m.map_value(&json!({"geo": {"region": "eu"}, "shop_id": 12}));
         let label = |k: &str, v: &str| Label {
             key: k.into(),
             value: v.into(),
@@ -774,7 +788,7 @@ mod tests {
             ..MappingConfig::default()
         })
         .expect("valid");
-        let prio = |ev: Value| m.map(&ev).priority;
+        let prio = |ev: Value| m.map_value(&ev).priority;
         assert_eq!(
             prio(json!({"meta": {"severity": "HIGH"}})),
             Some(Priority::High)
@@ -800,10 +814,10 @@ mod tests {
         })
         .expect("valid");
         assert_eq!(
-            no_static.map(&json!({"p": "Medium"})).priority,
+            no_static.map_value(&json!({"p": "Medium"})).priority,
             Some(Priority::Medium)
         );
-        assert_eq!(no_static.map(&json!({"p": "x"})).priority, None);
+        assert_eq!(no_static.map_value(&json!({"p": "x"})).priority, None);
     }
 
     #[test]

@@ -262,6 +262,7 @@ const LAYERS: &[&str] = &[
     "kafka",
     "listener",
     "duvo",
+    "raw_json",
     "mapping",
     "admin",
     "shutdown",

@@ -792,3 +792,44 @@ async fn an_idempotency_key_reused_with_another_body_is_refused_and_stores_nothi
     assert_eq!(h.bridge.outbox.stats().appended, 7);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn data_arrives_byte_for_byte_and_big_integer_ids_stay_distinct() {
+    let h = Harness::start(sim_config(), |cfg| {
+        if let duvo_bridge::config::SourceConfig::Http(s) = &mut cfg.sources[0] {
+            s.event_id_field = Some("/order_id".into());
+        }
+    })
+    .await;
+    // Two ids that are the same f64; numbers a parser would rewrite; a
+    // duplicate key; odd spacing. Sent as NDJSON so each line is an event.
+    let a = r#"{"order_id": 123456789012345678901234567890, "amount":1e-999, "big": 1e999, "k":1,"k":2}"#;
+    let b = r#"{ "order_id" : 123456789012345678901234567891 , "channel":"web" }"#;
+    let r = h
+        .client
+        .post(format!("http://{}/v1/events", h.addr))
+        .header("content-type", "application/x-ndjson")
+        .body(format!("{a}\n{b}\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["stored"], 2, "two ids, two events: {v}");
+    expect_cases(&h.sim, 2, 20).await;
+    let mut cases: Vec<(String, String)> = h
+        .sim
+        .cases()
+        .into_iter()
+        .map(|c| (c.title, c.data.unwrap_or_default()))
+        .collect();
+    cases.sort();
+    assert_eq!(
+        cases,
+        vec![
+            ("Order 123456789012345678901234567890".into(), a.into()),
+            ("Order 123456789012345678901234567891".into(), b.into()),
+        ]
+    );
+    h.stop().await;
+}

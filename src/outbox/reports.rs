@@ -69,8 +69,8 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub case_updated_at: Option<String>,
     pub title: String,
-    /// The original event as the case's `data` carried it (the event's
-    /// compact JSON, or its text for non-JSON payloads).
+    /// The original event as the case's `data` carried it (the producer's
+    /// JSON text, or the text of a non-JSON payload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
     pub created_at_ms: u64,
@@ -82,25 +82,47 @@ pub struct Report {
 impl Report {
     /// The JSON document every reporter sends (HTTP body, AMQP and Kafka
     /// payload): `report_id`, `source`, `event_id`, `case_id`, `queue_id`,
-    /// `status`, `reason`, `updated_at`, `title` and the original `event`
-    /// (parsed back to JSON when it is JSON, else a string).
-    pub fn body(&self) -> serde_json::Value {
+    /// `status`, `reason`, `updated_at`, `title` and the original `event`:
+    /// embedded as the producer's JSON text, byte for byte, when it is a
+    /// JSON document, else as a string.
+    pub fn body(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Event<'a> {
+            Json(&'a serde_json::value::RawValue),
+            Text(&'a str),
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            report_id: String,
+            source: &'a str,
+            event_id: EventId,
+            case_id: Option<Uuid>,
+            queue_id: Uuid,
+            status: ReportStatus,
+            reason: Option<&'a str>,
+            updated_at: Option<&'a str>,
+            title: &'a str,
+            event: Option<Event<'a>>,
+        }
         let event = self.event.as_deref().map(|e| {
-            serde_json::from_str::<serde_json::Value>(e)
-                .unwrap_or_else(|_| serde_json::Value::String(e.to_string()))
+            serde_json::from_str::<&serde_json::value::RawValue>(e)
+                .map(Event::Json)
+                .unwrap_or(Event::Text(e))
         });
-        serde_json::json!({
-            "report_id": self.id.to_string(),
-            "source": self.source,
-            "event_id": self.event_id,
-            "case_id": self.case_id,
-            "queue_id": self.queue_id,
-            "status": self.status,
-            "reason": self.reason,
-            "updated_at": self.case_updated_at,
-            "title": self.title,
-            "event": event,
+        serde_json::to_vec(&Body {
+            report_id: self.id.to_string(),
+            source: &self.source,
+            event_id: self.event_id,
+            case_id: self.case_id,
+            queue_id: self.queue_id,
+            status: self.status,
+            reason: self.reason.as_deref(),
+            updated_at: self.case_updated_at.as_deref(),
+            title: &self.title,
+            event,
         })
+        .expect("a report always serialises")
     }
 }
 
@@ -263,5 +285,43 @@ impl Outbox {
     fn publish_reports(&self) {
         let n = lock(&self.inner.reports).len();
         metrics::gauge!("duvo_bridge_reports_pending").set(n as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(event: Option<&str>) -> Report {
+        Report {
+            id: 9,
+            source: "oms".into(),
+            event_id: EventId(3),
+            origin: None,
+            queue_id: Uuid::nil(),
+            case_id: None,
+            status: ReportStatus::Failed,
+            reason: Some("gave up".into()),
+            case_updated_at: None,
+            title: "Order 1".into(),
+            event: event.map(str::to_owned),
+            created_at_ms: 0,
+            attempts: 0,
+        }
+    }
+
+    #[test]
+    fn the_body_embeds_the_producers_json_byte_for_byte() {
+        let text = r#"{"order_id": 123456789012345678901234567890, "x":1e-999,"x":2}"#;
+        let body = String::from_utf8(report(Some(text)).body()).unwrap();
+        assert!(body.contains(&format!(r#""event":{text}"#)), "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["report_id"], "9");
+        assert_eq!(v["status"], "failed");
+        // A payload that is not JSON is a string; no event is null.
+        let v: serde_json::Value = serde_json::from_slice(&report(Some("plain")).body()).unwrap();
+        assert_eq!(v["event"], "plain");
+        let v: serde_json::Value = serde_json::from_slice(&report(None).body()).unwrap();
+        assert!(v["event"].is_null());
     }
 }

@@ -462,7 +462,7 @@ impl Reporter for AmqpReporter {
 
     fn send<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<(), ReportError>> {
         Box::pin(async move {
-            let body = serde_json::to_vec(&report.body()).expect("JSON values always serialise");
+            let body = report.body();
             let props = self.properties(report);
             let report_id = report.id.to_string();
             let mut last = None;

@@ -145,7 +145,7 @@ impl Reporter for HttpReporter {
             } else {
                 &self.client
             };
-            let body = serde_json::to_vec(&report.body()).expect("JSON values always serialise");
+            let body = report.body();
             let sig = signature(self.secret.expose().as_bytes(), &body);
             let resp = client
                 .post(url)

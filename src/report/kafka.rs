@@ -99,8 +99,7 @@ impl KafkaReporter {
     }
 
     async fn produce(&self, report: &Report) -> Result<(), ReportError> {
-        let body = serde_json::to_vec(&report.body())
-            .map_err(|e| ReportError::Refused(format!("encoding the report: {e}")))?;
+        let body = report.body();
         let report_id = report.id.to_string();
         let event_id = report.event_id.to_string();
         let queue_id = report.queue_id.to_string();

@@ -12,12 +12,17 @@
 //! the events that were fine the first time.
 //!
 //! Bodies run up to 1 MiB with hundreds of events, so decoding is a single
-//! pass: UTF-8 is validated once, each event is parsed once, and positions
-//! (line, column) are only computed on the error path.
+//! pass: UTF-8 is validated once, each event is syntax-checked once and kept
+//! as a slice of the body ([`RawEvent`]: the producer's bytes, nothing
+//! re-serialised, no parsed tree held), and positions (line, column) are
+//! only computed on the error path.
 
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::raw_json::RawEvent;
 
 /// How the body's events are framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -152,7 +157,7 @@ pub fn decode_events(
     body: &[u8],
     format: BodyFormat,
     max_events: usize,
-) -> Result<Vec<Value>, DecodeError> {
+) -> Result<Vec<RawEvent<'_>>, DecodeError> {
     // Some Windows tools prepend a BOM; serde_json rejects it, senders do
     // not see it, so drop it and count positions without it.
     let (bom_len, body) = match body.strip_prefix(UTF8_BOM) {
@@ -174,34 +179,36 @@ pub fn decode_events(
     }
 }
 
-fn decode_json(text: &str, max: usize) -> Result<Vec<Value>, DecodeError> {
+fn decode_json(text: &str, max: usize) -> Result<Vec<RawEvent<'_>>, DecodeError> {
     let bytes = text.as_bytes();
     let start = skip_ws(bytes, 0);
     match bytes.get(start) {
         None => Err(DecodeError::Empty),
         Some(b'[') => decode_json_array(text, start, max),
         Some(_) => {
-            let value: Value = serde_json::from_str(text).map_err(|e| malformed(text, 0, &e))?;
-            if !value.is_object() {
-                return Err(DecodeError::NotAnObject {
-                    index: 0,
-                    line: position(bytes, start).0,
-                });
-            }
+            let raw: &RawValue = serde_json::from_str(text).map_err(|e| malformed(text, 0, &e))?;
+            let event = RawEvent::from_raw(raw).map_err(|_| DecodeError::NotAnObject {
+                index: 0,
+                line: position(bytes, start).0,
+            })?;
             if max == 0 {
                 return Err(DecodeError::TooManyEvents { count: 1, max });
             }
-            Ok(vec![value])
+            Ok(vec![event])
         }
     }
 }
 
 /// Walk the top-level array element by element rather than parsing it into
-/// one `Value` first: each element is parsed exactly once, straight into its
-/// own event, and its start offset is known, so a non-object element can be
+/// one value first: each element is checked exactly once, kept as its own
+/// slice of the body, and its start offset is known, so a non-object element can be
 /// reported with its line. Past `max` elements are only syntax-checked
 /// (`IgnoredAny`, no allocation) to report the true count.
-fn decode_json_array(text: &str, open: usize, max: usize) -> Result<Vec<Value>, DecodeError> {
+fn decode_json_array(
+    text: &str,
+    open: usize,
+    max: usize,
+) -> Result<Vec<RawEvent<'_>>, DecodeError> {
     let bytes = text.as_bytes();
     let mut pos = skip_ws(bytes, open + 1);
     let mut events = Vec::new();
@@ -217,17 +224,15 @@ fn decode_json_array(text: &str, open: usize, max: usize) -> Result<Vec<Value>, 
         }
         let element = &text[pos..];
         let consumed = if count < max {
-            let mut stream = serde_json::Deserializer::from_str(element).into_iter::<Value>();
+            let mut stream = serde_json::Deserializer::from_str(element).into_iter::<&RawValue>();
             match stream.next() {
-                Some(Ok(value)) if value.is_object() => {
-                    events.push(value);
-                    stream.byte_offset()
-                }
-                Some(Ok(_)) => {
-                    return Err(DecodeError::NotAnObject {
+                Some(Ok(raw)) => {
+                    let event = RawEvent::from_raw(raw).map_err(|_| DecodeError::NotAnObject {
                         index: count,
                         line: position(bytes, pos).0,
-                    });
+                    })?;
+                    events.push(event);
+                    stream.byte_offset()
                 }
                 Some(Err(e)) => return Err(malformed(text, pos, &e)),
                 None => return Err(malformed_at(text, pos, "EOF while parsing a list")),
@@ -277,7 +282,7 @@ fn check_trailing(text: &str, pos: usize) -> Result<(), DecodeError> {
 const TRAILING_HINT: &str = "trailing characters after the JSON value (to send several events, \
      wrap them in a JSON array or send one per line with Content-Type: application/x-ndjson)";
 
-fn decode_ndjson(text: &str, max: usize) -> Result<Vec<Value>, DecodeError> {
+fn decode_ndjson(text: &str, max: usize) -> Result<Vec<RawEvent<'_>>, DecodeError> {
     let mut events = Vec::new();
     let mut count = 0usize;
     let mut line_start = 0usize;
@@ -298,15 +303,13 @@ fn decode_ndjson(text: &str, max: usize) -> Result<Vec<Value>, DecodeError> {
             // Keep counting (cheaply, without parsing) to report the total.
             continue;
         }
-        let value: Value =
+        let raw: &RawValue =
             serde_json::from_str(content).map_err(|e| malformed(text, base + skip, &e))?;
-        if !value.is_object() {
-            return Err(DecodeError::NotAnObject {
-                index: count - 1,
-                line: i + 1,
-            });
-        }
-        events.push(value);
+        let event = RawEvent::from_raw(raw).map_err(|_| DecodeError::NotAnObject {
+            index: count - 1,
+            line: i + 1,
+        })?;
+        events.push(event);
     }
     if count == 0 {
         return Err(DecodeError::Empty);
@@ -387,12 +390,37 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// The events as parsed values (what they mean; the byte-exact test
+    /// below checks their text).
+    fn values(events: Vec<RawEvent<'_>>) -> Vec<Value> {
+        events
+            .iter()
+            .map(|e| serde_json::from_str(e.text()).unwrap())
+            .collect()
+    }
+
     fn json(body: &str) -> Result<Vec<Value>, DecodeError> {
-        decode_events(body.as_bytes(), BodyFormat::Json, 1000)
+        decode_events(body.as_bytes(), BodyFormat::Json, 1000).map(values)
     }
 
     fn ndjson(body: &str) -> Result<Vec<Value>, DecodeError> {
-        decode_events(body.as_bytes(), BodyFormat::Ndjson, 1000)
+        decode_events(body.as_bytes(), BodyFormat::Ndjson, 1000).map(values)
+    }
+
+    #[test]
+    fn events_are_the_bodys_bytes() {
+        let a = r#"{"id": 123456789012345678901234567890, "x":1e-999,"x":2}"#;
+        let b = r#"{ "k" : [1.50, "é"] }"#;
+        for (body, format) in [
+            (format!(" {a} \n"), BodyFormat::Json),
+            (format!("[ {a} ,\n{b}]"), BodyFormat::Json),
+            (format!("{a}  \r\n\u{1e}{b}\n"), BodyFormat::Ndjson),
+        ] {
+            let events = decode_events(body.as_bytes(), format, 10).unwrap();
+            let texts: Vec<&str> = events.iter().map(|e| e.text()).collect();
+            let want: &[&str] = if texts.len() == 1 { &[a] } else { &[a, b] };
+            assert_eq!(texts, want, "{body:?}");
+        }
     }
 
     fn malformed_pos(err: DecodeError) -> (usize, usize, String) {
@@ -441,7 +469,7 @@ mod tests {
         let mut body = UTF8_BOM.to_vec();
         body.extend_from_slice(b"{\"a\":1}");
         assert_eq!(
-            decode_events(&body, BodyFormat::Json, 10).unwrap(),
+            values(decode_events(&body, BodyFormat::Json, 10).unwrap()),
             vec![json!({"a": 1})]
         );
     }
@@ -627,7 +655,7 @@ mod tests {
         assert!(array.len() > 900_000);
         let events = decode_events(array.as_bytes(), BodyFormat::Json, 1000).unwrap();
         assert_eq!(events.len(), 1000);
-        assert!(events.iter().all(|e| *e == one));
+        assert!(values(events).iter().all(|e| *e == one));
 
         let lines: String = (0..1000).map(|_| format!("{one}\n")).collect();
         let events = decode_events(lines.as_bytes(), BodyFormat::Ndjson, 1000).unwrap();

@@ -45,7 +45,6 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -58,6 +57,7 @@ use crate::duvo::NewCase;
 use crate::encoding::base64;
 use crate::mapping::Mapper;
 use crate::outbox::{NewEvent, Origin};
+use crate::raw_json::RawEvent;
 use crate::retry::RetryPolicy;
 use crate::secret::{amqp_uri_password, scrub_password};
 
@@ -575,9 +575,9 @@ impl AmqpSource {
 
     /// Map one delivery to an outbox event, or say why it is refused.
     fn decode(&self, d: &Delivery, received_at_ms: u64, max_case_bytes: usize) -> Decoded {
-        let (case, json): (NewCase, Option<Value>) = match std::str::from_utf8(&d.data) {
-            Ok(text) => match serde_json::from_str::<Value>(text) {
-                Ok(v @ Value::Object(_)) => (self.mapper.map(&v), Some(v)),
+        let (case, json): (NewCase, Option<RawEvent<'_>>) = match std::str::from_utf8(&d.data) {
+            Ok(text) => match RawEvent::parse(text) {
+                Ok(ev) => (self.mapper.map(&ev), Some(ev)),
                 _ => match self.cfg.on_undecodable {
                     UndecodablePolicy::Wrap => (self.mapper.map_text(text), None),
                     UndecodablePolicy::Reject => return Decoded::Reject("not_json_object"),
@@ -627,7 +627,7 @@ impl AmqpSource {
     ///
     /// Also returns the producer's id (header, field or `message_id`) when
     /// there is one: the report's correlation id.
-    fn identity(&self, d: &Delivery, json: Option<&Value>) -> (String, Option<String>) {
+    fn identity(&self, d: &Delivery, json: Option<&RawEvent<'_>>) -> (String, Option<String>) {
         let src = &self.cfg.name;
         let from_header = self.cfg.message_id_header.as_deref().and_then(|h| {
             d.properties
@@ -638,11 +638,7 @@ impl AmqpSource {
         });
         let from_field = || {
             let p = self.cfg.message_id_field.as_deref()?;
-            match json?.pointer(p)? {
-                Value::String(s) if !s.is_empty() => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            }
+            json?.pointer(p)?.as_id()
         };
         let from_property = || {
             d.properties

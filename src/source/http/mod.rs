@@ -35,6 +35,7 @@ pub mod config;
 use crate::listener::ListenerLimits;
 use crate::mapping::Mapper;
 use crate::outbox::{EventId, NewEvent, Origin};
+use crate::raw_json::RawEvent;
 use crate::report::callback_policy::CallbackPolicy;
 use crate::secret::Secret;
 pub use config::HttpSourceConfig;
@@ -493,7 +494,7 @@ fn request_options(
 /// request when one case is too large for the API.
 fn to_new_events(
     state: &HttpState,
-    events: &[serde_json::Value],
+    events: &[RawEvent<'_>],
     key_prefix: Option<&str>,
     callback_url: Option<String>,
 ) -> Result<Vec<NewEvent>, Box<Response>> {
@@ -522,11 +523,7 @@ fn to_new_events(
                 .event_id_field
                 .as_deref()
                 .and_then(|p| ev.pointer(p))
-                .and_then(|v| match v {
-                    serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-                    serde_json::Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                })
+                .and_then(|v| v.as_id())
                 .map(|id| format!("http:{src}:id:{id}")),
         };
         batch.push(NewEvent {

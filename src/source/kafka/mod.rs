@@ -48,7 +48,6 @@ use rdkafka::message::{
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::Value;
 use uuid::Uuid;
 
 pub mod config;
@@ -66,6 +65,7 @@ use crate::kafka::{
 };
 use crate::mapping::Mapper;
 use crate::outbox::{NewEvent, Origin};
+use crate::raw_json::RawEvent;
 use crate::retry::RetryPolicy;
 
 /// How often backpressure is re-checked while partitions are paused.
@@ -798,12 +798,12 @@ impl KafkaSource {
                 What::Skip(reason)
             }
         };
-        let (case, json): (NewCase, Option<Value>) = match m.payload() {
+        let (case, json): (NewCase, Option<RawEvent<'_>>) = match m.payload() {
             // A tombstone (null value) carries nothing to make a case of.
             None => return refuse("null_value"),
             Some(bytes) => match std::str::from_utf8(bytes) {
-                Ok(text) => match serde_json::from_str::<Value>(text) {
-                    Ok(v @ Value::Object(_)) => (route.mapper.map(&v), Some(v)),
+                Ok(text) => match RawEvent::parse(text) {
+                    Ok(ev) => (route.mapper.map(&ev), Some(ev)),
                     _ if wrap => (route.mapper.map_text(text), None),
                     _ => return refuse("not_json_object"),
                 },
@@ -832,7 +832,12 @@ impl KafkaSource {
 
     /// Dedupe identity: the configured header, else the configured JSON
     /// field, else the record's coordinates.
-    fn identity(&self, m: &BorrowedMessage<'_>, topic: &str, json: Option<&Value>) -> String {
+    fn identity(
+        &self,
+        m: &BorrowedMessage<'_>,
+        topic: &str,
+        json: Option<&RawEvent<'_>>,
+    ) -> String {
         let src = &self.cfg.name;
         let from_header = || {
             let want = self.cfg.message_id_header.as_deref()?;
@@ -845,11 +850,7 @@ impl KafkaSource {
         };
         let from_field = || {
             let p = self.cfg.message_id_field.as_deref()?;
-            match json?.pointer(p)? {
-                Value::String(s) if !s.is_empty() => Some(s.clone()),
-                Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            }
+            json?.pointer(p)?.as_id()
         };
         match from_header().or_else(from_field) {
             Some(id) => format!("kafka:{src}:id:{id}"),
