@@ -366,6 +366,10 @@ fn describe_all() {
         "duvo_bridge_report_send_failures_total",
         "Report send attempts that were not acknowledged (retried), by source and reporter kind."
     );
+    describe_counter!(
+        "duvo_bridge_reports_given_up_total",
+        "Reports set aside as dead reports because their destination, a callback URL given with the request, failed for longer than callback_header_max_age_hours; by source and reporter kind."
+    );
     describe_gauge!(
         "duvo_bridge_report_destinations_backing_off",
         "Report destinations (callback URL, exchange and routing key, topic) whose last send failed and that get one probe per backoff period until one is acknowledged, by source."

@@ -38,7 +38,10 @@ fn ev(queue_id: Uuid, i: usize) -> NewEvent {
             priority: None,
         },
         received_at_ms: 1,
-        origin: Some(Origin::Http { callback_url: None }),
+        origin: Some(Origin::Http {
+            callback_url: None,
+            callback_ref: None,
+        }),
     }
 }
 
@@ -142,7 +145,13 @@ async fn a_listing_page_reports_failures_forgets_completions_and_moves_the_water
     assert_eq!(report.case_id, Some(cases[1]));
     assert_eq!(report.event_id, events[1]);
     assert_eq!(report.event.as_deref(), Some("{\"order_id\":1}"));
-    assert_eq!(report.origin, Some(Origin::Http { callback_url: None }));
+    assert_eq!(
+        report.origin,
+        Some(Origin::Http {
+            callback_url: None,
+            callback_ref: None,
+        })
+    );
 
     // The completed case is a tombstone now; the failed one is watched.
     let done = outbox.get(events[0]).unwrap().unwrap();
@@ -396,4 +405,149 @@ async fn a_batch_settled_behind_the_watermark_rewinds_both_streams() {
         again.reports, 0,
         "a re-read transition is not reported twice"
     );
+}
+
+/// Keys with `prefix` in the outbox's events tree, and whether any event
+/// record (`e` keys) contains `needle`; read with the outbox closed.
+fn raw_scan(dir: &tempfile::TempDir, prefix: u8, needle: &str) -> (usize, bool) {
+    let db = sled::open(dir.path().join("outbox")).unwrap();
+    let tree = db
+        .open_tree(duvo_bridge::outbox::record::EVENTS_TREE)
+        .unwrap();
+    let n = tree.scan_prefix([prefix]).count();
+    let found = tree.scan_prefix([b'e']).any(|kv| {
+        let (_, v) = kv.unwrap();
+        v.windows(needle.len()).any(|w| w == needle.as_bytes())
+    });
+    (n, found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_url_is_stored_once_reaches_its_reports_and_goes_with_its_last_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("https://oms.example/cb/{}", "x".repeat(1900));
+    let q = Uuid::new_v4();
+    let with_url = |i: usize| {
+        let mut e = ev(q, i);
+        e.origin = Some(Origin::Http {
+            callback_url: Some(url.clone()),
+            callback_ref: None,
+        });
+        e
+    };
+    let cases: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+    {
+        let outbox = Outbox::open(cfg(&dir, Duration::from_millis(50)))
+            .await
+            .unwrap();
+        outbox
+            .append((0..100).map(with_url).collect())
+            .await
+            .unwrap();
+        // The same request again: duplicates, no new references.
+        let again = outbox
+            .append((0..100).map(with_url).collect())
+            .await
+            .unwrap();
+        assert!(
+            again
+                .iter()
+                .all(|o| matches!(o, duvo_bridge::outbox::AppendOutcome::Duplicate(_)))
+        );
+        let batch = outbox.claim_batch(q, 100, 1 << 22).await.unwrap().unwrap();
+        outbox
+            .settle_delivered_at(&batch, &cases, Some(at(0)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        raw_scan(&dir, b'u', &url),
+        (1, false),
+        "one URL record; no event record holds the URL"
+    );
+
+    let outbox = Outbox::open(cfg(&dir, Duration::from_millis(50)))
+        .await
+        .unwrap();
+    let mut page = vec![listed(cases[0], q, CaseStatus::Failed, 1)];
+    page.extend(
+        cases[1..]
+            .iter()
+            .map(|c| listed(*c, q, CaseStatus::Completed, 1)),
+    );
+    let o = outbox
+        .apply_listing(q, ListingStream::Reports, &page, at(1))
+        .await
+        .unwrap();
+    assert_eq!((o.reports, o.finished), (1, 99));
+    let ids = outbox.pending_report_ids("oms", 10, &BTreeSet::new());
+    let report = outbox.report(ids[0]).unwrap().unwrap();
+    assert_eq!(
+        report.origin,
+        Some(Origin::Http {
+            callback_url: Some(url.clone()),
+            callback_ref: None,
+        }),
+        "the report carries the URL itself"
+    );
+    drop(outbox);
+    assert_eq!(
+        raw_scan(&dir, b'u', &url).0,
+        1,
+        "the watched case still refers to it"
+    );
+
+    let outbox = Outbox::open(cfg(&dir, Duration::from_millis(50)))
+        .await
+        .unwrap();
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 1_000;
+    let o = outbox.expire_tracking(later, 100).await.unwrap();
+    assert_eq!(o.forgotten, 1);
+    // The report outlives the record it came from.
+    assert_eq!(
+        outbox.report(ids[0]).unwrap().unwrap().origin,
+        report.origin
+    );
+    drop(outbox);
+    assert_eq!(raw_scan(&dir, b'u', &url).0, 0, "the last reference went");
+}
+
+#[tokio::test]
+async fn purging_tombstones_releases_their_callback_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(&dir, Duration::from_secs(3600));
+    c.tracking.as_mut().unwrap().track_cases = false;
+    let q = Uuid::new_v4();
+    {
+        let outbox = Outbox::open(c.clone()).await.unwrap();
+        let events = (0..10)
+            .map(|i| {
+                let mut e = ev(q, i);
+                e.origin = Some(Origin::Http {
+                    callback_url: Some(format!("https://oms.example/cb/{}", i % 2)),
+                    callback_ref: None,
+                });
+                e
+            })
+            .collect();
+        outbox.append(events).await.unwrap();
+        let batch = outbox.claim_batch(q, 100, 1 << 20).await.unwrap().unwrap();
+        let cases: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+        outbox
+            .settle_delivered_at(&batch, &cases, None)
+            .await
+            .unwrap();
+        outbox.flush().await.unwrap();
+    }
+    assert_eq!(raw_scan(&dir, b'u', "oms.example").0, 2);
+    {
+        let outbox = Outbox::open(c.clone()).await.unwrap();
+        assert_eq!(outbox.purge_expired(u64::MAX / 2).unwrap(), 10);
+        outbox.flush().await.unwrap();
+    }
+    assert_eq!(raw_scan(&dir, b'u', "oms.example"), (0, false));
 }

@@ -19,6 +19,7 @@
 //!
 //! The on-disk layout is described in [`record`].
 
+mod callbacks;
 pub mod config;
 pub mod durable;
 mod flusher;
@@ -43,6 +44,7 @@ pub use types::{
     ReadySummary, TrackPhase, Tracking, TrackingPolicy, Transition,
 };
 
+use callbacks::{CallbackLock, CallbackRefs};
 use flusher::FlushShared;
 use index::{ReadyEntry, ReadyIndex};
 use record::{
@@ -51,7 +53,7 @@ use record::{
     event_key, expiry_key, expiry_key_id, identity_key, key_u64, report_key, watermark_key,
 };
 use reports::ReportIndex;
-pub use reports::{Report, ReportStatus};
+pub use reports::{DeadReport, Report, ReportStatus};
 use tracking::TrackIndex;
 
 use crate::clock::now_ms;
@@ -103,6 +105,7 @@ pub(crate) struct Inner {
     rewinds: Mutex<HashMap<(Uuid, ListingStream), chrono::DateTime<chrono::Utc>>>,
     reports: Mutex<ReportIndex>,
     report_notify: Notify,
+    callback_lock: CallbackLock,
     appended: AtomicU64,
     duplicates: AtomicU64,
     corrupt: AtomicU64,
@@ -171,6 +174,7 @@ impl Outbox {
             rewinds: Mutex::new(HashMap::new()),
             reports: Mutex::new(opened.reports),
             report_notify: Notify::new(),
+            callback_lock: CallbackLock::default(),
             appended: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             corrupt: AtomicU64::new(opened.corrupt),
@@ -201,7 +205,10 @@ impl Outbox {
         }
         // Encode outside the lock: it is the CPU-heavy part.
         let mut prepared = Vec::with_capacity(events.len());
-        for ev in events {
+        for mut ev in events {
+            // Stored once per distinct URL (`callbacks`); counted below for
+            // the events actually stored.
+            let callback = CallbackRefs::intern(&mut ev.origin);
             let size = case_body_size(&ev.case)?;
             let rec = EventRecord {
                 source: ev.source,
@@ -216,7 +223,14 @@ impl Outbox {
                 tracking: None,
             };
             let bytes = encode(&rec)?;
-            prepared.push((rec.identity, rec.queue_id, rec.received_at_ms, size, bytes));
+            prepared.push((
+                rec.identity,
+                rec.queue_id,
+                rec.received_at_ms,
+                size,
+                bytes,
+                callback,
+            ));
         }
 
         let inner = &self.inner;
@@ -227,7 +241,8 @@ impl Outbox {
             let mut seen: HashMap<String, EventId> = HashMap::new();
             let mut entries: Vec<(Uuid, ReadyEntry)> = Vec::new();
             let mut duplicates = 0u64;
-            for (identity, queue_id, received_at_ms, size, bytes) in prepared {
+            let mut callbacks = CallbackRefs::default();
+            for (identity, queue_id, received_at_ms, size, bytes, callback) in prepared {
                 if let Some(identity) = &identity {
                     if let Some(first) = seen.get(identity) {
                         outcomes.push(AppendOutcome::Duplicate(*first));
@@ -244,6 +259,9 @@ impl Outbox {
                 }
                 let id = inner.db.generate_id()?;
                 batch.insert(&event_key(id)[..], bytes);
+                if let Some(c) = callback {
+                    callbacks.acquire(c);
+                }
                 if let Some(identity) = identity {
                     batch.insert(identity_key(&identity), encode(&id)?);
                     seen.insert(identity, EventId(id));
@@ -260,6 +278,7 @@ impl Outbox {
             }
             let stored = entries.len() as u64;
             if stored > 0 {
+                let _c = callbacks.write(&inner.callback_lock, &inner.events, &mut batch)?;
                 inner.events.apply_batch(batch)?;
                 let mut ix = lock(&inner.index);
                 for (queue_id, entry) in entries {
@@ -799,6 +818,7 @@ impl Outbox {
         let range = expiry_key(0, 0)..=expiry_key(cutoff, u64::MAX);
         let mut removed = 0usize;
         let mut sb = sled::Batch::default();
+        let mut callbacks = CallbackRefs::default();
         let mut pending = 0usize;
         for item in inner.events.range(range) {
             let (key, _) = item?;
@@ -808,6 +828,7 @@ impl Outbox {
                 match self.read_event(id) {
                     Ok(Some(ev)) if ev.state.is_settled() && !ev.is_tracked() => {
                         sb.remove(&event_key(id)[..]);
+                        callbacks.release(ev.origin.as_ref());
                         if let Some(identity) = &ev.identity {
                             let ik = identity_key(identity);
                             // Only if the identity still points at this event.
@@ -830,11 +851,18 @@ impl Outbox {
                 }
             }
             if pending >= PURGE_CHUNK {
-                inner.events.apply_batch(std::mem::take(&mut sb))?;
+                let mut chunk = std::mem::take(&mut sb);
+                let _c = std::mem::take(&mut callbacks).write(
+                    &inner.callback_lock,
+                    &inner.events,
+                    &mut chunk,
+                )?;
+                inner.events.apply_batch(chunk)?;
                 pending = 0;
             }
         }
         if pending > 0 {
+            let _c = callbacks.write(&inner.callback_lock, &inner.events, &mut sb)?;
             inner.events.apply_batch(sb)?;
         }
         Ok(removed)

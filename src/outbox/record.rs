@@ -15,6 +15,8 @@
 //! | `x` + deadline_ms (u64 BE) + id       | empty record (tracking TTL)    |
 //! | `w` + queue id (16 bytes) + stream    | [`Watermark`]                  |
 //! | `r` + report id (u64 BE)              | [`Report`](super::Report) |
+//! | `d` + report id (u64 BE)              | [`DeadReport`](super::DeadReport): given up |
+//! | `u` + URL digest (16 bytes)           | a callback URL and its reference count (`callbacks`) |
 //!
 //! A tracked case's state is in its event record ([`EventRecord::tracking`]);
 //! the `c` key exists exactly while the case is followed (phase open or
@@ -55,6 +57,7 @@ pub(crate) const CASE_PREFIX: u8 = b'c';
 pub(crate) const DEADLINE_PREFIX: u8 = b'x';
 pub(crate) const WATERMARK_PREFIX: u8 = b'w';
 pub(crate) const REPORT_PREFIX: u8 = b'r';
+pub(crate) const DEAD_REPORT_PREFIX: u8 = b'd';
 
 /// Key of an event record in [`EVENTS_TREE`] (public so tools and tests can
 /// inspect the raw database).
@@ -129,6 +132,11 @@ pub fn report_key(id: u64) -> [u8; 9] {
     prefixed_u64(REPORT_PREFIX, id)
 }
 
+/// Key of a report given up on.
+pub fn dead_report_key(id: u64) -> [u8; 9] {
+    prefixed_u64(DEAD_REPORT_PREFIX, id)
+}
+
 fn prefixed_uuid(prefix: u8, id: Uuid) -> [u8; 17] {
     let mut k = [0u8; 17];
     k[0] = prefix;
@@ -171,6 +179,9 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(&DEADLINE_PREFIX) => format!("events/x/{:02x?}", &key[1..]),
         Some(&REPORT_PREFIX) if key.len() == 9 => {
             format!("events/r/{}", key_u64(key).unwrap_or(0))
+        }
+        Some(&DEAD_REPORT_PREFIX) if key.len() == 9 => {
+            format!("events/d/{}", key_u64(key).unwrap_or(0))
         }
         Some(&CASE_PREFIX) if key.len() == 17 => {
             format!("events/c/{}", key_uuid(key).unwrap_or_default())

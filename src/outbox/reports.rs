@@ -1,13 +1,15 @@
 //! Pending reports in the outbox: written by the tracker (and by `reject`)
 //! in the same sled batch as the change that caused them, removed by the
-//! report dispatcher only after the source's target acknowledged them.
+//! report dispatcher only after the source's target acknowledged them, or
+//! set aside as dead reports when the dispatcher gives up on one (a
+//! per-request callback URL unreachable for longer than its source allows).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::record::{encode, report_key};
+use super::record::{DEAD_REPORT_PREFIX, dead_report_key, encode, report_key};
 use super::types::{EventId, Origin, OutboxError};
 use super::{Outbox, lock};
 
@@ -124,6 +126,16 @@ impl Report {
         })
         .expect("a report always serialises")
     }
+}
+
+/// A report the dispatcher gave up on, kept for operators (never sent
+/// again by the bridge itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadReport {
+    pub report: Report,
+    /// The last send error.
+    pub error: String,
+    pub died_at_ms: u64,
 }
 
 /// Pending report ids per source, rebuilt from disk at open.
@@ -246,6 +258,45 @@ impl Outbox {
         }
         self.publish_reports();
         self.inner.flush.wait_durable().await
+    }
+
+    /// Give up on a report: move it to the dead reports (one atomic batch)
+    /// and wait for the flush.
+    pub async fn bury_report(&self, id: u64, error: &str) -> Result<(), OutboxError> {
+        {
+            let _t = lock(&self.inner.track_lock);
+            let Some(report) = self.report(id)? else {
+                return Err(OutboxError::UnknownReport(id));
+            };
+            let source = report.source.clone();
+            let dead = DeadReport {
+                report,
+                error: error.to_string(),
+                died_at_ms: crate::clock::now_ms(),
+            };
+            let mut sb = sled::Batch::default();
+            sb.remove(&report_key(id)[..]);
+            sb.insert(&dead_report_key(id)[..], encode(&dead)?);
+            self.inner.events.apply_batch(sb)?;
+            lock(&self.inner.reports).remove(&source, id);
+        }
+        self.publish_reports();
+        self.inner.flush.wait_durable().await
+    }
+
+    /// Reports given up on, oldest first. Corrupt records are logged and
+    /// skipped (they stay on disk).
+    pub fn dead_reports(&self) -> Result<Vec<DeadReport>, OutboxError> {
+        let mut out = Vec::new();
+        for item in self.inner.events.scan_prefix([DEAD_REPORT_PREFIX]) {
+            let (key, value) = item?;
+            match self.decode_logged(&key, &value) {
+                Ok(d) => out.push(d),
+                Err(OutboxError::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Wait until a report may have been created. Cancel-safe; may wake

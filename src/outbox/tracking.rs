@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
 
+use super::callbacks::{self, CallbackRefs};
 use super::record::EventRecord;
 use super::record::{
     DEADLINE_PREFIX, Watermark, case_key, deadline_key, deadline_key_id, encode, event_key,
@@ -228,6 +229,7 @@ impl Outbox {
             };
             let now = now_ms();
             let mut sb = sled::Batch::default();
+            let mut callbacks = CallbackRefs::default();
             let mut moves = Vec::new();
             for case in cases {
                 let ck = case_key(case.id);
@@ -296,6 +298,7 @@ impl Outbox {
                         sb.remove(&deadline_key(tr.deadline_ms, id)[..]);
                         sb.insert(&expiry_key(now, id)[..], encode(&())?);
                         ev.case = None;
+                        callbacks.release(ev.origin.as_ref());
                         ev.origin = None;
                         outcome.finished += 1;
                     }
@@ -322,6 +325,7 @@ impl Outbox {
                     })?,
                 );
             }
+            let _c = callbacks.write(&self.inner.callback_lock, &self.inner.events, &mut sb)?;
             self.inner.events.apply_batch(sb)?;
             self.apply_moves(&moves);
         }
@@ -367,7 +371,7 @@ impl Outbox {
             id: self.inner.db.generate_id()?,
             source: ev.source.clone(),
             event_id: EventId(id),
-            origin: ev.origin.clone(),
+            origin: callbacks::resolve(&self.inner.events, ev.origin.as_ref()),
             queue_id: ev.queue_id,
             case_id,
             status,
@@ -399,6 +403,7 @@ impl Outbox {
             let _t = lock(&self.inner.track_lock);
             let range = deadline_key(0, 0)..=deadline_key(now_ms, u64::MAX);
             let mut sb = sled::Batch::default();
+            let mut callbacks = CallbackRefs::default();
             let mut moves = Vec::new();
             let mut seen = 0usize;
             for item in self.inner.events.range(range) {
@@ -452,6 +457,7 @@ impl Outbox {
                 moves.push((ev.queue_id, from, TrackPhase::Done));
                 ev.tracking = Some(tr);
                 ev.case = None;
+                callbacks.release(ev.origin.as_ref());
                 ev.origin = None;
                 sb.insert(&expiry_key(now_ms, id)[..], encode(&())?);
                 sb.insert(&event_key(id)[..], encode(&ev)?);
@@ -459,6 +465,7 @@ impl Outbox {
             if seen == 0 {
                 return Ok(out);
             }
+            let _c = callbacks.write(&self.inner.callback_lock, &self.inner.events, &mut sb)?;
             self.inner.events.apply_batch(sb)?;
             self.apply_moves(&moves);
         }

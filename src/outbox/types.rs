@@ -77,9 +77,14 @@ pub struct NewEvent {
 pub enum Origin {
     Http {
         /// Per-event callback URL (the request's `X-Duvo-Callback-Url`
-        /// header); the source's `callback_url` when absent.
+        /// header); the source's `callback_url` when absent. What a source
+        /// hands in and a report carries; in a stored event the outbox moves
+        /// it to a shared record and keeps `callback_ref`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         callback_url: Option<String>,
+        /// Outbox-internal: the stored URL's digest (see `outbox::callbacks`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        callback_ref: Option<String>,
     },
     Amqp {
         /// The queue the message was consumed from.

@@ -116,6 +116,9 @@ enum Outcome {
     Failed { error: ReportError, attempt: u32 },
     /// The record cannot be decoded; it is left on disk and skipped.
     Corrupt,
+    /// Not acknowledged and older than its reporter allows: moved to the
+    /// dead reports.
+    GivenUp,
     /// `abort` fired during the send.
     Aborted,
 }
@@ -407,6 +410,22 @@ impl SourceDispatch {
             Some(Outcome::Gone) => {
                 self.dest_of.remove(&id);
             }
+            Some(Outcome::GivenUp) => {
+                self.dest_of.remove(&id);
+                metrics::counter!("duvo_bridge_reports_given_up_total",
+                    "source" => self.source.clone(), "kind" => kind)
+                .increment(1);
+                // Its destination stays parked; the next of its backlog is
+                // probed at once (each gets one last try, and is given up
+                // on in turn when as old), not one per backoff period.
+                if let Some(b) = dest.as_ref().and_then(|d| self.parked.get_mut(d)) {
+                    b.held.remove(&id);
+                    if was_probe {
+                        b.until = Instant::now();
+                    }
+                }
+                self.held.remove(&id);
+            }
             Some(Outcome::Corrupt) => {
                 self.dest_of.remove(&id);
                 self.broken.insert(id);
@@ -492,6 +511,21 @@ async fn send_once(
         _ = abort.cancelled() => return (Some(dest), Outcome::Aborted),
     };
     if let Err(error) = res {
+        let age_ms = crate::clock::now_ms().saturating_sub(report.created_at_ms);
+        if let Some(limit) = reporter.give_up_after(&report)
+            && u128::from(age_ms) >= limit.as_millis()
+        {
+            match outbox.bury_report(id, &error.to_string()).await {
+                Ok(()) | Err(OutboxError::UnknownReport(_)) => {
+                    tracing::error!(report = id, source = %report.source, event = %report.event_id,
+                        destination = %dest, attempt, error = %error, age_secs = age_ms / 1000,
+                        "report given up on: its destination failed for longer than allowed; kept as a dead report");
+                    return (Some(dest), Outcome::GivenUp);
+                }
+                Err(e) => tracing::error!(report = id, error = %e,
+                    "cannot set the report aside; it stays pending"),
+            }
+        }
         return (Some(dest), Outcome::Failed { error, attempt });
     }
     tracing::info!(report = id, source = %report.source, event = %report.event_id,
@@ -533,6 +567,9 @@ mod tests {
     struct Fake {
         dead: Mutex<BTreeSet<String>>,
         attempts: Mutex<HashMap<String, u32>>,
+        /// Destinations starting with `client` get this life (a URL a
+        /// client chose).
+        give_up: Option<Duration>,
     }
 
     impl Reporter for Fake {
@@ -560,6 +597,9 @@ mod tests {
         }
         fn destination(&self, report: &Report) -> String {
             report.title.clone()
+        }
+        fn give_up_after(&self, report: &Report) -> Option<Duration> {
+            self.give_up.filter(|_| report.title.starts_with("client"))
         }
     }
 
@@ -713,6 +753,70 @@ mod tests {
         }
         stop.cancel();
         abort.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_to_a_dead_client_url_are_given_up_after_their_life_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(OutboxConfig::new(dir.path().join("db")))
+            .await
+            .unwrap();
+        let now = crate::clock::now_ms();
+        // Old reports to a dead client URL, a fresh one to it, and old ones
+        // to the operator's own dead target (retried forever).
+        for id in 1..=30 {
+            outbox.insert_report_for_test(&report(id, "client-dead"));
+        }
+        let mut fresh = report(31, "client-dead");
+        fresh.created_at_ms = now;
+        outbox.insert_report_for_test(&fresh);
+        for id in 32..=40 {
+            outbox.insert_report_for_test(&report(id, "operator-dead"));
+        }
+        let fake = Arc::new(Fake {
+            give_up: Some(Duration::from_secs(3600)),
+            ..Fake::default()
+        });
+        fake.dead
+            .lock()
+            .unwrap()
+            .extend(["client-dead".to_string(), "operator-dead".to_string()]);
+        let cfg = DispatchConfig {
+            concurrency: 4,
+            retry: RetryPolicy {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(200),
+                ..RetryPolicy::default()
+            },
+        };
+        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+        let reporters = BTreeMap::from([("src".to_string(), fake.clone() as Arc<dyn Reporter>)]);
+        let run = tokio::spawn(
+            ReportDispatcher::new(outbox.clone(), reporters, cfg).run(stop.clone(), abort.clone()),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while outbox.dead_reports().unwrap().len() < 30 {
+            assert!(Instant::now() < deadline, "old client reports not given up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let dead = outbox.dead_reports().unwrap();
+        assert_eq!(
+            dead.iter().map(|d| d.report.id).collect::<Vec<_>>(),
+            (1..=30).collect::<Vec<_>>(),
+            "exactly the old client reports, each kept whole"
+        );
+        assert!(dead.iter().all(|d| d.error.contains("dead")), "{dead:?}");
+        // Each had one last try; the fresh one and the operator's stay.
+        let attempts = fake.attempts.lock().unwrap()["client-dead"];
+        assert!(attempts >= 30, "{attempts}");
+        let pending = outbox.pending_report_ids("src", 100, &BTreeSet::new());
+        assert_eq!(pending, (31..=40).collect::<Vec<_>>());
+        stop.cancel();
         tokio::time::timeout(Duration::from_secs(5), run)
             .await
             .unwrap()

@@ -52,6 +52,8 @@ pub struct HttpTarget {
     pub timeout: Duration,
     /// Where per-request callback URLs may go.
     pub policy: CallbackPolicy,
+    /// How long a report to a per-request URL is retried.
+    pub header_url_max_age: Duration,
 }
 
 /// Why the reporter could not be built.
@@ -72,12 +74,16 @@ pub struct HttpReporter {
     policy: CallbackPolicy,
     default_url: Option<String>,
     secret: Secret,
+    header_url_max_age: Duration,
 }
 
 impl std::fmt::Debug for HttpReporter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpReporter")
-            .field("default_url", &self.default_url)
+            .field(
+                "default_url",
+                &self.default_url.as_deref().map(crate::secret::redact_url),
+            )
             .field("secret", &self.secret)
             .finish()
     }
@@ -108,6 +114,7 @@ impl HttpReporter {
             policy: target.policy.clone(),
             default_url: target.default_url,
             secret: target.secret,
+            header_url_max_age: target.header_url_max_age,
         })
     }
 
@@ -117,6 +124,7 @@ impl HttpReporter {
         match &report.origin {
             Some(Origin::Http {
                 callback_url: Some(u),
+                ..
             }) => Some((u, true)),
             _ => self.default_url.as_deref().map(|u| (u, false)),
         }
@@ -175,6 +183,15 @@ impl Reporter for HttpReporter {
             None => "(no callback url)".into(),
         }
     }
+
+    /// Only a URL a client gave (the header) has a bounded life; the
+    /// operator's `callback_url` is retried until it answers.
+    fn give_up_after(&self, report: &Report) -> Option<Duration> {
+        match self.url_for(report) {
+            Some((_, true)) => Some(self.header_url_max_age),
+            _ => None,
+        }
+    }
 }
 
 /// `url` reduced to scheme, host, port and path (see
@@ -215,12 +232,14 @@ mod tests {
                 secret: Secret::new("k"),
                 timeout: Duration::from_secs(5),
                 policy,
+                header_url_max_age: Duration::from_secs(3600),
             })
             .unwrap()
         };
         let mut report = sample_report();
         report.origin = Some(Origin::Http {
             callback_url: Some(format!("http://localhost:{port}/cb")),
+            callback_ref: None,
         });
         let e = reporter(CallbackPolicy::default())
             .send(&report)
@@ -231,6 +250,7 @@ mod tests {
         // at resolution.
         report.origin = Some(Origin::Http {
             callback_url: Some(format!("http://localhost.:{port}/cb")),
+            callback_ref: None,
         });
         assert!(
             reporter(CallbackPolicy::default())
@@ -242,6 +262,7 @@ mod tests {
         // Allowed by name: delivered.
         report.origin = Some(Origin::Http {
             callback_url: Some(format!("http://localhost:{port}/cb")),
+            callback_ref: None,
         });
         let allow = CallbackPolicy::new(&["localhost".into()]).unwrap();
         reporter(allow).send(&report).await.unwrap();
@@ -297,6 +318,7 @@ mod tests {
             secret: Secret::new("k"),
             timeout: Duration::from_secs(5),
             policy: CallbackPolicy::default(),
+            header_url_max_age: Duration::from_secs(3600),
         })
         .unwrap();
         let report = sample_report();
@@ -326,6 +348,31 @@ mod tests {
         assert_eq!(
             signature(b"Jefe", b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn only_a_url_from_the_request_has_a_bounded_life() {
+        let r = HttpReporter::new(HttpTarget {
+            source: "oms".into(),
+            default_url: Some("https://user:pw@ops.example/cb?token=t".into()),
+            secret: Secret::new("k"),
+            timeout: Duration::from_secs(5),
+            policy: CallbackPolicy::default(),
+            header_url_max_age: Duration::from_secs(7200),
+        })
+        .unwrap();
+        let mut report = sample_report();
+        assert_eq!(r.give_up_after(&report), None, "the operator's URL");
+        report.origin = Some(Origin::Http {
+            callback_url: Some("https://client.example/cb".into()),
+            callback_ref: None,
+        });
+        assert_eq!(r.give_up_after(&report), Some(Duration::from_secs(7200)));
+        let debug = format!("{r:?}");
+        assert!(
+            !debug.contains("pw") && !debug.contains("token=t"),
+            "{debug}"
         );
     }
 }

@@ -19,7 +19,9 @@ use futures::future::BoxFuture;
 pub use crate::outbox::{Report, ReportStatus};
 
 /// Why a report could not be delivered this time. Every error is retried
-/// (with backoff) until the target acknowledges: a report is never dropped.
+/// (with backoff) until the target acknowledges, except where the reporter
+/// bounds a report's life ([`Reporter::give_up_after`]): then it is kept as
+/// a dead report, never silently dropped.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     /// The target could not be reached (connection refused, timeout, broker
@@ -54,6 +56,15 @@ pub trait Reporter: Send + Sync + 'static {
     fn destination(&self, report: &Report) -> String {
         let _ = report;
         self.kind().to_string()
+    }
+    /// How long after its creation a report that still fails is given up
+    /// on (moved to the outbox's dead reports and counted). `None`, the
+    /// default: retried until acknowledged. Meant for destinations a
+    /// client chose (a per-request callback URL): an operator's own target
+    /// is worth waiting for, a stranger's dead endpoint is not.
+    fn give_up_after(&self, report: &Report) -> Option<std::time::Duration> {
+        let _ = report;
+        None
     }
 }
 

@@ -108,6 +108,14 @@ pub struct HttpSourceConfig {
     /// link-local or metadata address is refused.
     #[serde(default)]
     pub callback_allow: Vec<String>,
+    /// How long a report to a URL given in `X-Duvo-Callback-Url` is retried
+    /// while that URL fails, in hours after the report was created. Then it
+    /// is set aside as a dead report (kept in the outbox, counted in
+    /// `duvo_bridge_reports_given_up_total`) instead of being retried
+    /// forever for a client that went away. Reports to `callback_url` are
+    /// retried until acknowledged. Default: 24.
+    #[serde(default = "default_callback_header_max_age")]
+    pub callback_header_max_age_hours: u64,
     /// Timeout of one callback request, seconds.
     #[serde(default = "default_callback_timeout")]
     pub callback_timeout_secs: u64,
@@ -123,6 +131,10 @@ fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::O
 
 fn default_callback_timeout() -> u64 {
     10
+}
+
+fn default_callback_header_max_age() -> u64 {
+    24
 }
 
 fn default_http_listen() -> String {
@@ -174,6 +186,7 @@ impl HttpSourceConfig {
             callback_secret: None,
             callback_url_header: false,
             callback_allow: Vec::new(),
+            callback_header_max_age_hours: default_callback_header_max_age(),
             callback_timeout_secs: default_callback_timeout(),
         }
     }
@@ -299,6 +312,11 @@ impl HttpSourceConfig {
                 errors.push(format!("{at}.callback_allow: {e}"));
             }
         }
+        if h.callback_header_max_age_hours == 0 {
+            errors.push(format!(
+                "{at}.callback_header_max_age_hours must be at least 1"
+            ));
+        }
         if h.callback_timeout_secs == 0 {
             errors.push(format!("{at}.callback_timeout_secs must be at least 1"));
         }
@@ -331,6 +349,9 @@ impl HttpSourceConfig {
             secret,
             timeout: Duration::from_secs(self.callback_timeout_secs),
             policy: self.callback_policy(),
+            header_url_max_age: Duration::from_secs(
+                self.callback_header_max_age_hours.saturating_mul(3600),
+            ),
         }))
     }
 }

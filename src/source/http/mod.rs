@@ -534,6 +534,7 @@ fn to_new_events(
             received_at_ms,
             origin: Some(Origin::Http {
                 callback_url: callback_url.clone(),
+                callback_ref: None,
             }),
         });
     }
