@@ -19,6 +19,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Largest read buffer of one connection (headers must fit in it).
+const READ_BUFFER_MAX: usize = 64 * 1024;
+
 /// Limits of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerLimits {
@@ -74,6 +77,11 @@ pub async fn serve(
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
+                // hyper's adaptive read buffer grows to ~400 KiB on a fast
+                // body: a thousand connections sending (or being drained
+                // of) bodies would hold 400 MiB in buffers alone. 64 KiB
+                // still holds any header block we accept.
+                .max_buf_size(READ_BUFFER_MAX)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), svc);
             let mut conn = std::pin::pin!(conn);

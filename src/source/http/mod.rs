@@ -236,7 +236,7 @@ async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: B
         );
     };
     let timeout = Duration::from_millis(state.cfg.body_read_timeout_ms);
-    let Ok(body) = tokio::time::timeout(timeout, axum::body::to_bytes(body, max)).await else {
+    let Ok(body) = tokio::time::timeout(timeout, read_body(body, announced, max)).await else {
         count_rejected(src, "body_timeout");
         return error(
             StatusCode::REQUEST_TIMEOUT,
@@ -246,11 +246,11 @@ async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: B
     };
     let body = match body {
         Ok(b) => b,
-        Err(e) if is_length_limit(&e) => {
+        Err(BodyError::TooLarge) => {
             count_rejected(src, "too_large");
             return too_large(max);
         }
-        Err(e) => {
+        Err(BodyError::Unreadable(e)) => {
             count_rejected(src, "unreadable");
             return error(StatusCode::BAD_REQUEST, "unreadable_body", e.to_string());
         }
@@ -385,15 +385,32 @@ fn too_large(max: usize) -> Response {
 }
 
 /// Whether reading a body failed on its length limit.
-fn is_length_limit(e: &axum::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = src {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
+enum BodyError {
+    TooLarge,
+    Unreadable(axum::Error),
+}
+
+/// Read the body into one buffer sized by its `Content-Length` (capped at
+/// `max`): each frame is copied once and dropped, so a request costs its
+/// size, not the frames plus a contiguous copy of them (what collecting
+/// and then flattening costs).
+async fn read_body(
+    mut body: Body,
+    announced: Option<u64>,
+    max: usize,
+) -> Result<Vec<u8>, BodyError> {
+    use http_body_util::BodyExt as _;
+    let mut buf = Vec::with_capacity(announced.map_or(0, |n| (n as usize).min(max)));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Unreadable)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > max {
+                return Err(BodyError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
         }
-        src = err.source();
     }
-    false
+    Ok(buf)
 }
 
 /// Whether a request may come in at all: the token, the drain, the
