@@ -101,8 +101,8 @@ async fn four_hundred_clients_announcing_4_mib_bodies_leave_memory_bounded() {
         "",
     );
     // The source gets its token from the environment.
-    let toml = std::fs::read_to_string(&config).unwrap()
-        + "auth_token_env = \"INTAKE_MEMORY_TOKEN\"\n";
+    let toml =
+        std::fs::read_to_string(&config).unwrap() + "auth_token_env = \"INTAKE_MEMORY_TOKEN\"\n";
     std::fs::write(&config, toml).unwrap();
     let mut child = spawn_bridge_with(
         &config,
@@ -118,7 +118,9 @@ async fn four_hundred_clients_announcing_4_mib_bodies_leave_memory_bounded() {
     let counts = flood(http, None, b"\"}]").await;
     assert_eq!(counts, [(401, CLIENTS)].into(), "unauthenticated answers");
     let after_unauth = peak_rss_mib(pid);
-    eprintln!("peak RSS: {baseline} MiB at start, {after_unauth} MiB after {CLIENTS} unauthenticated 4 MiB bodies");
+    eprintln!(
+        "peak RSS: {baseline} MiB at start, {after_unauth} MiB after {CLIENTS} unauthenticated 4 MiB bodies"
+    );
     assert!(
         after_unauth < 150,
         "peak RSS {after_unauth} MiB after unauthenticated bodies"
@@ -131,7 +133,11 @@ async fn four_hundred_clients_announcing_4_mib_bodies_leave_memory_bounded() {
     eprintln!("peak RSS {after_auth} MiB after {CLIENTS} authenticated 4 MiB bodies: {counts:?}");
     assert_eq!(
         counts.keys().copied().collect::<Vec<_>>(),
-        if counts.len() == 1 { vec![400] } else { vec![400, 503] },
+        if counts.len() == 1 {
+            vec![400]
+        } else {
+            vec![400, 503]
+        },
         "{counts:?}"
     );
     assert!(
