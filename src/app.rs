@@ -153,7 +153,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         outbox: outbox.clone(),
         health: health.clone(),
         stop: intake_stop.clone(),
-        max_case_bytes: cfg.delivery.max_batch_bytes.saturating_sub(16),
+        max_case_bytes: cfg
+            .delivery
+            .max_batch_bytes
+            .saturating_sub(16 + cfg.delivery.batch_label_overhead()),
     };
 
     let admin_task = tokio::spawn(admin::serve(

@@ -204,6 +204,14 @@ fn describe_all() {
         "429 answers from the Duvo API."
     );
     describe_counter!(
+        "duvo_bridge_reconciliations_total",
+        "Looks for a batch's cases by its label before a re-send after an attempt that may have been carried out, by outcome (none_found, some_found, all_found, listing_failed)."
+    );
+    describe_counter!(
+        "duvo_bridge_reconcile_surplus_cases_total",
+        "Cases labelled with a batch beyond its events, found while reconciling: created twice before the bridge looked."
+    );
+    describe_counter!(
         "duvo_bridge_batch_splits_total",
         "Batches split in two to isolate an invalid event."
     );

@@ -267,3 +267,89 @@ callback_secret_env = "OMS_CALLBACK_SECRET"
         sink.count() - failed.len()
     );
 }
+
+/// The server carries out a create and never answers it; the bridge is
+/// killed while it waits. A server that ignores `Idempotency-Key` would
+/// create the batch again on the restarted bridge's re-send; it does not
+/// get one, because a resumed batch is first looked for by its label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_a_committed_post_and_its_answer_creates_nothing_twice_when_keys_are_ignored()
+ {
+    let mut sc = sim_config();
+    sc.idempotency = duvo_bridge::sim::IdempotencyMode::Ignore;
+    let sim = start_sim(sc).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = (free_port(), free_port());
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        bridge_toml(
+            &sim,
+            dir.path(),
+            admin,
+            6000,
+            &format!(
+                r#"
+[[sources]]
+type = "http"
+name = "oms"
+listen = "127.0.0.1:{http}"
+queue_id = "{queue}"
+title = "Order {{/order_id}}"
+"#,
+                queue = sim.queues()[0],
+            ),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("bridge.log");
+    let key = sim.api_keys()[0].clone();
+    // Every create is committed, and its answer never sent.
+    sim.set_faults(duvo_bridge::sim::FaultsPatch {
+        drop_after_commit_ratio: Some(1.0),
+        ..Default::default()
+    });
+    let mut bridge = spawn_bridge(&config, &key, &log);
+    assert!(wait_ready(admin).await, "bridge ready");
+    let client = reqwest::Client::new();
+    for c in 0..3 {
+        let r = client
+            .post(format!("http://127.0.0.1:{http}/v1/events"))
+            .json(&json!(orders(c * 100..(c + 1) * 100)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            sim.stats().cases_created >= 300
+        })
+        .await,
+        "the creates were carried out"
+    );
+    bridge.kill().unwrap();
+    bridge.wait().unwrap();
+    sim.set_faults(duvo_bridge::sim::FaultsPatch {
+        drop_after_commit_ratio: Some(0.0),
+        ..Default::default()
+    });
+    let mut bridge = spawn_bridge(&config, &key, &log);
+    assert!(wait_ready(admin).await, "bridge ready again");
+    // The resumed batches settle from the listing: the outbox empties and
+    // nothing is created again.
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            scrape_metric(admin, "duvo_bridge_outbox_depth").await == Some(0.0)
+        })
+        .await,
+        "resumed batches not settled"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per = cases_per_order(&sim);
+    assert_eq!(per.len(), 300);
+    assert!(per.values().all(|&n| n == 1), "{per:?}");
+    assert_eq!(sim.stats().cases_created, 300);
+    send_signal(&bridge, "TERM");
+    assert!(bridge.wait().unwrap().success());
+}

@@ -306,7 +306,12 @@ async fn outage_and_5xx_storm_then_recovery_delivers_exactly_once() {
         "no duplicate case despite dropped answers"
     );
     let st = sim.stats();
-    assert!(st.idempotent_replays > 0 || st.dropped_after_commit == 0);
+    // A lost answer was recovered by looking for the batch's cases (and
+    // perhaps a replay), never by creating them again.
+    assert!(
+        st.list_requests > 0 || st.dropped_after_commit == 0,
+        "{st:?}"
+    );
     assert_eq!(st.early_retries, 0);
     h.stop().await;
 }
@@ -831,5 +836,69 @@ async fn data_arrives_byte_for_byte_and_big_integer_ids_stay_distinct() {
             ("Order 123456789012345678901234567891".into(), b.into()),
         ]
     );
+    h.stop().await;
+}
+
+/// The server ignores `Idempotency-Key` and loses the answers of a third
+/// of the creates it carried out, and half its answers are 502s: every
+/// re-send is preceded by a look for the batch's cases, so each order is
+/// one case all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_ignoring_idempotency_keys_gets_no_duplicate_from_dropped_answers() {
+    let mut sim_cfg = sim_config();
+    sim_cfg.idempotency = duvo_bridge::sim::IdempotencyMode::Ignore;
+    let h = Harness::start(sim_cfg, |_| {}).await;
+    let (sim, bridge) = (&h.sim, &h.bridge);
+    sim.set_faults(FaultsPatch {
+        error_ratio: Some(0.3),
+        error_status: Some(502),
+        drop_after_commit_ratio: Some(0.3),
+        ..Default::default()
+    });
+    // Separate batches (past linger_ms apart) until a few answers were
+    // lost after their commit.
+    let mut chunks = 0;
+    while chunks < 10 || (sim.stats().dropped_after_commit < 3 && chunks < 60) {
+        let r = h
+            .post(
+                &json!(orders(chunks * 50..(chunks + 1) * 50)),
+                Some(&format!("i-{chunks}")),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+        chunks += 1;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let total = chunks * 50;
+    expect_cases(sim, total as u64, 60).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            bridge.outbox.depth() == 0
+        })
+        .await,
+        "backlog not delivered"
+    );
+    sim.set_faults(FaultsPatch {
+        error_ratio: Some(0.0),
+        drop_after_commit_ratio: Some(0.0),
+        ..Default::default()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = sim.stats();
+    assert!(
+        st.dropped_after_commit >= 3,
+        "the fault fired too rarely: {st:?}"
+    );
+    assert_eq!(st.idempotent_replays, 0, "the server replayed nothing");
+    let per = cases_per_order(sim);
+    assert_eq!(per.len(), total);
+    let twice: Vec<_> = per.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "duplicated orders: {twice:?}");
+    // Every case carries its batch's label.
+    assert!(sim.cases().iter().all(|c| {
+        c.labels
+            .iter()
+            .any(|l| l.key == "duvo-bridge-batch" && !l.value.is_empty())
+    }));
     h.stop().await;
 }

@@ -765,6 +765,24 @@ async fn drop_after_commit_then_replay() {
     assert_eq!(t.sim.stats().idempotent_replays, 1);
 }
 
+#[tokio::test]
+async fn with_idempotency_ignored_a_repeated_key_creates_again() {
+    let t = T::new(|c| c.idempotency = duvo_bridge::sim::IdempotencyMode::Ignore).await;
+    let b = json!({"cases":[{"title":"twice"}]});
+    let first = t.create(b.clone(), Some("k-same")).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let second = t.create(b, Some("k-same")).await;
+    assert_eq!(second.status(), StatusCode::CREATED);
+    assert!(second.headers().get("idempotent-replayed").is_none());
+    assert_eq!(t.sim.cases().len(), 2, "the key changed nothing");
+    assert_eq!(t.sim.stats().idempotent_replays, 0);
+    // Another body under the same key is not refused either.
+    let third = t
+        .create(json!({"cases":[{"title":"other"}]}), Some("k-same"))
+        .await;
+    assert_eq!(third.status(), StatusCode::CREATED);
+}
+
 fn client(sim: &SimHandle, key: &str) -> DuvoClient {
     DuvoClient::new(ClientConfig {
         base_url: sim.base_url(),

@@ -17,6 +17,12 @@
 //! - 429, 5xx, timeouts, connection errors, unreadable 2xx: retried forever
 //!   with the *same* key and body, after exponential backoff with jitter;
 //!   the gate holds every sender back until a retry-after deadline.
+//! - Before a re-send after an attempt the server may have carried out
+//!   (timeout, cut connection, 5xx, 409, unreadable 2xx, or any attempt of
+//!   an earlier run), the batch's cases are looked for by their batch label
+//!   ([`super::reconcile`]): the found ones settle, only the others are
+//!   sent (under a new key when some were found), so nothing is created
+//!   twice even by a server that ignores `Idempotency-Key`.
 //! - 401/403/404/409: nothing we can fix by splitting; retried with backoff
 //!   (capped) while logging loudly, so a rotated key or a missing queue
 //!   does not dead-letter a whole backlog.
@@ -30,10 +36,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use super::reconcile;
 use crate::clock::now_ms;
 use crate::deliver::config::DeliveryConfig;
 use crate::deliver::gate::{Permit, RateGate, RequestClass, ServerFeedback};
-use crate::duvo::{ApiError, CreateCasesRequest, DuvoClient};
+use crate::duvo::{ApiError, CreateCasesRequest, DuvoClient, Label};
+use crate::outbox::EventId;
 use crate::outbox::{Batch, Outbox};
 use crate::retry::RetryPolicy;
 
@@ -53,11 +61,37 @@ fn classify(e: &ApiError) -> Verdict {
     }
 }
 
-/// Serialise a batch as the create body. Deterministic, so a retry after a
-/// restart sends byte-identical content under the same key.
-pub fn encode_batch(batch: &Batch) -> Bytes {
-    let req = CreateCasesRequest::batch(batch.events.iter().map(|(_, c)| c.clone()).collect());
+/// Serialise a batch as the create body, each case labelled
+/// `label_key` = the batch's idempotency key. Deterministic, so a retry
+/// after a restart sends byte-identical content under the same key.
+pub fn encode_batch(batch: &Batch, label_key: &str) -> Bytes {
+    let cases = batch
+        .events
+        .iter()
+        .map(|(_, c)| {
+            let mut c = c.clone();
+            c.labels.push(Label {
+                key: label_key.to_string(),
+                value: batch.idempotency_key.clone(),
+            });
+            c
+        })
+        .collect();
+    let req = CreateCasesRequest::batch(cases);
     Bytes::from(serde_json::to_vec(&req).expect("request types always serialise"))
+}
+
+/// What reconciling a batch before a re-send concluded.
+enum Reconciled {
+    /// Nothing more to send for it: settled, or split with the missing
+    /// part pushed to be sent under a new key.
+    Done,
+    /// None of its cases exist: send it (again, same key and body).
+    Send,
+    /// The listing failed: try again after a pause.
+    Failed,
+    /// `abort` fired.
+    Aborted,
 }
 
 /// Delivery for one API key.
@@ -68,6 +102,7 @@ pub struct Batcher {
     gate: RateGate,
     cfg: DeliveryConfig,
     retry: RetryPolicy,
+    clock: Arc<reconcile::ServerClock>,
 }
 
 impl Batcher {
@@ -88,6 +123,7 @@ impl Batcher {
             gate,
             cfg,
             retry,
+            clock: Arc::default(),
         }
     }
 
@@ -115,7 +151,7 @@ impl Batcher {
                     let me = self.clone();
                     let abort = abort.clone();
                     tracker.spawn(async move {
-                        me.deliver(b, None, abort).await;
+                        me.deliver(b, None, true, abort).await;
                         drop(slot);
                     });
                 }
@@ -137,7 +173,7 @@ impl Batcher {
             };
             let batch = match self
                 .outbox
-                .claim_batch(queue, self.cfg.max_batch, self.cfg.max_batch_bytes)
+                .claim_batch(queue, self.cfg.max_batch, self.claim_budget())
                 .await
             {
                 Ok(Some(b)) => b,
@@ -151,7 +187,7 @@ impl Batcher {
             let me = self.clone();
             let abort = abort.clone();
             tracker.spawn(async move {
-                me.deliver(batch, Some(permit), abort).await;
+                me.deliver(batch, Some(permit), false, abort).await;
                 drop(slot);
             });
         }
@@ -205,13 +241,47 @@ impl Batcher {
     }
 
     /// Deliver one claimed batch to a definite outcome (or until `abort`).
-    async fn deliver(&self, batch: Batch, first_permit: Option<Permit>, abort: CancellationToken) {
+    /// `resumed`: the batch was persisted by an earlier run, which may have
+    /// sent it (a crash between the POST and its answer).
+    async fn deliver(
+        &self,
+        batch: Batch,
+        first_permit: Option<Permit>,
+        resumed: bool,
+        abort: CancellationToken,
+    ) {
         let mut permit = first_permit;
+        // An earlier run's attempts may have happened any time since the
+        // claim.
+        let mut earlier_run = resumed.then(|| {
+            let claimed = SystemTime::UNIX_EPOCH + Duration::from_millis(batch.created_at_ms);
+            (claimed, None)
+        });
         let mut stack = vec![batch];
         while let Some(b) = stack.pop() {
-            let body = encode_batch(&b);
+            let body = encode_batch(&b, &self.cfg.batch_label_key);
             let mut schedule = self.retry.new_schedule();
+            // When the last attempt that may have been carried out was out
+            // (start, end; no end: up to now).
+            let mut maybe_committed: Option<(SystemTime, Option<SystemTime>)> = earlier_run.take();
             loop {
+                if let Some((start, end)) = maybe_committed {
+                    // Not while holding a create permit: the listing takes
+                    // its own.
+                    drop(permit.take());
+                    let window = self
+                        .clock
+                        .window(start, end.unwrap_or_else(SystemTime::now));
+                    match self.reconcile(&b, window, &mut stack, &abort).await {
+                        Reconciled::Done => break,
+                        Reconciled::Send => maybe_committed = None,
+                        Reconciled::Failed => {
+                            self.pause(&mut schedule, &abort).await;
+                            continue;
+                        }
+                        Reconciled::Aborted => return,
+                    }
+                }
                 let p = match permit.take() {
                     Some(p) => p,
                     None => tokio::select! {
@@ -221,6 +291,7 @@ impl Batcher {
                 };
                 let attempt = self.outbox.record_attempt(b.id).unwrap_or(0);
                 let started = std::time::Instant::now();
+                let sent_at = SystemTime::now();
                 let res = tokio::select! {
                     r = self.client.create_cases_raw(b.queue_id, body.clone(), Some(&b.idempotency_key)) => r,
                     _ = abort.cancelled() => return,
@@ -235,13 +306,17 @@ impl Batcher {
                         count_request(&resp.status.as_u16().to_string());
                         let ids: Vec<Uuid> = resp.body.added_cases.iter().map(|c| c.id).collect();
                         let created_at = resp.body.added_cases.iter().map(|c| c.created_at).min();
+                        if let Some(c) = created_at {
+                            self.clock.observe(sent_at, SystemTime::now(), c);
+                        }
                         if ids.len() != b.events.len() {
                             tracing::error!(
                                 batch = b.id,
                                 sent = b.events.len(),
                                 answered = ids.len(),
-                                "API answered a different number of cases than sent; retrying the same request"
+                                "API answered a different number of cases than sent; looking for the batch's cases before sending again"
                             );
+                            maybe_committed = Some(widen(maybe_committed, sent_at));
                             self.pause(&mut schedule, &abort).await;
                             continue;
                         }
@@ -262,6 +337,9 @@ impl Batcher {
                             .map(|s| s.as_u16().to_string())
                             .unwrap_or_else(|| "transport_error".into());
                         count_request(&outcome);
+                        if e.may_have_committed() {
+                            maybe_committed = Some(widen(maybe_committed, sent_at));
+                        }
                         if e.status().map(|s| s.as_u16()) == Some(429) {
                             metrics::counter!("duvo_bridge_api_rate_limited_total").increment(1);
                         }
@@ -289,6 +367,91 @@ impl Batcher {
                                 }
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes a claimed batch may hold: the request budget less the batch
+    /// label every case gets.
+    fn claim_budget(&self) -> usize {
+        self.cfg
+            .max_batch_bytes
+            .saturating_sub(self.cfg.max_batch * self.cfg.batch_label_overhead())
+    }
+
+    /// Look for `b`'s cases created within `window` (server clock) and
+    /// settle what is there.
+    async fn reconcile(
+        &self,
+        b: &Batch,
+        window: (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+        stack: &mut Vec<Batch>,
+        abort: &CancellationToken,
+    ) -> Reconciled {
+        let label = &self.cfg.batch_label_key;
+        let found = tokio::select! {
+            r = reconcile::find_batch(&self.client, &self.gate, label, b, window, self.retry) => r,
+            _ = abort.cancelled() => return Reconciled::Aborted,
+        };
+        let found = match found {
+            Ok(f) => f,
+            Err(e) => {
+                metrics::counter!("duvo_bridge_reconciliations_total", "outcome" => "listing_failed")
+                    .increment(1);
+                tracing::warn!(batch = b.id, error = %e,
+                    "cannot list the queue to look for the batch's cases; retrying before any re-send");
+                return Reconciled::Failed;
+            }
+        };
+        if found.extra > 0 {
+            metrics::counter!("duvo_bridge_reconcile_surplus_cases_total")
+                .increment(found.extra as u64);
+            tracing::error!(batch = b.id, surplus = found.extra, key = %b.idempotency_key,
+                "the queue holds more cases labelled with this batch than it has events: an earlier attempt was created twice (outside this bridge's control, e.g. a server ignoring Idempotency-Key before this bridge version)");
+        }
+        let n = found.count();
+        let created_at = found.cases.iter().flatten().map(|c| c.created_at).min();
+        let outcome = match n {
+            0 => "none_found",
+            n if n == b.events.len() => "all_found",
+            _ => "some_found",
+        };
+        metrics::counter!("duvo_bridge_reconciliations_total", "outcome" => outcome).increment(1);
+        tracing::info!(
+            batch = b.id,
+            found = n,
+            of = b.events.len(),
+            pages = found.pages,
+            "looked for the batch's cases before sending it again"
+        );
+        if n == 0 {
+            return Reconciled::Send;
+        }
+        if let Some(ids) = reconcile::all_ids(&found) {
+            self.settle(b, &ids, created_at, abort).await;
+            return Reconciled::Done;
+        }
+        let present: std::collections::HashSet<EventId> = b
+            .events
+            .iter()
+            .zip(&found.cases)
+            .filter(|(_, c)| c.is_some())
+            .map(|((id, _), _)| *id)
+            .collect();
+        let ids: Vec<Uuid> = found.cases.iter().flatten().map(|c| c.id).collect();
+        loop {
+            match self.outbox.split_off(b, &present).await {
+                Ok((there, missing)) => {
+                    self.settle(&there, &ids, created_at, abort).await;
+                    stack.push(missing);
+                    return Reconciled::Done;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, batch = b.id, "cannot split off the found cases; retrying in 1 s");
+                    if sleep_or_abort(Duration::from_secs(1), abort).await {
+                        return Reconciled::Aborted;
                     }
                 }
             }
@@ -392,6 +555,19 @@ impl Batcher {
                 }
             }
         }
+    }
+}
+
+/// The span of attempts that may have been carried out, extended by one
+/// that started at `start` and ended now.
+fn widen(
+    span: Option<(SystemTime, Option<SystemTime>)>,
+    start: SystemTime,
+) -> (SystemTime, Option<SystemTime>) {
+    let now = SystemTime::now();
+    match span {
+        Some((first, end)) => (first, end.map(|e| e.max(now))),
+        None => (start, Some(now)),
     }
 }
 

@@ -20,6 +20,13 @@ pub struct DeliveryConfig {
     pub retry_max_ms: u64,
     /// Requests in flight at once per API key.
     pub max_in_flight: usize,
+    /// Key of the label every case carries naming its batch (the value is
+    /// the batch's `Idempotency-Key`). After an attempt whose outcome is
+    /// unknown (timeout, cut connection, 5xx, 409), the bridge lists the
+    /// queue for cases with this label before sending again, and re-sends
+    /// only the cases that are not there: no duplicate even when the
+    /// server ignores `Idempotency-Key`. Default: `duvo-bridge-batch`.
+    pub batch_label_key: String,
 }
 
 impl Default for DeliveryConfig {
@@ -31,9 +38,16 @@ impl Default for DeliveryConfig {
             retry_initial_ms: 250,
             retry_max_ms: 30_000,
             max_in_flight: 4,
+            batch_label_key: DEFAULT_BATCH_LABEL_KEY.into(),
         }
     }
 }
+
+/// Default of [`DeliveryConfig::batch_label_key`].
+pub const DEFAULT_BATCH_LABEL_KEY: &str = "duvo-bridge-batch";
+
+/// Longest batch label value: an idempotency key (a UUID).
+const BATCH_LABEL_VALUE_LEN: usize = 36;
 
 impl DeliveryConfig {
     /// Every problem with the `[delivery]` section.
@@ -58,6 +72,26 @@ impl DeliveryConfig {
         if dl.max_in_flight == 0 {
             errors.push("delivery.max_in_flight must be at least 1".into());
         }
+        let key = &dl.batch_label_key;
+        if key.is_empty()
+            || key.len() > 100
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+        {
+            errors.push(format!(
+                "delivery.batch_label_key {key:?} must be 1 to 100 characters of A-Z a-z 0-9 - _ . : /"
+            ));
+        }
         errors
+    }
+
+    /// Bytes the batch label adds to one case in a request body (an upper
+    /// bound: `,"labels":[{"key":"..","value":".."}]`), reserved out of
+    /// every size budget so a labelled batch still fits.
+    pub fn batch_label_overhead(&self) -> usize {
+        r#","labels":[{"key":"","value":""}]"#.len()
+            + self.batch_label_key.len()
+            + BATCH_LABEL_VALUE_LEN
     }
 }

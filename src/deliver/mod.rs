@@ -1,4 +1,5 @@
-//! Delivery: the batcher and the rate gate.
+//! Delivery: the batcher, the rate gate and reconciliation.
 pub mod batcher;
 pub mod config;
 pub mod gate;
+pub mod reconcile;

@@ -61,6 +61,9 @@ pub enum ApiError {
     /// request may or may not have been processed.
     #[error("transport error talking to Duvo API: {0}")]
     Transport(String),
+    /// No connection could be opened: nothing reached the server.
+    #[error("cannot connect to Duvo API: {0}")]
+    Connect(String),
     /// A 2xx answer whose body did not parse.
     #[error("Duvo API answered {status} with an unreadable body: {message}")]
     Decode { status: StatusCode, message: String },
@@ -77,7 +80,7 @@ impl ApiError {
                     || *status == StatusCode::REQUEST_TIMEOUT
                     || status.as_u16() == 425
             }
-            ApiError::Transport(_) => true,
+            ApiError::Transport(_) | ApiError::Connect(_) => true,
             // A 2xx we could not read: the server did the work; retrying
             // with the same idempotency key replays the answer.
             ApiError::Decode { .. } => true,
@@ -87,7 +90,26 @@ impl ApiError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ApiError::Status { status, .. } | ApiError::Decode { status, .. } => Some(*status),
-            ApiError::Transport(_) => None,
+            ApiError::Transport(_) | ApiError::Connect(_) => None,
+        }
+    }
+
+    /// Whether the server may have carried the request out although we
+    /// have no answer saying so: a timeout or a connection cut after the
+    /// request left, a 5xx (a proxy's 502/504 says nothing about the
+    /// origin), 408, a 409 (the same key still in progress), an unreadable
+    /// 2xx. Before sending such a create again, the batcher looks for its
+    /// cases (`deliver::reconcile`). Any other answer is the server saying
+    /// it did nothing.
+    pub fn may_have_committed(&self) -> bool {
+        match self {
+            ApiError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::CONFLICT
+            }
+            ApiError::Transport(_) | ApiError::Decode { .. } => true,
+            ApiError::Connect(_) => false,
         }
     }
 
@@ -102,7 +124,11 @@ impl ApiError {
 fn transport(e: reqwest::Error) -> ApiError {
     // reqwest errors carry the URL, never headers, so the key cannot leak;
     // strip the URL anyway to keep messages short and stable.
-    ApiError::Transport(e.without_url().to_string())
+    if e.is_connect() {
+        ApiError::Connect(e.without_url().to_string())
+    } else {
+        ApiError::Transport(e.without_url().to_string())
+    }
 }
 
 /// Async client for one API key.

@@ -652,17 +652,65 @@ impl Outbox {
                 batch.events.len()
             )));
         }
+        let mid = batch.events.len().div_ceil(2);
+        self.partition_batch(batch, |i, _| i < mid).await
+    }
+
+    /// Replace the batch by two with new idempotency keys, atomically: the
+    /// events in `first` (batch order kept) and the rest. Reconciliation
+    /// uses it to settle the cases found on the server and send only the
+    /// others, under a key the server has never seen with another body.
+    pub async fn split_off(
+        &self,
+        batch: &Batch,
+        first: &HashSet<EventId>,
+    ) -> Result<(Batch, Batch), OutboxError> {
+        let n = batch
+            .events
+            .iter()
+            .filter(|(id, _)| first.contains(id))
+            .count();
+        if n == 0 || n == batch.events.len() {
+            return Err(OutboxError::Invalid(format!(
+                "split_off of batch {} needs a proper subset of its events",
+                batch.id
+            )));
+        }
+        self.partition_batch(batch, |_, id| first.contains(&EventId(id)))
+            .await
+    }
+
+    /// Replace `batch` by the events for which `in_first(position, id)` and
+    /// the rest, both non-empty, with new keys, in one sled batch.
+    async fn partition_batch(
+        &self,
+        batch: &Batch,
+        in_first: impl Fn(usize, u64) -> bool,
+    ) -> Result<(Batch, Batch), OutboxError> {
         let halves = {
             let _b = lock(&self.inner.batch_lock);
             let rec = self.checked_batch(batch)?;
-            let mid = rec.event_ids.len().div_ceil(2);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for (i, id) in rec.event_ids.iter().copied().enumerate() {
+                if in_first(i, id) {
+                    a.push(id)
+                } else {
+                    b.push(id)
+                }
+            }
+            if a.is_empty() || b.is_empty() {
+                return Err(OutboxError::Invalid(format!(
+                    "batch {} cannot be split into an empty part",
+                    batch.id
+                )));
+            }
             let now = now_ms();
             let mut sb = sled::Batch::default();
             let mut halves = Vec::with_capacity(2);
-            for ids in [&rec.event_ids[..mid], &rec.event_ids[mid..]] {
+            for ids in [a, b] {
                 let new_id = self.inner.db.generate_id()?;
                 let mut events = Vec::with_capacity(ids.len());
-                for id in ids {
+                for id in &ids {
                     let mut ev = self.read_existing_event(*id)?;
                     let case = ev
                         .case
@@ -675,7 +723,7 @@ impl Outbox {
                 let half = BatchRecord {
                     idempotency_key: Uuid::new_v4().to_string(),
                     queue_id: rec.queue_id,
-                    event_ids: ids.to_vec(),
+                    event_ids: ids,
                     created_at_ms: now,
                     attempts: 0,
                 };

@@ -82,6 +82,22 @@ pub struct SimArgs {
     /// Version prefix of the API routes.
     #[arg(long, default_value = "/v2")]
     pub version_prefix: String,
+    /// `honour` replays a repeated `Idempotency-Key`; `ignore` treats every
+    /// request as new (the contract does not promise replays: a client
+    /// must not duplicate cases either way).
+    #[arg(long, value_enum, default_value_t = IdempotencyMode::Honour)]
+    pub idempotency: IdempotencyMode,
+}
+
+/// Whether the simulator honours `Idempotency-Key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IdempotencyMode {
+    /// A repeated key with the same body replays the first answer; with
+    /// another body, or while the first is in progress, 409.
+    #[default]
+    Honour,
+    /// The header is accepted and then disregarded.
+    Ignore,
 }
 
 /// Simulator configuration (the CLI flags, usable in-process).
@@ -98,6 +114,7 @@ pub struct SimConfig {
     pub fail_ratio: f64,
     pub deprecated: bool,
     pub version_prefix: String,
+    pub idempotency: IdempotencyMode,
 }
 
 impl Default for SimConfig {
@@ -115,6 +132,7 @@ impl Default for SimConfig {
             fail_ratio: 0.0,
             deprecated: false,
             version_prefix: "/v2".into(),
+            idempotency: IdempotencyMode::Honour,
         }
     }
 }
@@ -132,6 +150,7 @@ impl From<SimArgs> for SimConfig {
             fail_ratio: a.fail_ratio,
             deprecated: a.deprecated,
             version_prefix: a.version_prefix,
+            idempotency: a.idempotency,
         }
     }
 }

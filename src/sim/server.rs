@@ -487,6 +487,7 @@ async fn create(
     let cases = validate::create_body(&body)?;
 
     let mut guard = None;
+    let idem_key = idem_key.filter(|_| st.cfg.idempotency == super::IdempotencyMode::Honour);
     if let Some(ik) = idem_key {
         // The fingerprint covers the path too: the same key sent to another
         // queue is a different request, not a replay.

@@ -1,0 +1,299 @@
+//! Reconciliation: which cases of a batch exist on the server, found without
+//! trusting `Idempotency-Key`.
+//!
+//! The contract presents the key as advice, not a promise: a server that
+//! ignores it creates a batch's cases again on every re-send after an answer
+//! that never arrived. So every case carries a label naming its batch
+//! (`delivery.batch_label_key` = the batch's idempotency key), and before a
+//! batch whose last attempt may have been carried out is sent again, the
+//! batcher lists the queue's cases created since the batch was claimed
+//! (less a clock-skew margin), oldest first, under the rate gate, and picks
+//! out those with the label. Cases are matched to the batch's events by
+//! title and data (a multiset: identical events match one case each), so
+//! the batcher can settle what exists and send only what does not.
+//!
+//! The listing uses only documented parameters (`created_at_from`,
+//! `sort_by`, `sort_order`, `limit`, `offset`); ascending creation order
+//! keeps offset paging stable while cases are added.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::deliver::gate::{RateGate, RequestClass, ServerFeedback};
+use crate::duvo::{ApiError, Case, DuvoClient, ListQuery, SortBy, SortOrder};
+use crate::outbox::Batch;
+use crate::retry::RetryPolicy;
+
+/// Margin around an attempt's window once the server's clock offset is
+/// estimated (the estimate is off by at most half a round trip).
+const MARGIN_KNOWN: Duration = Duration::from_secs(5);
+/// Margin while no create has been answered yet: clocks of NTP-synced
+/// hosts are well within it.
+const MARGIN_UNKNOWN: Duration = Duration::from_secs(120);
+
+/// The server's clock relative to ours, from answered creates: a case's
+/// `created_at` lies between our send and our receipt.
+#[derive(Debug, Default)]
+pub struct ServerClock {
+    /// Server minus local, milliseconds; `i64::MIN` until observed.
+    offset_ms: std::sync::atomic::AtomicI64,
+    known: std::sync::atomic::AtomicBool,
+}
+
+impl ServerClock {
+    pub fn observe(&self, sent: SystemTime, received: SystemTime, created_at: DateTime<Utc>) {
+        let ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        };
+        let mid = (ms(sent) + ms(received)) / 2;
+        let offset = created_at.timestamp_millis() - mid;
+        self.offset_ms
+            .store(offset, std::sync::atomic::Ordering::Relaxed);
+        self.known.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The server-clock window in which cases of an attempt made between
+    /// `start` and `end` (local clock) can have been created.
+    pub fn window(&self, start: SystemTime, end: SystemTime) -> (DateTime<Utc>, DateTime<Utc>) {
+        let known = self.known.load(std::sync::atomic::Ordering::Relaxed);
+        let (offset, margin) = if known {
+            (
+                self.offset_ms.load(std::sync::atomic::Ordering::Relaxed),
+                MARGIN_KNOWN,
+            )
+        } else {
+            (0, MARGIN_UNKNOWN)
+        };
+        let at = |t: SystemTime, sign: i64| {
+            let ms = t
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+                + offset
+                + sign * margin.as_millis() as i64;
+            DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default()
+        };
+        (at(start, -1), at(end, 1))
+    }
+}
+
+/// Cases per listing page (the API's maximum).
+const PAGE: u32 = 100;
+
+/// What the server holds of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    /// Per event, in batch order: the case created for it, if any.
+    pub cases: Vec<Option<Case>>,
+    /// Cases with the batch's label that match no event (or an event
+    /// already matched): duplicates created earlier, or foreign.
+    pub extra: usize,
+    /// Listing pages read.
+    pub pages: u32,
+}
+
+impl Found {
+    pub fn count(&self) -> usize {
+        self.cases.iter().filter(|c| c.is_some()).count()
+    }
+}
+
+/// List the queue's cases created within `window` (server clock) for
+/// `batch`'s labelled ones and match them to its events. Each page takes a
+/// create permit (it stands in for a create).
+/// A page that fails transiently (5xx, 429, timeout) is asked for again
+/// after `retry`'s backoff, so a flaky server does not restart the walk;
+/// any other failure ends it.
+pub async fn find_batch(
+    client: &DuvoClient,
+    gate: &RateGate,
+    label_key: &str,
+    batch: &Batch,
+    window: (DateTime<Utc>, DateTime<Utc>),
+    retry: RetryPolicy,
+) -> Result<Found, ApiError> {
+    let mut schedule = retry.new_schedule();
+    let (since, until) = window;
+    let mut labelled: Vec<Case> = Vec::new();
+    let mut offset = 0u64;
+    let mut pages = 0u32;
+    loop {
+        let permit = gate.acquire(RequestClass::Create).await;
+        let q = ListQuery {
+            limit: Some(PAGE),
+            offset: Some(offset),
+            created_at_from: Some(since),
+            sort_by: Some(SortBy::CreatedAt),
+            sort_order: Some(SortOrder::Asc),
+            ..ListQuery::default()
+        };
+        let res = client.list_cases(batch.queue_id, &q).await;
+        pages += 1;
+        metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "reconcile",
+            "outcome" => match &res { Ok(r) => r.status.as_u16().to_string(), Err(e) => e.status().map_or("transport_error".into(), |s| s.as_u16().to_string()) })
+        .increment(1);
+        let page = match res {
+            Ok(r) => {
+                let mut fb = ServerFeedback::from_info(&r.rate, SystemTime::now());
+                fb.status = Some(r.status.as_u16());
+                permit.observe(&fb);
+                r.body
+            }
+            Err(e) => {
+                if let Some(rate) = e.rate() {
+                    let mut fb = ServerFeedback::from_info(rate, SystemTime::now());
+                    fb.status = e.status().map(|s| s.as_u16());
+                    permit.observe(&fb);
+                }
+                if !e.is_transient() {
+                    return Err(e);
+                }
+                tracing::debug!(batch = batch.id, offset, error = %e, "listing page failed; asking again");
+                // A 429's retry-after is the gate's to honour.
+                if e.status().map(|s| s.as_u16()) != Some(429) {
+                    tokio::time::sleep(schedule.next_delay()).await;
+                }
+                continue;
+            }
+        };
+        schedule = retry.new_schedule();
+        let n = page.cases.len();
+        let past_window = page.cases.last().is_some_and(|c| c.created_at > until);
+        labelled.extend(page.cases.into_iter().filter(|c| {
+            c.labels
+                .iter()
+                .any(|l| l.key == label_key && l.value == batch.idempotency_key)
+        }));
+        offset += n as u64;
+        if n < PAGE as usize || past_window {
+            break;
+        }
+    }
+    Ok(match_cases(batch, labelled, pages))
+}
+
+/// Pair labelled cases with the batch's events by (title, data).
+fn match_cases(batch: &Batch, labelled: Vec<Case>, pages: u32) -> Found {
+    let mut by_content: HashMap<(String, Option<String>), Vec<Case>> = HashMap::new();
+    let total = labelled.len();
+    for c in labelled.into_iter().rev() {
+        by_content
+            .entry((c.title.clone(), c.data.clone()))
+            .or_default()
+            .push(c);
+    }
+    let cases: Vec<Option<Case>> = batch
+        .events
+        .iter()
+        .map(|(_, nc)| {
+            by_content
+                .get_mut(&(nc.title.clone(), nc.data.clone()))
+                .and_then(Vec::pop)
+        })
+        .collect();
+    let matched = cases.iter().filter(|c| c.is_some()).count();
+    Found {
+        cases,
+        extra: total - matched,
+        pages,
+    }
+}
+
+/// The case ids of a fully found batch, in batch order.
+pub fn all_ids(found: &Found) -> Option<Vec<Uuid>> {
+    found
+        .cases
+        .iter()
+        .map(|c| c.as_ref().map(|c| c.id))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duvo::{CaseStatus, Label, NewCase};
+    use crate::outbox::EventId;
+
+    fn case(title: &str, data: &str) -> Case {
+        let t = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap();
+        Case {
+            id: Uuid::new_v4(),
+            queue_id: Uuid::nil(),
+            title: title.into(),
+            data: Some(data.into()),
+            status: CaseStatus::Pending,
+            labels: vec![Label {
+                key: "k".into(),
+                value: "v".into(),
+            }],
+            priority: None,
+            claimed_at: None,
+            claimed_by_run_id: None,
+            completed_at: None,
+            postponed_to: None,
+            pending_human_request_id: None,
+            agent_run_status: None,
+            created_at: t,
+            updated_at: t,
+        }
+    }
+
+    fn batch(contents: &[(&str, &str)]) -> Batch {
+        Batch {
+            id: 1,
+            idempotency_key: "v".into(),
+            queue_id: Uuid::nil(),
+            events: contents
+                .iter()
+                .enumerate()
+                .map(|(i, (t, d))| {
+                    (
+                        EventId(i as u64),
+                        NewCase {
+                            title: (*t).into(),
+                            data: Some((*d).into()),
+                            labels: vec![],
+                            priority: None,
+                        },
+                    )
+                })
+                .collect(),
+            created_at_ms: 0,
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn identical_events_match_one_case_each_and_surplus_is_counted() {
+        let b = batch(&[("A", "1"), ("A", "1"), ("B", "2"), ("C", "3")]);
+        let found = match_cases(
+            &b,
+            vec![
+                case("A", "1"),
+                case("B", "2"),
+                case("B", "2"),
+                case("Z", "9"),
+            ],
+            1,
+        );
+        let got: Vec<bool> = found.cases.iter().map(Option::is_some).collect();
+        assert_eq!(got, vec![true, false, true, false]);
+        assert_eq!(found.count(), 2);
+        assert_eq!(found.extra, 2, "the second B and the foreign Z");
+        assert_eq!(all_ids(&found), None);
+        let all = match_cases(
+            &b,
+            vec![
+                case("A", "1"),
+                case("A", "1"),
+                case("B", "2"),
+                case("C", "3"),
+            ],
+            1,
+        );
+        assert_eq!(all_ids(&all).map(|v| v.len()), Some(4));
+    }
+}
