@@ -204,6 +204,10 @@ fn describe_all() {
         "429 answers from the Duvo API."
     );
     describe_counter!(
+        "duvo_bridge_outbox_batches_rebuilt_total",
+        "Batch records found corrupt at open and rebuilt from their events (then looked for on the server before any re-send)."
+    );
+    describe_counter!(
         "duvo_bridge_reconciliations_total",
         "Looks for a batch's cases by its label before a re-send after an attempt that may have been carried out, by outcome (none_found, some_found, all_found, listing_failed)."
     );

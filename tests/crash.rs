@@ -275,6 +275,19 @@ callback_secret_env = "OMS_CALLBACK_SECRET"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_between_a_committed_post_and_its_answer_creates_nothing_twice_when_keys_are_ignored()
  {
+    killed_while_the_answers_are_lost(false).await;
+}
+
+/// As above, and while the bridge is down every batch record is damaged:
+/// the batches are rebuilt from their events (their keys are derived from
+/// the batch ids) and looked for on the server: nothing stranded, nothing
+/// created twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_batch_records_are_rebuilt_and_their_cases_found_not_created_again() {
+    killed_while_the_answers_are_lost(true).await;
+}
+
+async fn killed_while_the_answers_are_lost(damage_batches: bool) {
     let mut sc = sim_config();
     sc.idempotency = duvo_bridge::sim::IdempotencyMode::Ignore;
     let sim = start_sim(sc).await;
@@ -330,6 +343,18 @@ title = "Order {{/order_id}}"
     );
     bridge.kill().unwrap();
     bridge.wait().unwrap();
+    if damage_batches {
+        let db = sled::open(dir.path().join("outbox")).unwrap();
+        let tree = db
+            .open_tree(duvo_bridge::outbox::record::EVENTS_TREE)
+            .unwrap();
+        let keys: Vec<_> = tree.scan_prefix([b'b']).map(|kv| kv.unwrap().0).collect();
+        assert!(!keys.is_empty(), "batches in flight at the kill");
+        for k in keys {
+            tree.insert(k, &b"\x01\0\0\0\0garbage"[..]).unwrap();
+        }
+        db.flush().unwrap();
+    }
     sim.set_faults(duvo_bridge::sim::FaultsPatch {
         drop_after_commit_ratio: Some(0.0),
         ..Default::default()

@@ -46,8 +46,9 @@ impl Default for DeliveryConfig {
 /// Default of [`DeliveryConfig::batch_label_key`].
 pub const DEFAULT_BATCH_LABEL_KEY: &str = "duvo-bridge-batch";
 
-/// Longest batch label value: an idempotency key (a UUID).
-const BATCH_LABEL_VALUE_LEN: usize = 36;
+/// Longest batch label value: an idempotency key (outbox UUID, `-`, batch
+/// id).
+const BATCH_LABEL_VALUE_LEN: usize = 36 + 1 + 20;
 
 impl DeliveryConfig {
     /// Every problem with the `[delivery]` section.

@@ -88,6 +88,9 @@ pub(crate) struct Inner {
     /// Serialises appends so the identity check and the insert are atomic
     /// with respect to other appends, and ids enter the ready index in order.
     write_lock: Mutex<()>,
+    /// This outbox's identity (from its marker): part of every batch's
+    /// idempotency key.
+    outbox_id: Uuid,
     /// Serialises changes to existing batch records (settle, split, reject,
     /// attempts), so a batch cannot be settled twice.
     batch_lock: Mutex<()>,
@@ -166,6 +169,7 @@ impl Outbox {
                 marker_written: std::time::Instant::now(),
             }),
             write_lock: Mutex::new(()),
+            outbox_id: opened.identity.outbox_id,
             batch_lock: Mutex::new(()),
             index: Mutex::new(opened.index),
             ready_notify: Notify::new(),
@@ -438,7 +442,7 @@ impl Outbox {
             events.push((EventId(entry.id), case));
         }
         let rec = BatchRecord {
-            idempotency_key: Uuid::new_v4().to_string(),
+            idempotency_key: batch_idempotency_key(inner.outbox_id, batch_id),
             queue_id,
             event_ids: taken.iter().map(|e| e.id).collect(),
             created_at_ms: now_ms(),
@@ -721,7 +725,7 @@ impl Outbox {
                     events.push((EventId(*id), case));
                 }
                 let half = BatchRecord {
-                    idempotency_key: Uuid::new_v4().to_string(),
+                    idempotency_key: batch_idempotency_key(self.inner.outbox_id, new_id),
                     queue_id: rec.queue_id,
                     event_ids: ids,
                     created_at_ms: now,
@@ -1037,6 +1041,57 @@ impl Outbox {
     }
 }
 
+/// Rebuild the records of batches found corrupt at open from the events
+/// that point at them (their key is derived from the batch id), keeping the
+/// damaged bytes under a quarantine key for inspection. The batch is then
+/// resumed like any other: looked for on the server by its label before
+/// anything is sent again. Returns how many were rebuilt.
+fn rebuild_batches(
+    events: &sled::Tree,
+    outbox_id: Uuid,
+    broken: HashMap<u64, Vec<(u64, Uuid, u64)>>,
+    sb: &mut sled::Batch,
+) -> Result<usize, OutboxError> {
+    let mut rebuilt = 0;
+    for (batch_id, mut members) in broken {
+        let key = batch_key(batch_id);
+        if let Some(raw) = events.get(key)? {
+            sb.insert(record::quarantine_key(&key), raw);
+        }
+        if members.is_empty() {
+            sb.remove(&key[..]);
+            continue;
+        }
+        members.sort_unstable();
+        let queue_id = members[0].1;
+        let rec = BatchRecord {
+            idempotency_key: batch_idempotency_key(outbox_id, batch_id),
+            queue_id,
+            event_ids: members.iter().map(|m| m.0).collect(),
+            // Its cases cannot be older than its oldest event.
+            created_at_ms: members.iter().map(|m| m.2).min().unwrap_or(0),
+            attempts: 1,
+        };
+        sb.insert(&key[..], encode(&rec)?);
+        tracing::error!(
+            batch_id,
+            events = members.len(),
+            "corrupt batch record rebuilt from its events (damaged bytes kept under events/z/...); it is looked for on the server before anything is re-sent"
+        );
+        metrics::counter!("duvo_bridge_outbox_batches_rebuilt_total").increment(1);
+        rebuilt += 1;
+    }
+    Ok(rebuilt)
+}
+
+/// The idempotency key (and batch label value) of batch `batch_id`: derived,
+/// not random, so a batch whose record is lost can be rebuilt from its
+/// events with the key its cases were sent under, and looked for by it.
+/// The outbox's identity keeps keys of different outboxes apart.
+pub fn batch_idempotency_key(outbox_id: Uuid, batch_id: u64) -> String {
+    format!("{outbox_id}-{batch_id}")
+}
+
 /// Open sled and rebuild the indexes (blocking: runs on the blocking pool).
 fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     let db = sled::Config::new()
@@ -1063,16 +1118,20 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     // Batches first, so events pointing at a batch that does not exist
     // (which the atomic writes should make impossible) can be detected.
     let mut batches: HashSet<u64> = HashSet::new();
+    // Corrupt batch records -> (event id, queue, received at) of their events.
+    let mut broken_batches: HashMap<u64, Vec<(u64, Uuid, u64)>> = HashMap::new();
     for item in events.scan_prefix([BATCH_PREFIX]) {
         let (key, value) = item?;
         let Some(batch_id) = key_u64(&key) else {
             continue;
         };
         // A corrupt batch record still counts as existing: its events stay
-        // batched rather than being re-sent under a new key.
+        // batched (never re-sent under a new key), and the record is
+        // rebuilt from them below.
         batches.insert(batch_id);
         if let Err(e) = decode::<BatchRecord>(&key, &value) {
             note_corrupt(&e);
+            broken_batches.insert(batch_id, Vec::new());
         }
     }
 
@@ -1096,6 +1155,9 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
             EventState::Stored => {}
             EventState::Batched { batch_id } if batches.contains(batch_id) => {
                 index.batched += 1;
+                if let Some(members) = broken_batches.get_mut(batch_id) {
+                    members.push((id, rec.queue_id, rec.received_at_ms));
+                }
                 continue;
             }
             EventState::Batched { batch_id } => {
@@ -1132,7 +1194,8 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
             },
         );
     }
-    if orphan_count > 0 {
+    let rebuilt = rebuild_batches(&events, identity.outbox_id, broken_batches, &mut orphans)?;
+    if orphan_count > 0 || rebuilt > 0 {
         events.apply_batch(orphans)?;
         db.flush()?;
         dir_sync

@@ -17,6 +17,7 @@
 //! | `r` + report id (u64 BE)              | [`Report`](super::Report) |
 //! | `d` + report id (u64 BE)              | [`DeadReport`](super::DeadReport): given up |
 //! | `u` + URL digest (16 bytes)           | a callback URL and its reference count (`callbacks`) |
+//! | `z` + original key                    | a damaged record's bytes, kept after a rebuild |
 //!
 //! A tracked case's state is in its event record ([`EventRecord::tracking`]);
 //! the `c` key exists exactly while the case is followed (phase open or
@@ -58,6 +59,7 @@ pub(crate) const DEADLINE_PREFIX: u8 = b'x';
 pub(crate) const WATERMARK_PREFIX: u8 = b'w';
 pub(crate) const REPORT_PREFIX: u8 = b'r';
 pub(crate) const DEAD_REPORT_PREFIX: u8 = b'd';
+pub(crate) const QUARANTINE_PREFIX: u8 = b'z';
 
 /// Key of an event record in [`EVENTS_TREE`] (public so tools and tests can
 /// inspect the raw database).
@@ -132,6 +134,15 @@ pub fn report_key(id: u64) -> [u8; 9] {
     prefixed_u64(REPORT_PREFIX, id)
 }
 
+/// Where a damaged record's bytes are kept once the outbox rebuilt what
+/// they stood for: `z` + the original key.
+pub(crate) fn quarantine_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + key.len());
+    k.push(QUARANTINE_PREFIX);
+    k.extend_from_slice(key);
+    k
+}
+
 /// Key of a report given up on.
 pub fn dead_report_key(id: u64) -> [u8; 9] {
     prefixed_u64(DEAD_REPORT_PREFIX, id)
@@ -180,6 +191,7 @@ pub fn describe_key(key: &[u8]) -> String {
         Some(&REPORT_PREFIX) if key.len() == 9 => {
             format!("events/r/{}", key_u64(key).unwrap_or(0))
         }
+        Some(&QUARANTINE_PREFIX) => format!("events/z/{}", describe_key(&key[1..])),
         Some(&DEAD_REPORT_PREFIX) if key.len() == 9 => {
             format!("events/d/{}", key_u64(key).unwrap_or(0))
         }

@@ -342,7 +342,7 @@ fn matches(c: &Case, p: &ListParams) -> bool {
 /// title and data maps below `fail_ratio`. Public so tests can predict it.
 pub fn would_fail(title: &str, data: Option<&str>, fail_ratio: f64) -> bool {
     let data = data.unwrap_or("");
-    if data.contains(r#""simulate":"fail""#) {
+    if super::validate::simulate_hook(data).as_deref() == Some("fail") {
         return true;
     }
     if fail_ratio <= 0.0 {
@@ -500,6 +500,12 @@ mod tests {
     #[test]
     fn fail_decision_is_deterministic() {
         assert!(would_fail("x", Some(r#"{"simulate":"fail"}"#), 0.0));
+        assert!(would_fail(
+            "x",
+            Some(r#"{ "id": 1, "simulate" : "fail" }"#),
+            0.0
+        ));
+        assert!(!would_fail("x", Some(r#"{"note": "simulate fail"}"#), 0.0));
         assert!(!would_fail("x", Some("ok"), 0.0));
         assert!(would_fail("x", Some("ok"), 1.0));
         let share = (0..10_000)

@@ -33,6 +33,20 @@ impl Invalid {
 /// Data text that makes the simulator refuse a case as invalid (400).
 pub const REJECT_MARKER: &str = r#""simulate":"reject""#;
 
+/// The test hook a case's data asks for: the `simulate` member of data
+/// that is a JSON object (`{"simulate": "fail", ...}`, however spaced), or
+/// the compact marker anywhere in other data. Clients keep producers' bytes
+/// verbatim, so the spacing is theirs.
+pub fn simulate_hook(data: &str) -> Option<String> {
+    if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(data) {
+        return o.get("simulate").and_then(Value::as_str).map(str::to_owned);
+    }
+    ["fail", "reject"]
+        .into_iter()
+        .find(|h| data.contains(&format!(r#""simulate":"{h}""#)))
+        .map(str::to_owned)
+}
+
 pub fn create_body(raw: &[u8]) -> Result<Vec<NewCase>, Invalid> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Err(Invalid::one(
@@ -125,7 +139,7 @@ fn one_case(path: &str, v: &Value) -> Result<NewCase, Vec<String>> {
         // Test hook, like `"simulate":"fail"` for the agent: a case whose
         // data carries `"simulate":"reject"` is invalid, so clients can
         // exercise their handling of one poison case inside a batch.
-        Some(Value::String(d)) if d.contains(REJECT_MARKER) => {
+        Some(Value::String(d)) if simulate_hook(d).as_deref() == Some("reject") => {
             problems.push(format!(
                 "{path}.data is refused by the simulator (it contains {REJECT_MARKER})"
             ));
