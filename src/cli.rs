@@ -50,6 +50,26 @@ pub enum Command {
     /// The newcomer's tour: simulator + bridge in-process, a few thousand
     /// sample orders, progress bars and a summary.
     Demo(crate::demo::DemoArgs),
+    /// Look into an outbox.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+/// `duvo-bridge outbox ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum OutboxCommand {
+    /// Check every record of a stopped bridge's outbox and the references
+    /// between them; changes nothing. Exit 0 when sound, 1 naming each
+    /// damaged record, 2 when the database cannot be opened (also while a
+    /// bridge holds it).
+    Verify {
+        /// The outbox directory (`[outbox] path`).
+        #[arg(long)]
+        path: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parse arguments and run; returns the process exit code.
@@ -118,7 +138,7 @@ pub fn main() -> i32 {
                     let lost = e.chain().any(|c| {
                         matches!(
                             c.downcast_ref::<OutboxError>(),
-                            Some(OutboxError::DataLost { .. })
+                            Some(OutboxError::DataLost { .. } | OutboxError::Unopenable { .. })
                         )
                     });
                     if lost { EXIT_OUTBOX_LOST } else { 1 }
@@ -132,6 +152,36 @@ pub fn main() -> i32 {
                 Err(e) => {
                     eprintln!("duvo-bridge sim: {e:#}");
                     1
+                }
+            }
+        }
+        Command::Outbox(OutboxCommand::Verify { path, json }) => {
+            match crate::outbox::verify(&path) {
+                Ok(report) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).expect("a report serialises")
+                        );
+                    } else {
+                        let counts: Vec<String> = report
+                            .records
+                            .iter()
+                            .map(|(k, n)| format!("{n} {k}"))
+                            .collect();
+                        println!("{}: {}", path.display(), counts.join(", "));
+                        for p in &report.problems {
+                            println!("DAMAGED {}: {}", p.key, p.problem);
+                        }
+                        if report.problems.is_empty() {
+                            println!("OK");
+                        }
+                    }
+                    i32::from(!report.problems.is_empty())
+                }
+                Err(e) => {
+                    eprintln!("{}: cannot open the outbox: {e}", path.display());
+                    2
                 }
             }
         }

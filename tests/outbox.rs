@@ -170,7 +170,11 @@ async fn claim_respects_max_cases_body_size_and_order_per_queue() {
     assert_eq!(b1.attempts, 0);
     // `<outbox uuid>-<batch id>`: unique per outbox and rebuildable.
     let (outbox_part, batch_part) = b1.idempotency_key.rsplit_once('-').unwrap();
-    assert!(Uuid::parse_str(outbox_part).is_ok(), "{}", b1.idempotency_key);
+    assert!(
+        Uuid::parse_str(outbox_part).is_ok(),
+        "{}",
+        b1.idempotency_key
+    );
     assert_eq!(batch_part, b1.id.to_string());
     assert_eq!(
         outbox.get(q1_ids[0]).unwrap().unwrap().state,

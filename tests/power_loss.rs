@@ -506,3 +506,120 @@ async fn the_binary_refuses_a_lost_outbox_with_exit_65_until_the_loss_is_accepte
     send_signal(&accepted, "TERM");
     accepted.wait().unwrap();
 }
+
+/// `duvo-bridge outbox verify` names a damaged record (exit 1) and says
+/// OK on a sound outbox (exit 0); a database sled cannot open at all is
+/// refused by `run` (exit 65, naming the path and the verify command) and
+/// reported by `verify` (exit 2): never started empty in its place.
+#[tokio::test]
+async fn damage_is_named_by_verify_and_an_unopenable_outbox_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox");
+    let q = uuid::Uuid::new_v4();
+    {
+        let o = duvo_bridge::outbox::Outbox::open(duvo_bridge::outbox::OutboxConfig::new(
+            outbox.clone(),
+        ))
+        .await
+        .unwrap();
+        let events = (0..20)
+            .map(|i| duvo_bridge::outbox::NewEvent {
+                source: "oms".into(),
+                identity: Some(format!("oms:{i}")),
+                queue_id: q,
+                case: duvo_bridge::duvo::NewCase {
+                    title: format!("Order {i}"),
+                    data: Some(format!("{{\"order_id\":{i}}}")),
+                    labels: vec![],
+                    priority: None,
+                },
+                received_at_ms: 1,
+                origin: None,
+            })
+            .collect();
+        o.append(events).await.unwrap();
+        o.claim_batch(q, 5, 1 << 20).await.unwrap().unwrap();
+    }
+    let verify = |path: std::path::PathBuf| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
+            .args(["outbox", "verify", "--path"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let ok = verify(outbox.clone());
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("20 event") && text.contains("1 batch") && text.contains("OK"),
+        "{text}"
+    );
+
+    // One event record damaged: named, with what is wrong.
+    {
+        let db = sled::open(&outbox).unwrap();
+        let t = db
+            .open_tree(duvo_bridge::outbox::record::EVENTS_TREE)
+            .unwrap();
+        let k = duvo_bridge::outbox::record::event_key(7);
+        let mut v = t.get(k).unwrap().unwrap().to_vec();
+        let at = v.len() - 3;
+        v[at] ^= 0x41;
+        t.insert(k, v).unwrap();
+        db.flush().unwrap();
+    }
+    let bad = verify(outbox.clone());
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("DAMAGED events/e/7: checksum mismatch"),
+        "{text}"
+    );
+
+    // The database file itself damaged: sled cannot open it.
+    let db_file = outbox.join("db");
+    let mut bytes = std::fs::read(&db_file).unwrap();
+    for b in bytes.iter_mut().skip(64).step_by(5) {
+        *b ^= 0xff;
+    }
+    std::fs::write(&db_file, bytes).unwrap();
+    let unopenable = verify(outbox.clone());
+    assert_eq!(
+        unopenable.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&unopenable.stderr)
+    );
+    let (http, admin) = (free_port(), free_port());
+    let config = write_binary_config(
+        dir.path(),
+        "http://127.0.0.1:9",
+        q,
+        http,
+        admin,
+        "api_key_env = \"DUVO_API_KEY\"",
+        "",
+    );
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("DUVO_API_KEY", "dv_0123456789abcdef0123456789abcdef")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    });
+    let out = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the bridge exits instead of starting")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "duvo-bridge outbox verify --path {}",
+            outbox.display()
+        )),
+        "{stderr}"
+    );
+}

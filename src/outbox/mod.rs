@@ -28,6 +28,7 @@ pub mod record;
 mod reports;
 mod tracking;
 mod types;
+mod verify;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,6 +56,7 @@ use record::{
 use reports::ReportIndex;
 pub use reports::{DeadReport, Report, ReportStatus};
 use tracking::TrackIndex;
+pub use verify::{Problem, VerifyReport, verify};
 
 use crate::clock::now_ms;
 
@@ -1101,7 +1103,20 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         // would only add fsyncs nobody waits for.
         .flush_every_ms(None)
         .mode(sled::Mode::HighThroughput)
-        .open()?;
+        .open()
+        .map_err(|e| match e {
+            // Another process holds it: not damage.
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                OutboxError::Storage(e)
+            }
+            sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
+                OutboxError::Unopenable {
+                    path: cfg.path.clone(),
+                    detail: e.to_string(),
+                }
+            }
+            other => OutboxError::Storage(other),
+        })?;
     // Before anything is read: a database that lost its data is refused
     // here, not recovered as if it were new.
     let mut dir_sync = durable::DirSync::new(&cfg.path);

@@ -459,6 +459,15 @@ pub enum OutboxError {
         path.display()
     )]
     DataLost { path: PathBuf, detail: String },
+    /// sled cannot open the database (its files are damaged): refused, so
+    /// the bridge never starts on an empty outbox in its place.
+    #[error(
+        "outbox at {} cannot be opened: {detail}. Nothing was started. \
+         `duvo-bridge outbox verify --path {}` names what is damaged; restore the volume from a backup \
+         (or move the directory aside to start empty, accepting the loss of what it held)",
+        path.display(), path.display()
+    )]
+    Unopenable { path: PathBuf, detail: String },
     /// Encoding a record failed (should not happen for our types).
     #[error("cannot encode outbox record: {0}")]
     Encode(#[from] serde_json::Error),
