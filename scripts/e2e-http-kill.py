@@ -9,6 +9,12 @@ event is a case exactly once, that no request came before a retry-after
 deadline, and how many cases each create request carried.
 
     scripts/e2e-http-kill.py [--bin target/release/duvo-bridge] [--events 20000]
+        [--kills 2] [--idempotency ignore] [--drop-ratio 0.2] [--rate 300]
+
+`--idempotency ignore` runs a simulator that disregards Idempotency-Key, and
+`--drop-ratio` makes it carry out that share of creates without answering
+(the connection just stays silent until the bridge's timeout): only the
+bridge's own reconciliation then stands between a retry and a duplicate.
 
 Only the standard library: it talks HTTP like any outside client.
 """
@@ -23,6 +29,10 @@ def main():
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--per-request", type=int, default=200)
     ap.add_argument("--kills", type=int, default=2)
+    ap.add_argument("--idempotency", choices=["honour", "ignore"], default="honour")
+    ap.add_argument("--drop-ratio", type=float, default=0.0,
+                    help="share of creates carried out without an answer")
+    ap.add_argument("--rate", type=int, default=300, help="API requests per minute (sim and bridge)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="duvo-e2e-")
@@ -31,9 +41,15 @@ def main():
     queue = str(uuid.uuid4())
     sim_log = open(os.path.join(work, "sim.log"), "w")
     sim = subprocess.Popen([args.bin, "sim", "--listen", f"127.0.0.1:{sim_port}", "--api-key", key,
-                            "--queue", queue], stdout=sim_log, stderr=sim_log)
+                            "--queue", queue, "--idempotency", args.idempotency,
+                            "--rate-limit", str(args.rate)], stdout=sim_log, stderr=sim_log)
     base = f"http://127.0.0.1:{sim_port}"
     assert wait_for(lambda: get(base + "/_sim/stats")[0] == 200, 10), "sim up"
+    if args.drop_ratio:
+        st, _ = http("POST", base + "/_sim/faults",
+                     json.dumps({"drop_after_commit_ratio": args.drop_ratio}).encode(),
+                     {"Content-Type": "application/json"})
+        assert st == 200, f"faults: {st}"
 
     cfg = os.path.join(work, "bridge.toml")
     with open(cfg, "w") as f:
@@ -41,7 +57,8 @@ def main():
 [duvo]
 base_url = "{base}"
 api_key_env = "DUVO_API_KEY"
-rate_limit_per_minute = 300
+rate_limit_per_minute = {args.rate}
+timeout_secs = 5
 [outbox]
 path = "{work}/outbox"
 [admin]
@@ -91,8 +108,17 @@ title = "Order {{/order_id}}"
     def created():
         st, b = get(base + "/_sim/stats")
         return json.loads(b)["cases_created"] if st == 200 else 0
-    ok = wait_for(lambda: created() >= acknowledged, 600, every=1)
+    def depth():
+        st, b = get(f"http://127.0.0.1:{admin_port}/metrics")
+        for line in (b.decode() if isinstance(b, bytes) else b).splitlines() if st == 200 else []:
+            if line.startswith("duvo_bridge_outbox_depth "):
+                return float(line.split()[1])
+        return -1
+    ok = wait_for(lambda: created() >= acknowledged and depth() == 0, 600, every=1)
     time.sleep(2)
+    if args.drop_ratio:
+        http("POST", base + "/_sim/faults", json.dumps({"drop_after_commit_ratio": 0.0}).encode(),
+             {"Content-Type": "application/json"})
     st, b = get(base + "/_sim/stats"); stats = json.loads(b)
     counts = cases_per_order(base)
     bridge.send_signal(signal.SIGTERM); bridge.wait(timeout=30)
@@ -103,7 +129,8 @@ title = "Order {{/order_id}}"
     dups = {k: v for k, v in counts.items() if v > 1}
     elapsed = time.time() - t0
     print(json.dumps({k: stats[k] for k in ("requests", "create_requests", "cases_created", "rate_limited",
-                                            "early_retries", "idempotent_replays")}))
+                                            "early_retries", "idempotent_replays", "list_requests",
+                                            "dropped_after_commit")}))
     print(f"acknowledged={acknowledged} cases={sum(counts.values())} distinct={len(counts)} "
           f"missing={len(missing)} duplicates={len(dups)} early_retries={stats['early_retries']} "
           f"cases/create_request={stats['cases_created'] / max(1, stats['create_requests']):.1f} "

@@ -290,12 +290,13 @@ async fn a_per_request_callback_url_is_used_when_allowed() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
-    // A 200 KB URL is refused (it would be kept with every event).
-    let huge = format!("{}?pad={}", own_sink.url, "a".repeat(200_000));
+    // A URL over 2 KiB is refused with a clear error; a 200 KB one does
+    // not even fit the connection's header buffer (64 KiB): 431.
+    let long = format!("{}?pad={}", own_sink.url, "a".repeat(3_000));
     let bad = h
         .client
         .post(format!("http://{}/v1/events", h.addr))
-        .header("X-Duvo-Callback-Url", &huge)
+        .header("X-Duvo-Callback-Url", &long)
         .json(&order(3))
         .send()
         .await
@@ -303,6 +304,16 @@ async fn a_per_request_callback_url_is_used_when_allowed() {
     assert_eq!(bad.status(), 400);
     let v: serde_json::Value = bad.json().await.unwrap();
     assert_eq!(v["error"], "invalid_callback_url", "{v}");
+    let huge = format!("{}?pad={}", own_sink.url, "a".repeat(200_000));
+    let bad = h
+        .client
+        .post(format!("http://{}/v1/events", h.addr))
+        .header("X-Duvo-Callback-Url", &huge)
+        .json(&order(4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 431);
     assert_eq!(h.bridge.outbox.stats().appended, 1);
     assert!(wait_until(Duration::from_secs(30), || async { own_sink.count() == 1 }).await);
     assert_eq!(default_sink.count(), 0);
