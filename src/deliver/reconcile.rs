@@ -27,9 +27,9 @@ use crate::duvo::{ApiError, Case, DuvoClient, ListQuery, SortBy, SortOrder};
 use crate::outbox::Batch;
 use crate::retry::RetryPolicy;
 
-/// Margin around an attempt's window once the server's clock offset is
-/// estimated (the estimate is off by at most half a round trip).
-const MARGIN_KNOWN: Duration = Duration::from_secs(5);
+/// Margin around an attempt's window on top of the offset estimate's own
+/// uncertainty (half the observed round trip): the server's time to commit.
+const MARGIN_KNOWN: Duration = Duration::from_millis(500);
 /// Margin while no create has been answered yet: clocks of NTP-synced
 /// hosts are well within it.
 const MARGIN_UNKNOWN: Duration = Duration::from_secs(120);
@@ -38,45 +38,36 @@ const MARGIN_UNKNOWN: Duration = Duration::from_secs(120);
 /// `created_at` lies between our send and our receipt.
 #[derive(Debug, Default)]
 pub struct ServerClock {
-    /// Server minus local, milliseconds; `i64::MIN` until observed.
-    offset_ms: std::sync::atomic::AtomicI64,
-    known: std::sync::atomic::AtomicBool,
+    /// (server minus local, half the round trip), milliseconds.
+    estimate: std::sync::Mutex<Option<(i64, i64)>>,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl ServerClock {
     pub fn observe(&self, sent: SystemTime, received: SystemTime, created_at: DateTime<Utc>) {
-        let ms = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-        };
-        let mid = (ms(sent) + ms(received)) / 2;
-        let offset = created_at.timestamp_millis() - mid;
-        self.offset_ms
-            .store(offset, std::sync::atomic::Ordering::Relaxed);
-        self.known.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (s, r) = (unix_ms(sent), unix_ms(received));
+        let half = (r - s).max(0) / 2;
+        let offset = created_at.timestamp_millis() - (s + half);
+        *self.estimate.lock().unwrap_or_else(|e| e.into_inner()) = Some((offset, half));
     }
 
     /// The server-clock window in which cases of an attempt made between
     /// `start` and `end` (local clock) can have been created.
     pub fn window(&self, start: SystemTime, end: SystemTime) -> (DateTime<Utc>, DateTime<Utc>) {
-        let known = self.known.load(std::sync::atomic::Ordering::Relaxed);
-        let (offset, margin) = if known {
-            (
-                self.offset_ms.load(std::sync::atomic::Ordering::Relaxed),
-                MARGIN_KNOWN,
-            )
-        } else {
-            (0, MARGIN_UNKNOWN)
+        let estimate = *self.estimate.lock().unwrap_or_else(|e| e.into_inner());
+        let (offset, margin) = match estimate {
+            Some((offset, half)) => (offset, half + MARGIN_KNOWN.as_millis() as i64),
+            None => (0, MARGIN_UNKNOWN.as_millis() as i64),
         };
-        let at = |t: SystemTime, sign: i64| {
-            let ms = t
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-                + offset
-                + sign * margin.as_millis() as i64;
-            DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default()
-        };
-        (at(start, -1), at(end, 1))
+        let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
+        (
+            at(unix_ms(start) + offset - margin),
+            at(unix_ms(end) + offset + margin),
+        )
     }
 }
 
@@ -103,8 +94,8 @@ impl Found {
 
 /// List the queue's cases created within `window` (server clock) for
 /// `batch`'s labelled ones and match them to its events. Each page takes a
-/// create permit (it stands in for a create).
-/// A page that fails transiently (5xx, 429, timeout) is asked for again
+/// create permit (it stands in for a create); the walk ends at the window's
+/// end or as soon as every event is found. A page that fails transiently (5xx, 429, timeout) is asked for again
 /// after `retry`'s backoff, so a flaky server does not restart the walk;
 /// any other failure ends it.
 pub async fn find_batch(
@@ -168,7 +159,11 @@ pub async fn find_batch(
                 .any(|l| l.key == label_key && l.value == batch.idempotency_key)
         }));
         offset += n as u64;
-        if n < PAGE as usize || past_window {
+        // Every event found: later pages can only hold surplus copies,
+        // which change nothing about what to send.
+        let complete = labelled.len() >= batch.events.len()
+            && match_cases(batch, labelled.clone(), pages).count() == batch.events.len();
+        if n < PAGE as usize || past_window || complete {
             break;
         }
     }
@@ -264,6 +259,30 @@ mod tests {
             created_at_ms: 0,
             attempts: 1,
         }
+    }
+
+    #[test]
+    fn the_window_follows_the_servers_clock() {
+        let clock = ServerClock::default();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let (from, until) = clock.window(t0, t0 + Duration::from_secs(5));
+        assert_eq!(
+            until - from,
+            chrono::Duration::seconds(5 + 240),
+            "unknown: wide"
+        );
+        // The server is 10 s ahead; a create took 200 ms.
+        let created = DateTime::<Utc>::from_timestamp(1_800_000_010, 100_000_000).unwrap();
+        clock.observe(t0, t0 + Duration::from_millis(200), created);
+        let (from, until) = clock.window(t0, t0 + Duration::from_secs(5));
+        assert_eq!(
+            from,
+            DateTime::<Utc>::from_timestamp(1_800_000_009, 400_000_000).unwrap()
+        );
+        assert_eq!(
+            until,
+            DateTime::<Utc>::from_timestamp(1_800_000_015, 600_000_000).unwrap()
+        );
     }
 
     #[test]
