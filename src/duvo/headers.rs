@@ -37,7 +37,7 @@ impl RateLimitInfo {
         let remaining = num("x-ratelimit-remaining").or_else(|| num("ratelimit-remaining"));
         let reset_at = match num("x-ratelimit-reset") {
             Some(v) => Some(reset_value_to_instant(v, now)),
-            None => num("ratelimit-reset").map(|secs| now + Duration::from_secs(secs)),
+            None => num("ratelimit-reset").map(|secs| later(now, Duration::from_secs(secs))),
         };
         let retry_after = headers
             .get("retry-after")
@@ -63,10 +63,24 @@ impl RateLimitInfo {
 fn reset_value_to_instant(v: u64, now: SystemTime) -> SystemTime {
     const PLAUSIBLE_EPOCH: u64 = 1_000_000_000;
     if v >= PLAUSIBLE_EPOCH {
-        UNIX_EPOCH + Duration::from_secs(v)
+        let cap = later(now, MAX_WAIT);
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(v))
+            .map_or(cap, |at| at.min(cap))
     } else {
-        now + Duration::from_secs(v)
+        later(now, Duration::from_secs(v))
     }
+}
+
+/// The longest wait a server's headers can impose: a day. Values beyond it
+/// (a server's bug, or a value that would overflow the clock, like
+/// `retry-after: 99999999999999999999`) are read as a day, so one bad
+/// header can neither panic the client nor hold every send for years.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// `now + d`, with `d` capped at [`MAX_WAIT`].
+fn later(now: SystemTime, d: Duration) -> SystemTime {
+    now + d.min(MAX_WAIT)
 }
 
 /// `RateLimit-Limit: 300, 300;w=60` style values: take the first number.
@@ -89,15 +103,20 @@ fn parse_first_number(s: &str) -> Option<u64> {
 pub fn parse_retry_after(s: &str, now: SystemTime) -> Option<SystemTime> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
-        return Some(now + Duration::from_secs(secs));
+        return Some(later(now, Duration::from_secs(secs)));
     }
     if let Ok(secs) = s.parse::<f64>()
         && secs.is_finite()
         && secs >= 0.0
     {
-        return Some(now + Duration::from_secs_f64(secs));
+        return Some(later(
+            now,
+            Duration::try_from_secs_f64(secs).unwrap_or(MAX_WAIT),
+        ));
     }
-    httpdate::parse_http_date(s).ok()
+    httpdate::parse_http_date(s)
+        .ok()
+        .map(|at| at.min(later(now, MAX_WAIT)))
 }
 
 /// `Deprecation` / `Sunset` headers, if present, as raw strings.
@@ -195,5 +214,23 @@ mod tests {
         let l = LifecycleInfo::from_headers(&map(&[("Sunset", "Wed, 11 Nov 2026 23:59:59 GMT")]));
         assert!(l.is_present());
         assert_eq!(l.deprecation, None);
+    }
+
+    #[test]
+    fn huge_values_are_a_day_not_a_panic() {
+        // Found by tests/fuzz.rs: these overflowed SystemTime and panicked.
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = now + MAX_WAIT;
+        for v in ["99999999999999999999", "18446744073709551615", "1e300"] {
+            assert_eq!(parse_retry_after(v, now), Some(day), "{v}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-reset", "18446744073709551615".parse().unwrap());
+        assert_eq!(RateLimitInfo::from_headers(&h, now).reset_at, Some(day));
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-reset", "18446744073709551615".parse().unwrap());
+        assert_eq!(RateLimitInfo::from_headers(&h, now).reset_at, Some(day));
+        let far = httpdate::fmt_http_date(now + Duration::from_secs(86_400 * 365));
+        assert_eq!(parse_retry_after(&far, now), Some(day));
     }
 }

@@ -386,4 +386,35 @@ mod tests {
         let s = serde_json::to_value(EventState::Stored).unwrap();
         assert_eq!(s, serde_json::json!({"state": "stored"}));
     }
+
+    proptest::proptest! {
+        /// Whatever bytes a disk hands back, decoding is a typed error or a
+        /// value, never a panic: raw garbage, and garbage framed with a
+        /// valid checksum (so the JSON decoder sees it).
+        #[test]
+        fn any_bytes_decode_to_a_value_or_a_typed_error(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            framed in proptest::prelude::any::<bool>(),
+        ) {
+            let value = if framed {
+                let mut v = vec![RECORD_VERSION];
+                v.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+                v.extend_from_slice(&bytes);
+                v
+            } else {
+                bytes
+            };
+            let key = event_key(1);
+            for r in [
+                decode::<EventRecord>(&key, &value).map(|_| ()),
+                decode::<BatchRecord>(&key, &value).map(|_| ()),
+                decode::<crate::outbox::Report>(&key, &value).map(|_| ()),
+                decode::<u64>(&key, &value).map(|_| ()),
+            ] {
+                if let Err(e) = r {
+                    proptest::prop_assert!(matches!(e, OutboxError::Corrupt { .. }), "{e}");
+                }
+            }
+        }
+    }
 }
