@@ -77,6 +77,7 @@ pub fn outbox_config(cfg: &Config) -> OutboxConfig {
         high_water_events: cfg.outbox.high_water_events,
         low_water_events: cfg.outbox.low_water_events,
         high_water_bytes: cfg.outbox.high_water_bytes,
+        min_free_disk_bytes: cfg.outbox.min_free_disk_mb.saturating_mul(1024 * 1024),
         retention: Duration::from_secs(cfg.outbox.retention_hours * 3600),
         tracking: cfg.tracking.policy(report_sources),
         accept_data_loss: cfg.outbox.accept_data_loss,
@@ -388,7 +389,14 @@ async fn housekeeping(
         metrics::gauge!("duvo_bridge_outbox_oldest_event_age_seconds").set(age);
         if outbox.over_high_water() {
             metrics::gauge!("duvo_bridge_outbox_over_high_water").set(1.0);
-            health.set_unready("outbox", "over high-water mark");
+            health.set_unready(
+                "outbox",
+                if outbox.disk_nearly_full() {
+                    "its filesystem is below min_free_disk_mb"
+                } else {
+                    "over high-water mark"
+                },
+            );
         } else {
             metrics::gauge!("duvo_bridge_outbox_over_high_water").set(0.0);
             health.set_ready("outbox");

@@ -203,6 +203,11 @@ fn describe_all() {
         "duvo_bridge_api_rate_limited_total",
         "429 answers from the Duvo API."
     );
+    describe_gauge!(
+        "duvo_bridge_outbox_disk_free_bytes",
+        Unit::Bytes,
+        "Free bytes on the outbox's filesystem; below outbox.min_free_disk_mb intake pauses."
+    );
     describe_counter!(
         "duvo_bridge_outbox_batches_rebuilt_total",
         "Batch records found corrupt at open and rebuilt from their events (then looked for on the server before any re-send)."

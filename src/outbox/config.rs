@@ -17,6 +17,12 @@ pub struct OutboxSection {
     pub low_water_events: u64,
     /// Above this many bytes on disk, intake stops as for `high_water_events`.
     pub high_water_bytes: u64,
+    /// Free space to keep on the outbox's filesystem, MiB. Below it intake
+    /// stops as for `high_water_events` (HTTP 503, brokers paused), before
+    /// any write can fail for want of space; delivery goes on (its writes
+    /// are small) and intake resumes by itself once space is back.
+    /// Default: 256.
+    pub min_free_disk_mb: u64,
     /// How long delivered events are remembered so a re-sent event (same
     /// idempotency key or event id) is recognised and not delivered twice.
     pub retention_hours: u64,
@@ -33,6 +39,7 @@ impl Default for OutboxSection {
             high_water_events: 1_000_000,
             low_water_events: 800_000,
             high_water_bytes: 8 * 1024 * 1024 * 1024,
+            min_free_disk_mb: 256,
             retention_hours: 24,
             accept_data_loss: false,
         }

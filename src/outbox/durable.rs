@@ -187,6 +187,24 @@ fn sync_ancestors(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes available to us on the filesystem holding `dir` (statvfs);
+/// `u64::MAX` for a filesystem that reports no size at all (some FUSE and
+/// virtual filesystems), which cannot be judged full.
+pub(crate) fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.f_blocks == 0 {
+        return Ok(u64::MAX);
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 /// The outbox's identity once `open` checked sled against the marker.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Identity {

@@ -115,6 +115,9 @@ pub(crate) struct Inner {
     duplicates: AtomicU64,
     corrupt: AtomicU64,
     over_high: AtomicBool,
+    /// Free space below `min_free_disk_bytes` at the last look, and when.
+    disk_low: AtomicBool,
+    disk_checked_ms: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -185,6 +188,8 @@ impl Outbox {
             duplicates: AtomicU64::new(0),
             corrupt: AtomicU64::new(opened.corrupt),
             over_high: AtomicBool::new(false),
+            disk_low: AtomicBool::new(false),
+            disk_checked_ms: AtomicU64::new(0),
         });
         tokio::spawn(flusher::run(flush, Arc::downgrade(&inner)));
         let outbox = Outbox { inner };
@@ -939,6 +944,9 @@ impl Outbox {
     /// and running at the threshold).
     pub fn over_high_water(&self) -> bool {
         let cfg = &self.inner.cfg;
+        if self.disk_nearly_full() {
+            return true;
+        }
         let depth = self.depth();
         let over = depth > cfg.high_water_events || self.size_on_disk() > cfg.high_water_bytes;
         let flag = &self.inner.over_high;
@@ -951,6 +959,40 @@ impl Outbox {
             flag.store(false, Ordering::Relaxed);
             false
         }
+    }
+
+    /// Whether the outbox's filesystem has less free space than
+    /// `min_free_disk_bytes`. Asked of the filesystem at most every 250 ms
+    /// (intake asks on every request); an error reading it counts as full.
+    pub fn disk_nearly_full(&self) -> bool {
+        let inner = &self.inner;
+        let now = crate::clock::now_ms();
+        let checked = inner.disk_checked_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(checked) >= 250
+            && inner
+                .disk_checked_ms
+                .compare_exchange(checked, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let free = durable::free_bytes(&inner.cfg.path).unwrap_or(0);
+            if free != u64::MAX {
+                metrics::gauge!("duvo_bridge_outbox_disk_free_bytes").set(free as f64);
+            }
+            let low = free < inner.cfg.min_free_disk_bytes;
+            if low != inner.disk_low.swap(low, Ordering::Relaxed) {
+                if low {
+                    tracing::error!(free_bytes = free, min_free_bytes = inner.cfg.min_free_disk_bytes,
+                        path = %inner.cfg.path.display(),
+                        "outbox filesystem nearly full: intake paused until space is back");
+                } else {
+                    tracing::info!(
+                        free_bytes = free,
+                        "outbox filesystem has room again: intake resumes"
+                    );
+                }
+            }
+        }
+        inner.disk_low.load(Ordering::Relaxed)
     }
 
     /// Force a flush and wait for it (shutdown, tests).

@@ -383,6 +383,9 @@ pub struct OutboxConfig {
     pub low_water_events: u64,
     /// Size on disk above which `over_high_water` turns true.
     pub high_water_bytes: u64,
+    /// Free bytes to keep on the outbox's filesystem: below them the outbox
+    /// counts as over high water.
+    pub min_free_disk_bytes: u64,
     /// How long delivered/rejected tombstones and their identities are kept,
     /// i.e. the dedupe window for sources that redeliver.
     pub retention: Duration,
@@ -404,6 +407,7 @@ impl OutboxConfig {
             high_water_events: 1_000_000,
             low_water_events: 800_000,
             high_water_bytes: 8 * 1024 * 1024 * 1024,
+            min_free_disk_bytes: 256 * 1024 * 1024,
             retention: Duration::from_secs(24 * 3600),
             cache_capacity_bytes: 256 * 1024 * 1024,
             tracking: None,
