@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::raw_json::{Field, RawEvent};
+use crate::raw_json::{Field, RawEvent, unescape_token};
 
 use crate::duvo::types::{Label, MAX_TITLE_CHARS, NewCase, Priority};
 
@@ -340,26 +340,6 @@ impl Pointer {
     fn resolve<'a>(&self, event: &RawEvent<'a>) -> Option<Field<'a>> {
         event.lookup(&self.tokens)
     }
-}
-
-/// Undo `~1` -> `/` and `~0` -> `~`; any other `~` is invalid per RFC 6901.
-fn unescape_token(token: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(token.len());
-    let mut chars = token.chars();
-    while let Some(c) = chars.next() {
-        if c == '~' {
-            match chars.next() {
-                Some('0') => out.push('~'),
-                Some('1') => out.push('/'),
-                _ => {
-                    return Err("'~' must be followed by '0' (for '~') or '1' (for '/')".to_owned());
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

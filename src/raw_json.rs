@@ -81,7 +81,7 @@ impl<'a> RawEvent<'a> {
         let tokens = pointer
             .strip_prefix('/')?
             .split('/')
-            .map(unescape_token)
+            .map(|t| unescape_token(t).ok())
             .collect::<Option<Vec<_>>>()?;
         self.lookup(&tokens)
     }
@@ -145,21 +145,24 @@ impl Field<'_> {
     }
 }
 
-/// Undo `~1` -> `/` and `~0` -> `~`; `None` for any other `~`.
-fn unescape_token(token: &str) -> Option<String> {
+/// Undo `~1` -> `/` and `~0` -> `~` in one RFC 6901 reference token; any
+/// other `~` is invalid.
+pub fn unescape_token(token: &str) -> Result<String, String> {
     let mut out = String::with_capacity(token.len());
     let mut chars = token.chars();
     while let Some(c) = chars.next() {
         match c {
-            '~' => match chars.next()? {
-                '0' => out.push('~'),
-                '1' => out.push('/'),
-                _ => return None,
+            '~' => match chars.next() {
+                Some('0') => out.push('~'),
+                Some('1') => out.push('/'),
+                _ => {
+                    return Err("'~' must be followed by '0' (for '~') or '1' (for '/')".to_owned());
+                }
             },
             c => out.push(c),
         }
     }
-    Some(out)
+    Ok(out)
 }
 
 /// RFC 6901 array index: `0` or digits without a leading zero.

@@ -28,17 +28,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_not
             dir.path(),
             admin,
             1200,
-            &format!(
-                r#"
-[[sources]]
-type = "http"
-name = "oms"
-listen = "127.0.0.1:{http}"
-queue_id = "{queue}"
-title = "Order {{/order_id}}"
-"#,
-                queue = sim.queues()[0],
-            ),
+            &http_source_toml(http, sim.queues()[0]),
         ),
     )
     .unwrap();
@@ -301,17 +291,7 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
             dir.path(),
             admin,
             6000,
-            &format!(
-                r#"
-[[sources]]
-type = "http"
-name = "oms"
-listen = "127.0.0.1:{http}"
-queue_id = "{queue}"
-title = "Order {{/order_id}}"
-"#,
-                queue = sim.queues()[0],
-            ),
+            &http_source_toml(http, sim.queues()[0]),
         ),
     )
     .unwrap();

@@ -60,17 +60,7 @@ async fn a_full_disk_pauses_intake_before_writes_fail_and_resumes_when_space_is_
             &fs.0,
             admin,
             6000,
-            &format!(
-                r#"
-[[sources]]
-type = "http"
-name = "oms"
-listen = "127.0.0.1:{http}"
-queue_id = "{queue}"
-title = "Order {{/order_id}}"
-"#,
-                queue = sim.queues()[0],
-            ),
+            &http_source_toml(http, sim.queues()[0]),
         )
         .replace("[outbox]\n", "[outbox]\nmin_free_disk_mb = 16\n"),
     )

@@ -627,6 +627,35 @@ mod tests {
         }
     }
 
+    /// Run a dispatcher of 4 slots for source `src` with `reporter`,
+    /// retrying from `initial_ms` up to `max_ms`: its stop and abort tokens
+    /// and its task.
+    fn dispatch(
+        outbox: &Outbox,
+        reporter: Arc<dyn Reporter>,
+        initial_ms: u64,
+        max_ms: u64,
+    ) -> (
+        CancellationToken,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let cfg = DispatchConfig {
+            concurrency: 4,
+            retry: RetryPolicy {
+                initial: Duration::from_millis(initial_ms),
+                max: Duration::from_millis(max_ms),
+                ..RetryPolicy::default()
+            },
+        };
+        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+        let reporters = BTreeMap::from([("src".to_string(), reporter)]);
+        let run = tokio::spawn(
+            ReportDispatcher::new(outbox.clone(), reporters, cfg).run(stop.clone(), abort.clone()),
+        );
+        (stop, abort, run)
+    }
+
     fn report(id: u64, dest: &str) -> Report {
         Report {
             id,
@@ -660,19 +689,7 @@ mod tests {
         }
         let fake = Arc::new(Fake::default());
         fake.dead.lock().unwrap().insert("dead".into());
-        let cfg = DispatchConfig {
-            concurrency: 4,
-            retry: RetryPolicy {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(200),
-                ..RetryPolicy::default()
-            },
-        };
-        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
-        let reporters = BTreeMap::from([("src".to_string(), fake.clone() as Arc<dyn Reporter>)]);
-        let run = tokio::spawn(
-            ReportDispatcher::new(outbox.clone(), reporters, cfg).run(stop.clone(), abort.clone()),
-        );
+        let (stop, _abort, run) = dispatch(&outbox, fake.clone(), 50, 200);
         let pending = |outbox: &Outbox| outbox.pending_reports().get("src").copied().unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(10);
         while pending(&outbox) > 200 {
@@ -723,19 +740,7 @@ mod tests {
         for id in 1..=30 {
             slow.0.dead.lock().unwrap().insert(format!("dead-{id}"));
         }
-        let cfg = DispatchConfig {
-            concurrency: 4,
-            retry: RetryPolicy {
-                initial: Duration::from_millis(20),
-                max: Duration::from_millis(50),
-                ..RetryPolicy::default()
-            },
-        };
-        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
-        let reporters = BTreeMap::from([("src".to_string(), slow.clone() as Arc<dyn Reporter>)]);
-        let run = tokio::spawn(
-            ReportDispatcher::new(outbox.clone(), reporters, cfg).run(stop.clone(), abort.clone()),
-        );
+        let (stop, abort, run) = dispatch(&outbox, slow.clone(), 20, 50);
         // Every dead destination has failed once and is due again and again.
         tokio::time::sleep(Duration::from_millis(3000)).await;
         for id in 31..=40 {
@@ -785,19 +790,7 @@ mod tests {
             .lock()
             .unwrap()
             .extend(["client-dead".to_string(), "operator-dead".to_string()]);
-        let cfg = DispatchConfig {
-            concurrency: 4,
-            retry: RetryPolicy {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(200),
-                ..RetryPolicy::default()
-            },
-        };
-        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
-        let reporters = BTreeMap::from([("src".to_string(), fake.clone() as Arc<dyn Reporter>)]);
-        let run = tokio::spawn(
-            ReportDispatcher::new(outbox.clone(), reporters, cfg).run(stop.clone(), abort.clone()),
-        );
+        let (stop, _abort, run) = dispatch(&outbox, fake.clone(), 50, 200);
         let deadline = Instant::now() + Duration::from_secs(10);
         while outbox.dead_reports().unwrap().len() < 30 {
             assert!(Instant::now() < deadline, "old client reports not given up");

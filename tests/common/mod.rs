@@ -313,6 +313,21 @@ grace_period_secs = 2
     )
 }
 
+/// The `[[sources]]` block of the HTTP source `oms` on `http`, feeding
+/// `queue`, titled by order id (what [`bridge_toml`]'s `rest` usually is).
+pub fn http_source_toml(http: u16, queue: uuid::Uuid) -> String {
+    format!(
+        r#"
+[[sources]]
+type = "http"
+name = "oms"
+listen = "127.0.0.1:{http}"
+queue_id = "{queue}"
+title = "Order {{/order_id}}"
+"#
+    )
+}
+
 /// Send `signal` (e.g. "TERM", "HUP") to a child process with kill(1).
 pub fn send_signal(child: &std::process::Child, signal: &str) {
     let ok = std::process::Command::new("kill")
