@@ -526,6 +526,84 @@ async fn faults_outage_and_error_ratio() {
     assert_eq!(t.sim.stats().faults_injected, 2);
 }
 
+/// A 429 storm refuses every request until its end, which `retry-after`
+/// names as whole seconds or, on request, as an HTTP-date (the contract says
+/// clients must accept both); asking again before that instant is counted as
+/// an early retry, and a storm spends no rate budget.
+#[tokio::test]
+async fn faults_throttle_storm_in_seconds_and_http_date() {
+    let t = T::new(|_| {}).await;
+    let faults_url = format!("{}/_sim/faults", t.sim.base_url());
+    let r = t
+        .http
+        .post(&faults_url)
+        .body(r#"{"throttle_secs":30}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = t.get(&t.cases_url()).await;
+    let secs: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((29..=31).contains(&secs), "retry-after {secs}");
+    assert_eq!(
+        error_of(r, StatusCode::TOO_MANY_REQUESTS).await.0,
+        "rate_limited"
+    );
+    assert_eq!(t.sim.stats().early_retries, 0);
+    let r = t.get(&t.cases_url()).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        t.sim.stats().early_retries,
+        1,
+        "asked again before the deadline"
+    );
+
+    t.sim.set_faults(FaultsPatch {
+        throttle_secs: Some(20),
+        throttle_http_date: Some(true),
+        ..Default::default()
+    });
+    let r = t.get(&t.cases_url()).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let at = httpdate::parse_http_date(r.headers()["retry-after"].to_str().unwrap())
+        .expect("retry-after is an HTTP-date");
+    let wait = at.duration_since(std::time::SystemTime::now()).unwrap();
+    // The first storm's deadline (about 30 s) still stands: deadlines only grow.
+    assert!(
+        wait.as_secs() >= 25,
+        "retry-after names the later deadline: {wait:?}"
+    );
+
+    t.sim.set_faults(FaultsPatch {
+        throttle_secs: Some(0),
+        ..Default::default()
+    });
+    let f = body(t.http.get(&faults_url).send().await.unwrap()).await;
+    assert_eq!(f["throttle_until_unix_ms"], json!(0));
+    let r = t.get(&t.cases_url()).await;
+    assert_eq!(r.status(), StatusCode::OK, "the storm is over");
+    let remaining: u32 = r.headers()["x-ratelimit-remaining"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let limit: u32 = r.headers()["x-ratelimit-limit"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The first request let through is the first to spend budget.
+    assert_eq!(
+        remaining + 1,
+        limit,
+        "refused requests spent no budget: {remaining} of {limit} left"
+    );
+}
+
 fn titles(b: &Value) -> Vec<String> {
     b["cases"]
         .as_array()

@@ -2,8 +2,12 @@
 //!
 //! Faults exist so the bridge's retry, idempotency and outage handling can be
 //! exercised on demand: a share of requests answered with an error status, a
-//! total outage, extra latency, and the nastiest one, a create request whose
-//! cases are committed but whose connection is closed without an answer.
+//! total outage, extra latency, a 429 storm (every request refused with a
+//! `retry-after` pointing at the storm's end, as seconds or as an HTTP-date),
+//! and the nastiest one, a create request whose cases are committed but whose
+//! connection is closed without an answer.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +24,13 @@ pub struct Faults {
     pub outage: bool,
     /// Share (0..=1) of create requests that commit but get no HTTP answer.
     pub drop_after_commit_ratio: f64,
+    /// A 429 storm is in force until this Unix time in milliseconds (0: none).
+    /// Every API request is answered 429 with `retry-after` naming the
+    /// storm's end (rounded up to a whole second); a request before a
+    /// deadline it was given counts as an early retry.
+    pub throttle_until_unix_ms: u64,
+    /// The storm's `retry-after` is an HTTP-date instead of seconds.
+    pub throttle_http_date: bool,
 }
 
 impl Default for Faults {
@@ -30,6 +41,8 @@ impl Default for Faults {
             latency_ms: 0,
             outage: false,
             drop_after_commit_ratio: 0.0,
+            throttle_until_unix_ms: 0,
+            throttle_http_date: false,
         }
     }
 }
@@ -49,6 +62,12 @@ pub struct FaultsPatch {
     pub outage: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drop_after_commit_ratio: Option<f64>,
+    /// Start a 429 storm lasting this many seconds from now (0 ends one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_secs: Option<u64>,
+    /// Whether the storm's `retry-after` is an HTTP-date (default seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_http_date: Option<bool>,
 }
 
 /// Why a patch was refused (nothing of it is applied then).
@@ -94,8 +113,33 @@ impl Faults {
         if let Some(v) = p.drop_after_commit_ratio {
             self.drop_after_commit_ratio = v;
         }
+        if let Some(secs) = p.throttle_secs {
+            self.throttle_until_unix_ms = match secs {
+                0 => 0,
+                s => unix_ms(SystemTime::now()).saturating_add(s.saturating_mul(1000)),
+            };
+        }
+        if let Some(v) = p.throttle_http_date {
+            self.throttle_http_date = v;
+        }
         Ok(())
     }
+
+    /// The end of the 429 storm in force at `now`, rounded up to a whole
+    /// second (so the seconds and the HTTP-date forms name the same instant).
+    pub fn throttled_until(&self, now: SystemTime) -> Option<SystemTime> {
+        if self.throttle_until_unix_ms <= unix_ms(now) {
+            return None;
+        }
+        let secs = self.throttle_until_unix_ms.div_ceil(1000);
+        Some(UNIX_EPOCH + Duration::from_secs(secs))
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Whether a fault with probability `ratio` fires now. 0 never and 1 always

@@ -68,38 +68,16 @@ impl RateLimiter {
         let window_end = UNIX_EPOCH + Duration::from_secs(reset_unix);
 
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if !keys.contains_key(key) {
-            keys.insert(key.to_owned(), KeyWindow::default());
-        }
-        let Some(kw) = keys.get_mut(key) else {
-            unreachable!("inserted above")
-        };
-        if kw.window != window {
-            kw.window = window;
-            kw.used = 0;
-        }
-        let early_retry = match kw.retry_deadline {
-            Some(deadline) if now < deadline => true,
-            Some(_) => {
-                kw.retry_deadline = None;
-                false
-            }
-            None => false,
-        };
+        let kw = keys.entry(key.to_owned()).or_default();
+        let early_retry = kw.arrive(window, now);
         if kw.used >= self.limit {
             kw.retry_deadline = Some(window_end);
-            let wait = window_end.duration_since(now).unwrap_or_default();
-            // Rounded up so a client that honours the header is never early.
-            let mut secs = wait.as_secs();
-            if wait.subsec_nanos() > 0 {
-                secs += 1;
-            }
             return RateVerdict {
                 allowed: false,
                 limit: self.limit,
                 remaining: 0,
                 reset_unix,
-                retry_after_secs: Some(secs.max(1)),
+                retry_after_secs: Some(secs_until(window_end, now)),
                 early_retry,
             };
         }
@@ -113,6 +91,58 @@ impl RateLimiter {
             early_retry,
         }
     }
+
+    /// Refuse one request of `key` at `now` until `until` (a 429 storm): no
+    /// budget is used, the deadline is remembered (the later of this one and
+    /// any earlier), and a request still inside an earlier deadline counts as
+    /// an early retry, exactly as with [`RateLimiter::check`].
+    pub fn refuse_until(&self, key: &str, until: SystemTime, now: SystemTime) -> RateVerdict {
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let window = since.as_secs() / self.window_secs;
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let kw = keys.entry(key.to_owned()).or_default();
+        let early_retry = kw.arrive(window, now);
+        let deadline = kw.retry_deadline.map_or(until, |d| d.max(until));
+        kw.retry_deadline = Some(deadline);
+        RateVerdict {
+            allowed: false,
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(kw.used),
+            reset_unix: deadline
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            retry_after_secs: Some(secs_until(deadline, now)),
+            early_retry,
+        }
+    }
+}
+
+impl KeyWindow {
+    /// A request arrives at `now` in `window`: roll the window over, and say
+    /// whether it came before the deadline of a 429 the key was given.
+    fn arrive(&mut self, window: u64, now: SystemTime) -> bool {
+        if self.window != window {
+            self.window = window;
+            self.used = 0;
+        }
+        match self.retry_deadline {
+            Some(deadline) if now < deadline => true,
+            Some(_) => {
+                self.retry_deadline = None;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// Whole seconds from `now` until `deadline`, rounded up (at least 1) so a
+/// client that honours the header is never early.
+fn secs_until(deadline: SystemTime, now: SystemTime) -> u64 {
+    let wait = deadline.duration_since(now).unwrap_or_default();
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
 }
 
 #[cfg(test)]
@@ -144,6 +174,27 @@ mod tests {
         let e = rl.check("k", at(1_000_010, 0));
         assert!(e.allowed && !e.early_retry);
         assert_eq!((e.remaining, e.reset_unix), (1, 1_000_020));
+    }
+
+    #[test]
+    fn a_storm_refuses_without_spending_budget_and_marks_early_retries() {
+        let rl = RateLimiter::new(3, 60);
+        assert!(rl.check("k", at(120, 0)).allowed);
+        let until = at(130, 0);
+        let a = rl.refuse_until("k", until, at(121, 500));
+        assert!(!a.allowed && !a.early_retry);
+        assert_eq!((a.retry_after_secs, a.reset_unix), (Some(9), 130));
+        // Asked again inside the deadline: early, still refused.
+        assert!(rl.refuse_until("k", until, at(125, 0)).early_retry);
+        // A shorter storm does not shorten the deadline handed out.
+        let b = rl.refuse_until("k", at(126, 0), at(125, 0));
+        assert_eq!(b.retry_after_secs, Some(5));
+        assert!(rl.check("k", at(129, 999)).early_retry);
+        // At the deadline: on time; the storm's refusals spent nothing (the
+        // request before it and the early one did).
+        let c = rl.check("k", at(130, 0));
+        assert!(c.allowed && !c.early_retry);
+        assert_eq!(c.remaining, 0);
     }
 
     #[test]

@@ -245,6 +245,8 @@ async fn sim_cases(State(st): State<Arc<SimState>>) -> Response {
 #[derive(Default)]
 struct Ctx {
     rate: Option<RateVerdict>,
+    /// Send `retry-after` as an HTTP-date naming this instant (429 storm).
+    retry_at: Option<SystemTime>,
 }
 
 async fn dispatch(State(st): State<Arc<SimState>>, req: Request) -> Response {
@@ -276,8 +278,10 @@ fn decorate(st: &SimState, ctx: &Ctx, request_id: &str, h: &mut HeaderMap) {
         put("x-ratelimit-limit", r.limit.to_string());
         put("x-ratelimit-remaining", r.remaining.to_string());
         put("x-ratelimit-reset", r.reset_unix.to_string());
-        if let Some(s) = r.retry_after_secs {
-            put("retry-after", s.to_string());
+        match (ctx.retry_at, r.retry_after_secs) {
+            (Some(at), _) => put("retry-after", httpdate::fmt_http_date(at)),
+            (None, Some(s)) => put("retry-after", s.to_string()),
+            (None, None) => {}
         }
     }
     if st.cfg.deprecated {
@@ -328,7 +332,30 @@ async fn handle(st: &Arc<SimState>, req: Request, ctx: &mut Ctx) -> Result<Reply
             return Err(e);
         }
     };
-    let verdict = st.limiter.check(&key, SystemTime::now());
+    let now = SystemTime::now();
+    let storm = {
+        let f = lock(&st.faults);
+        f.throttled_until(now)
+            .map(|until| (until, f.throttle_http_date))
+    };
+    if let Some((until, http_date)) = storm {
+        let verdict = st.limiter.refuse_until(&key, until, now);
+        ctx.rate = Some(verdict);
+        // The key's deadline (the latest it was given), whole seconds.
+        let deadline = std::time::UNIX_EPOCH + std::time::Duration::from_secs(verdict.reset_unix);
+        ctx.retry_at = http_date.then_some(deadline);
+        if verdict.early_retry {
+            Counters::inc(&st.counters.early_retries);
+        }
+        Counters::inc(&st.counters.rate_limited);
+        Counters::inc(&st.counters.faults_injected);
+        return Err(ApiFailure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "simulated 429 storm (throttle_secs); retry after the time in retry-after",
+        ));
+    }
+    let verdict = st.limiter.check(&key, now);
     ctx.rate = Some(verdict);
     if verdict.early_retry {
         Counters::inc(&st.counters.early_retries);
