@@ -9,6 +9,7 @@
 #   scripts/services.sh status
 #   scripts/services.sh env               # export lines: where each service listens
 #   scripts/services.sh kafka-cluster stop|kill|start N   # one node (1..3) of the cluster
+#   scripts/services.sh kafka-kill        # SIGKILL the single broker (`up kafka` restarts it)
 #   scripts/services.sh kafka-batches TOPIC PARTITION     # record batches on the single broker
 #
 # WHAT is any of:
@@ -244,6 +245,17 @@ kafka_up() {
 
 kafka_down() { kafka_stop_node kafka "$KAFKA_PORT"; }
 
+kafka_kill_node() { # NAME: SIGKILL, as a crash or a lost machine would
+  local pidf="$STATE/$1/pid" pid i
+  [[ -f "$pidf" ]] || return 0
+  pid="$(cat "$pidf")"
+  kill -9 "$pid" 2>/dev/null || true
+  # Gone means its sockets are closed: a start right after finds the port free.
+  for ((i = 0; i < 200; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  rm -f "$pidf"
+  say "SIGKILLed Kafka node $1"
+}
+
 # One cluster id per data directory, kept beside it.
 cluster_id() { # NAME
   local f="$STATE/$1.cluster-id"
@@ -293,17 +305,7 @@ kafka_cluster_node() { # stop|start N
   [[ "$n" =~ ^[123]$ ]] || die "node is 1, 2 or 3"
   case "$1" in
     stop) kafka_stop_node "kafka-cluster-$n" "${CLUSTER_PORTS[$((n - 1))]}" ;;
-    kill)
-      local pidf="$STATE/kafka-cluster-$n/pid" pid i
-      if [[ -f "$pidf" ]]; then
-        pid="$(cat "$pidf")"
-        kill -9 "$pid" 2>/dev/null || true
-        # Gone means its sockets are closed: a start right after finds the port free.
-        for ((i = 0; i < 200; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-        rm -f "$pidf"
-        say "SIGKILLed Kafka node $n"
-      fi
-      ;;
+    kill) kafka_kill_node "kafka-cluster-$n" ;;
     start)
       kafka_jars
       cluster_node_up $((n - 1))
@@ -398,7 +400,7 @@ main() {
   shift || true
   # Tests run in parallel processes and may all ask for the same broker at
   # once: one of them starts it, the others wait and find it up.
-  if [[ $cmd == up || $cmd == down || $cmd == kafka-cluster ]]; then
+  if [[ $cmd == up || $cmd == down || $cmd == kafka-cluster || $cmd == kafka-kill ]]; then
     mkdir -p "$STATE"
     exec 9>"$STATE/.lock"
     flock 9
@@ -419,10 +421,11 @@ main() {
       done
       ;;
     kafka-cluster) kafka_cluster_node "$@" ;;
+    kafka-kill) kafka_kill_node kafka ;;
     kafka-batches) kafka_batches "$@" ;;
     status) status ;;
     env) env_lines ;;
-    *) die "usage: services.sh up|down [rabbitmq|kafka|kafka-cluster|tools]... | status | env | kafka-cluster stop|kill|start N | kafka-batches TOPIC PARTITION" ;;
+    *) die "usage: services.sh up|down [rabbitmq|kafka|kafka-cluster|tools]... | status | env | kafka-cluster stop|kill|start N | kafka-kill | kafka-batches TOPIC PARTITION" ;;
   esac
 }
 

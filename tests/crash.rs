@@ -297,6 +297,30 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
     .unwrap();
     let log = dir.path().join("bridge.log");
     let key = sim.api_keys()[0].clone();
+    // Another producer's 3,000 cases, created just before: inside the
+    // two-minute skew margin a restarted bridge would walk through if it
+    // did not learn the server's clock first.
+    let client = reqwest::Client::new();
+    for i in 0..30 {
+        let cases: Vec<_> = (0..100)
+            .map(|j| json!({"title": format!("other {}", i * 100 + j)}))
+            .collect();
+        let r = client
+            .post(format!(
+                "{}/v2/queues/{}/cases",
+                sim.base_url(),
+                sim.queues()[0]
+            ))
+            .bearer_auth(&key)
+            .json(&json!({ "cases": cases }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    // A few seconds older than the bridge's events: beyond a known clock's
+    // margin (about a second), well inside an unknown one's (two minutes).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     // Every create is committed, and its answer never sent.
     sim.set_faults(duvo_bridge::sim::FaultsPatch {
         drop_after_commit_ratio: Some(1.0),
@@ -304,7 +328,6 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
     });
     let mut bridge = spawn_bridge(&config, &key, &log);
     assert!(wait_ready(admin).await, "bridge ready");
-    let client = reqwest::Client::new();
     for c in 0..3 {
         let r = client
             .post(format!("http://127.0.0.1:{http}/v1/events"))
@@ -339,6 +362,7 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
         drop_after_commit_ratio: Some(0.0),
         ..Default::default()
     });
+    let lists_before = sim.stats().list_requests;
     let mut bridge = spawn_bridge(&config, &key, &log);
     assert!(wait_ready(admin).await, "bridge ready again");
     // The resumed batches settle from the listing: the outbox empties and
@@ -351,10 +375,19 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
         "resumed batches not settled"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let per = cases_per_order(&sim);
+    let mut per = cases_per_order(&sim);
+    assert_eq!(per.remove("?"), Some(3000), "the other producer's cases");
     assert_eq!(per.len(), 300);
     assert!(per.values().all(|&n| n == 1), "{per:?}");
-    assert_eq!(sim.stats().cases_created, 300);
+    assert_eq!(sim.stats().cases_created, 3300);
+    // Each resumed batch: one probe for the server's clock (`Date`), then
+    // the pages since its claim. Walking the skew margin instead reads the
+    // 3,000 earlier cases for each (30+ pages per batch).
+    let lists = sim.stats().list_requests - lists_before;
+    assert!(
+        lists <= 15,
+        "{lists} listings to find 3 resumed batches (the tracker's polls included)"
+    );
     send_signal(&bridge, "TERM");
     assert!(bridge.wait().unwrap().success());
 }

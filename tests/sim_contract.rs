@@ -332,6 +332,12 @@ async fn create_answers_cases_in_request_order() {
     let s = t.sim.stats();
     assert_eq!((s.create_requests, s.cases_created), (1, 2));
     assert_eq!(s.by_status["pending"], 2);
+    assert_eq!(
+        s.by_queue.values().sum::<u64>(),
+        2,
+        "cases counted per queue: {:?}",
+        s.by_queue
+    );
 }
 
 #[tokio::test]

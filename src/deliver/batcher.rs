@@ -251,11 +251,11 @@ impl Batcher {
         abort: CancellationToken,
     ) {
         let mut permit = first_permit;
-        // An earlier run's attempts may have happened any time since the
-        // claim.
+        // An earlier run's attempts may have happened any time between the
+        // claim and this run's start (that run was gone by then).
         let mut earlier_run = resumed.then(|| {
             let claimed = SystemTime::UNIX_EPOCH + Duration::from_millis(batch.created_at_ms);
-            (claimed, None)
+            (claimed, Some(SystemTime::now()))
         });
         let mut stack = vec![batch];
         while let Some(b) = stack.pop() {
@@ -269,10 +269,8 @@ impl Batcher {
                     // Not while holding a create permit: the listing takes
                     // its own.
                     drop(permit.take());
-                    let window = self
-                        .clock
-                        .window(start, end.unwrap_or_else(SystemTime::now));
-                    match self.reconcile(&b, window, &mut stack, &abort).await {
+                    let attempt = (start, end.unwrap_or_else(SystemTime::now));
+                    match self.reconcile(&b, attempt, &mut stack, &abort).await {
                         Reconciled::Done => break,
                         Reconciled::Send => maybe_committed = None,
                         Reconciled::Failed => {
@@ -381,18 +379,18 @@ impl Batcher {
             .saturating_sub(self.cfg.max_batch * self.cfg.batch_label_overhead())
     }
 
-    /// Look for `b`'s cases created within `window` (server clock) and
-    /// settle what is there.
+    /// Look for `b`'s cases created while an attempt made within `attempt`
+    /// (local clock) may have been carried out, and settle what is there.
     async fn reconcile(
         &self,
         b: &Batch,
-        window: (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+        attempt: (SystemTime, SystemTime),
         stack: &mut Vec<Batch>,
         abort: &CancellationToken,
     ) -> Reconciled {
         let label = &self.cfg.batch_label_key;
         let found = tokio::select! {
-            r = reconcile::find_batch(&self.client, &self.gate, label, b, window, self.retry) => r,
+            r = reconcile::find_batch(&self.client, &self.gate, label, b, &self.clock, attempt, self.retry) => r,
             _ = abort.cancelled() => return Reconciled::Aborted,
         };
         let found = match found {

@@ -34,12 +34,24 @@ const MARGIN_KNOWN: Duration = Duration::from_millis(500);
 /// hosts are well within it.
 const MARGIN_UNKNOWN: Duration = Duration::from_secs(120);
 
-/// The server's clock relative to ours, from answered creates: a case's
-/// `created_at` lies between our send and our receipt.
+/// The server's clock relative to ours. Best from answered creates (a
+/// case's `created_at` lies between our send and our receipt, to the
+/// millisecond); until one is answered, from any answer's `Date` header
+/// (whole seconds), so a restarted bridge looking for a batch an earlier run
+/// may have sent need not assume two minutes of skew.
 #[derive(Debug, Default)]
 pub struct ServerClock {
-    /// (server minus local, half the round trip), milliseconds.
-    estimate: std::sync::Mutex<Option<(i64, i64)>>,
+    estimate: std::sync::Mutex<Option<Estimate>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    /// Server minus local, milliseconds.
+    offset: i64,
+    /// How far off `offset` may be, milliseconds.
+    uncertainty: i64,
+    /// From a case's `created_at` (not a whole-second `Date`).
+    precise: bool,
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
@@ -52,7 +64,36 @@ impl ServerClock {
         let (s, r) = (unix_ms(sent), unix_ms(received));
         let half = (r - s).max(0) / 2;
         let offset = created_at.timestamp_millis() - (s + half);
-        *self.estimate.lock().unwrap_or_else(|e| e.into_inner()) = Some((offset, half));
+        *self.estimate.lock().unwrap_or_else(|e| e.into_inner()) = Some(Estimate {
+            offset,
+            uncertainty: half,
+            precise: true,
+        });
+    }
+
+    /// An answer's `Date` header: the server's clock was in `[date, date +
+    /// 1 s)` at some instant between `sent` and `received`. Kept only while
+    /// no create has given a precise estimate.
+    pub fn observe_date(&self, sent: SystemTime, received: SystemTime, date: SystemTime) {
+        let (s, r) = (unix_ms(sent), unix_ms(received));
+        let half = (r - s).max(0) / 2;
+        let mut e = self.estimate.lock().unwrap_or_else(|e| e.into_inner());
+        if e.is_some_and(|e| e.precise) {
+            return;
+        }
+        *e = Some(Estimate {
+            offset: unix_ms(date) + 500 - (s + half),
+            uncertainty: half + 500,
+            precise: false,
+        });
+    }
+
+    /// Whether any answer has told us the server's time.
+    pub fn is_known(&self) -> bool {
+        self.estimate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// The server-clock window in which cases of an attempt made between
@@ -60,7 +101,7 @@ impl ServerClock {
     pub fn window(&self, start: SystemTime, end: SystemTime) -> (DateTime<Utc>, DateTime<Utc>) {
         let estimate = *self.estimate.lock().unwrap_or_else(|e| e.into_inner());
         let (offset, margin) = match estimate {
-            Some((offset, half)) => (offset, half + MARGIN_KNOWN.as_millis() as i64),
+            Some(e) => (e.offset, e.uncertainty + MARGIN_KNOWN.as_millis() as i64),
             None => (0, MARGIN_UNKNOWN.as_millis() as i64),
         };
         let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default();
@@ -92,37 +133,49 @@ impl Found {
     }
 }
 
-/// List the queue's cases created within `window` (server clock) for
-/// `batch`'s labelled ones and match them to its events. Each page takes a
-/// create permit (it stands in for a create); the walk ends at the window's
-/// end or as soon as every event is found. A page that fails transiently (5xx, 429, timeout) is asked for again
-/// after `retry`'s backoff, so a flaky server does not restart the walk;
-/// any other failure ends it.
+/// List the queue's cases created while an attempt made between `attempt`'s
+/// start and end (local clock) may have been carried out, for `batch`'s
+/// labelled ones, and match them to its events. Each page takes a create
+/// permit (it stands in for a create); the walk ends at the window's end or
+/// as soon as every event is found. While `clock` knows nothing of the
+/// server's time (a fresh start), the first page asks for one case only,
+/// to learn it from the answer's `Date`: one request instead of walking two
+/// minutes of skew margin. A page that fails transiently (5xx, 429,
+/// timeout) is asked for again after `retry`'s backoff, so a flaky server
+/// does not restart the walk; any other failure ends it.
 pub async fn find_batch(
     client: &DuvoClient,
     gate: &RateGate,
     label_key: &str,
     batch: &Batch,
-    window: (DateTime<Utc>, DateTime<Utc>),
+    clock: &ServerClock,
+    attempt: (SystemTime, SystemTime),
     retry: RetryPolicy,
 ) -> Result<Found, ApiError> {
     let mut schedule = retry.new_schedule();
-    let (since, until) = window;
+    let mut probe = !clock.is_known();
+    let (mut since, mut until) = clock.window(attempt.0, attempt.1);
     let mut labelled: Vec<Case> = Vec::new();
     let mut offset = 0u64;
     let mut pages = 0u32;
     loop {
         let permit = gate.acquire(RequestClass::Create).await;
         let q = ListQuery {
-            limit: Some(PAGE),
+            limit: Some(if probe { 1 } else { PAGE }),
             offset: Some(offset),
             created_at_from: Some(since),
             sort_by: Some(SortBy::CreatedAt),
             sort_order: Some(SortOrder::Asc),
             ..ListQuery::default()
         };
+        let sent = SystemTime::now();
         let res = client.list_cases(batch.queue_id, &q).await;
         pages += 1;
+        if let Ok(r) = &res
+            && let Some(date) = r.date
+        {
+            clock.observe_date(sent, SystemTime::now(), date);
+        }
         metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "reconcile",
             "outcome" => match &res { Ok(r) => r.status.as_u16().to_string(), Err(e) => e.status().map_or("transport_error".into(), |s| s.as_u16().to_string()) })
         .increment(1);
@@ -131,6 +184,11 @@ pub async fn find_batch(
                 let mut fb = ServerFeedback::from_info(&r.rate, SystemTime::now());
                 fb.status = Some(r.status.as_u16());
                 permit.observe(&fb);
+                if std::mem::take(&mut probe) && clock.is_known() {
+                    // Now the window can be narrow: walk it from its start.
+                    (since, until) = clock.window(attempt.0, attempt.1);
+                    continue;
+                }
                 r.body
             }
             Err(e) => {
@@ -282,6 +340,37 @@ mod tests {
         assert_eq!(
             until,
             DateTime::<Utc>::from_timestamp(1_800_000_015, 600_000_000).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_date_header_narrows_an_unknown_clock_and_never_overrides_a_create() {
+        let clock = ServerClock::default();
+        assert!(!clock.is_known());
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // The server is 10 s ahead; its answer took 200 ms and said 10:00:10.
+        let date = t0 + Duration::from_secs(10);
+        clock.observe_date(t0, t0 + Duration::from_millis(200), date);
+        assert!(clock.is_known());
+        let (from, until) = clock.window(t0, t0 + Duration::from_secs(5));
+        // Offset 10.4 s (the date's mid-second less half the round trip),
+        // margin 0.1 + 0.5 (whole seconds) + 0.5.
+        assert_eq!(
+            from,
+            DateTime::<Utc>::from_timestamp(1_800_000_009, 300_000_000).unwrap()
+        );
+        assert_eq!(
+            until,
+            DateTime::<Utc>::from_timestamp(1_800_000_016, 500_000_000).unwrap()
+        );
+        let created = DateTime::<Utc>::from_timestamp(1_800_000_010, 100_000_000).unwrap();
+        clock.observe(t0, t0 + Duration::from_millis(200), created);
+        clock.observe_date(t0, t0 + Duration::from_millis(200), t0);
+        let (from, _) = clock.window(t0, t0 + Duration::from_secs(5));
+        assert_eq!(
+            from,
+            DateTime::<Utc>::from_timestamp(1_800_000_009, 400_000_000).unwrap(),
+            "the create's estimate stands"
         );
     }
 

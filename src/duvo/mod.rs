@@ -43,6 +43,8 @@ pub struct ApiResponse<T> {
     pub status: StatusCode,
     pub body: T,
     pub rate: RateLimitInfo,
+    /// The server's clock when it answered (`Date`, whole seconds).
+    pub date: Option<SystemTime>,
 }
 
 /// Why a request did not succeed.
@@ -283,11 +285,21 @@ impl DuvoClient {
             .map_err(transport)?;
         let status = resp.status();
         let rate = RateLimitInfo::from_headers(resp.headers(), SystemTime::now());
+        let date = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
         self.check_lifecycle(resp.headers());
         let bytes = resp.bytes().await.map_err(transport)?;
         if status.is_success() {
             match serde_json::from_slice::<T>(&bytes) {
-                Ok(body) => Ok(ApiResponse { status, body, rate }),
+                Ok(body) => Ok(ApiResponse {
+                    status,
+                    body,
+                    rate,
+                    date,
+                }),
                 Err(e) => Err(ApiError::Decode {
                     status,
                     message: e.to_string(),

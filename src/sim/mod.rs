@@ -200,6 +200,9 @@ pub struct SimStats {
     pub unauthorized: u64,
     /// Cases per stored status.
     pub by_status: BTreeMap<String, u64>,
+    /// Cases held per queue id.
+    #[serde(default)]
+    pub by_queue: BTreeMap<String, u64>,
     /// Answers per HTTP status code ("0" = connection dropped, no answer).
     pub responses: BTreeMap<String, u64>,
     pub cases_total: u64,
@@ -226,9 +229,9 @@ pub(crate) struct SimState {
 impl SimState {
     fn stats(&self) -> SimStats {
         let c = &self.counters;
-        let (by_status, cases_total) = {
+        let (by_status, by_queue, cases_total) = {
             let s = lock(&self.store);
-            (s.status_counts(), s.len() as u64)
+            (s.status_counts(), s.queue_counts(), s.len() as u64)
         };
         SimStats {
             requests: Counters::get(&c.requests),
@@ -242,6 +245,7 @@ impl SimState {
             dropped_after_commit: Counters::get(&c.dropped_after_commit),
             unauthorized: Counters::get(&c.unauthorized),
             by_status,
+            by_queue,
             responses: lock(&c.responses)
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))

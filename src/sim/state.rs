@@ -251,6 +251,14 @@ impl Store {
             .collect()
     }
 
+    /// Cases held per queue id (every status).
+    pub fn queue_counts(&self) -> BTreeMap<String, u64> {
+        self.by_queue
+            .iter()
+            .map(|(q, ids)| (q.to_string(), ids.len() as u64))
+            .collect()
+    }
+
     /// Cases `order[from..from+n]`, cloned (for streaming in chunks).
     pub fn chunk(&self, from: usize, n: usize) -> Vec<Case> {
         self.order
