@@ -23,7 +23,8 @@ before its end was a case):
   closed, RabbitMQ restarted, the Kafka broker SIGKILLed and restarted;
 and, all the while, SIGKILLs of the bridge at random moments (restarted at
 once), plus some aimed: while create requests hang (between POST and
-answer) and right after a report arrived (while reports are sent). The
+answer), while answers are dropped, inside a 429's retry-after deadline,
+and right after a report arrived (while reports are sent). The
 simulator ignores Idempotency-Key throughout (`--idempotency ignore`):
 only the bridge's own reconciliation stands between a retry and a duplicate.
 
@@ -519,6 +520,12 @@ failure_topic = "{failure_topic}"
                 on()
                 time.sleep(min(secs / 2, 6))
                 bridge.kill("while create requests hang (between POST and answer)")
+            fault(name, secs, on_and_kill, off, hit)
+        elif name.startswith("429 storm, retry-after in seconds"):
+            def on_and_kill(on=on):
+                on()
+                time.sleep(min(secs / 2, 4))
+                bridge.kill("inside a 429 storm's retry-after deadline")
             fault(name, secs, on_and_kill, off, hit)
         elif name.startswith("answers dropped"):
             def on_and_kill(on=on):

@@ -138,6 +138,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         track_share: cfg.tracking.share,
         ..RateGateConfig::default()
     });
+    // A retry-after an earlier run was given still holds.
+    crate::deliver::deadline_file::restore(&gate, &cfg.outbox.path);
     let reporters = build_reporters(&cfg)?;
 
     let (admin_listener, admin_addr) = admin::bind(&cfg.admin.listen)
@@ -183,6 +185,11 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         gate.clone(),
         cfg.delivery.clone(),
     );
+    tokio::spawn(crate::deliver::deadline_file::keep(
+        &gate,
+        cfg.outbox.path.clone(),
+        abort.clone(),
+    ));
     let batcher_task = tokio::spawn(batcher.run(batch_stop.clone(), abort.clone()));
     let tracker_task = cfg.tracking.enabled.then(|| {
         let tracker = CaseTracker::new(

@@ -391,3 +391,62 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
     send_signal(&bridge, "TERM");
     assert!(bridge.wait().unwrap().success());
 }
+
+/// A 429 storm whose `retry-after` runs past a SIGKILL: the restarted
+/// bridge waits out the deadline the killed one was given (kept next to the
+/// outbox) instead of asking again early, then delivers everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_deadline_outlives_a_sigkill() {
+    let sim = start_sim(sim_config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = (free_port(), free_port());
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        bridge_toml(
+            &sim,
+            dir.path(),
+            admin,
+            6000,
+            &http_source_toml(http, sim.queues()[0]),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("bridge.log");
+    let key = sim.api_keys()[0].clone();
+    let mut bridge = spawn_bridge(&config, &key, &log);
+    assert!(wait_ready(admin).await, "bridge ready");
+    sim.set_faults(duvo_bridge::sim::FaultsPatch {
+        throttle_secs: Some(6),
+        ..Default::default()
+    });
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("http://127.0.0.1:{http}/v1/events"))
+        .json(&json!(orders(0..50)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            sim.stats().rate_limited >= 1
+        })
+        .await,
+        "the bridge met the storm"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bridge.kill().unwrap();
+    bridge.wait().unwrap();
+    let mut bridge = spawn_bridge(&config, &key, &log);
+    assert!(wait_ready(admin).await, "bridge ready again");
+    expect_cases(&sim, 50, 20).await;
+    let s = sim.stats();
+    assert_eq!(
+        s.early_retries, 0,
+        "a request came before the retry-after deadline: {s:?}"
+    );
+    assert_eq!(s.cases_created, 50);
+    send_signal(&bridge, "TERM");
+    assert!(bridge.wait().unwrap().success());
+}

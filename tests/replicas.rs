@@ -64,11 +64,7 @@ async fn three_replicas_share_one_key_without_early_retries_and_use_the_budget()
             .unwrap()
             .replace("[delivery]", "[delivery]\nmax_batch = 2");
         std::fs::write(&config, text).unwrap();
-        children.push(Kill(spawn_bridge(
-            &config,
-            &key,
-            &dir.path().join("bridge.log"),
-        )));
+        children.push(spawn_bridge(&config, &key, &dir.path().join("bridge.log")));
         ports.push((http, admin));
     }
     for (_, admin) in &ports {
@@ -123,14 +119,4 @@ async fn three_replicas_share_one_key_without_early_retries_and_use_the_budget()
         assert!(n > 0, "replica {i} delivered nothing");
     }
     assert!(per.values().all(|n| *n == 1), "a case was created twice");
-}
-
-/// Kills the child when the test ends, however it ends.
-struct Kill(std::process::Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -296,6 +296,9 @@ struct Inner {
     /// Woken on every state change that can let a waiter through or change
     /// what it waits for. Waiters re-check everything on wake.
     notify: Notify,
+    /// The latest server deadline (`retry-after`), wall clock: for whoever
+    /// keeps it across a restart ([`super::deadline_file`]).
+    deadline: tokio::sync::watch::Sender<Option<SystemTime>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -805,7 +808,28 @@ impl RateGate {
         RateGate(Arc::new(Inner {
             state: Mutex::new(state),
             notify: Notify::new(),
+            deadline: tokio::sync::watch::Sender::new(None),
         }))
+    }
+
+    /// Send nothing before `until` (wall clock): a server deadline an
+    /// earlier run was given and kept. A deadline in the past is ignored.
+    pub fn block_until(&self, until: SystemTime) {
+        let Ok(left) = until.duration_since(SystemTime::now()) else {
+            return;
+        };
+        {
+            let mut st = self.0.lock();
+            let deadline = Instant::now() + left.min(MAX_SERVER_DELAY);
+            st.blocked_until = Some(st.blocked_until.map_or(deadline, |b| b.max(deadline)));
+            st.tat = st.tat.max(deadline);
+        }
+        self.0.notify.notify_waiters();
+    }
+
+    /// Server deadlines (`retry-after`) as they are learnt, wall clock.
+    pub fn deadlines(&self) -> tokio::sync::watch::Receiver<Option<SystemTime>> {
+        self.0.deadline.subscribe()
     }
 
     /// Wait until a request of `class` may be sent.
@@ -937,10 +961,18 @@ impl Permit {
     /// Report what the server said in answer to this permit's request.
     pub fn observe(mut self, fb: &ServerFeedback) {
         self.settled = true;
-        {
+        let new_deadline = {
             let mut st = self.inner.lock();
             st.in_flight = st.in_flight.saturating_sub(1);
-            st.observe(fb, Instant::now());
+            let before = st.blocked_until;
+            let now = Instant::now();
+            st.observe(fb, now);
+            st.blocked_until
+                .filter(|b| Some(*b) != before)
+                .map(|b| SystemTime::now() + b.saturating_duration_since(now))
+        };
+        if let Some(d) = new_deadline {
+            self.inner.deadline.send_replace(Some(d));
         }
         self.inner.notify.notify_waiters();
     }

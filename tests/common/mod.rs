@@ -157,7 +157,7 @@ pub fn free_port() -> u16 {
 
 /// Start the real binary with `run --config`, the API key in the
 /// environment and its output appended to `log`.
-pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> std::process::Child {
+pub fn spawn_bridge(config: &Path, key: &str, log: &Path) -> BridgeProcess {
     spawn_bridge_with(config, key, log, &[])
 }
 
@@ -167,7 +167,7 @@ pub fn spawn_bridge_with(
     key: &str,
     log: &Path,
     env: &[(&str, &str)],
-) -> std::process::Child {
+) -> BridgeProcess {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -183,7 +183,34 @@ pub fn spawn_bridge_with(
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
+        .map(BridgeProcess)
         .expect("spawn duvo-bridge")
+}
+
+/// A spawned bridge process, SIGKILLed when dropped while still running (a
+/// failing test must not leave it behind holding ports and the outbox).
+pub struct BridgeProcess(pub std::process::Child);
+
+impl std::ops::Deref for BridgeProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for BridgeProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Wait until the admin listener on `admin` answers `/readyz` with 200.
