@@ -11,6 +11,12 @@ the outbox is empty, samples `--after` seconds more, then checks that every
 event is a case exactly once.
 
     scripts/soak.py [--bin target/release/duvo-bridge] [--events 1000000] [--rate 60000]
+        [--cache-mb 32] [--waiting]
+
+`--waiting` first posts everything with the API down (a backlog: peak RSS
+and disk with N events waiting), then SIGKILLs the bridge and restarts it
+(seconds until `/readyz` answers 200, RSS then), then ends the outage and
+delivers as above.
 
 Only the standard library: it talks HTTP like any outside client.
 """
@@ -52,6 +58,9 @@ def main():
     ap.add_argument("--every", type=float, default=10.0)
     ap.add_argument("--after", type=float, default=60.0, help="seconds sampled after the last delivery")
     ap.add_argument("--max-wait", type=float, default=5400.0)
+    ap.add_argument("--cache-mb", type=int, default=None, help="[outbox] cache_mb (default: the bridge's)")
+    ap.add_argument("--waiting", action="store_true",
+                    help="post with the API down, SIGKILL and restart with the backlog, then deliver")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="duvo-soak-")
@@ -74,6 +83,7 @@ rate_limit_per_minute = {args.rate}
 path = "{work}/outbox"
 high_water_events = {max(args.events + 1, 1000)}
 low_water_events = {max(args.events, 999)}
+{f"cache_mb = {args.cache_mb}" if args.cache_mb else ""}
 [admin]
 listen = "127.0.0.1:{admin_port}"
 [log]
@@ -86,9 +96,20 @@ queue_id = "{queue}"
 title = "Order {{/order_id}}"
 """)
     blog = open(os.path.join(work, "bridge.log"), "a")
-    bridge = subprocess.Popen([args.bin, "run", "--config", cfg], env=dict(os.environ, DUVO_API_KEY=key),
-                              stdout=blog, stderr=blog)
-    assert wait_for(lambda: get(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200, 30), "bridge ready"
+
+    def start_bridge():
+        p = subprocess.Popen([args.bin, "run", "--config", cfg], env=dict(os.environ, DUVO_API_KEY=key),
+                             stdout=blog, stderr=blog)
+        assert wait_for(lambda: get(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200, 120, 0.02), "bridge ready"
+        return p
+
+    def faults(**patch):
+        st, _ = http("POST", base + "/_sim/faults", json.dumps(patch).encode(), {"Content-Type": "application/json"})
+        assert st == 200, st
+
+    if args.waiting:
+        faults(outage=True)
+    bridge = start_bridge()
 
     acked = [0] * args.clients
     pad = "x" * 400  # ~0.5 KiB per event with the rest
@@ -111,6 +132,29 @@ title = "Order {{/order_id}}"
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(args.clients)]
     for t in threads:
         t.start()
+    waiting = None
+    if args.waiting:
+        peak_posting = 0
+        while any(t.is_alive() for t in threads):
+            time.sleep(1)
+            peak_posting = max(peak_posting, proc_status(bridge.pid).get("VmHWM", 0))
+        time.sleep(5)
+        p = proc_status(bridge.pid)
+        disk = du(os.path.join(work, "outbox"))
+        bridge.send_signal(signal.SIGKILL)
+        bridge.wait()
+        t_kill = time.time()
+        bridge = start_bridge()
+        ready_s = time.time() - t_kill
+        rss_ready = proc_status(bridge.pid).get("VmRSS", 0)
+        time.sleep(10)
+        p2 = proc_status(bridge.pid)
+        waiting = dict(acknowledged_in_s=round(t_kill - t0, 1), rss_mib=p.get("VmRSS", 0) >> 20,
+                       peak_rss_mib=p.get("VmHWM", 0) >> 20, disk_mib=disk >> 20,
+                       ready_after_sigkill_s=round(ready_s, 2), rss_at_ready_mib=rss_ready >> 20,
+                       rss_10s_later_mib=p2.get("VmRSS", 0) >> 20, peak_after_restart_mib=p2.get("VmHWM", 0) >> 20)
+        print(f"{args.events} waiting: {waiting}", flush=True)
+        faults(outage=False)
 
     def metrics():
         st, b = get(f"http://127.0.0.1:{admin_port}/metrics")
@@ -163,6 +207,8 @@ title = "Order {{/order_id}}"
           f"create_requests={stats['create_requests']} cases_per_request={stats['cases_created'] / max(1, stats['create_requests']):.1f}")
     with open(os.path.join(work, "samples.json"), "w") as f:
         json.dump(samples, f)
+    if waiting:
+        print(f"waiting backlog: {waiting}")
     good = delivered_at is not None and missing == 0 and dups == 0
     print("RESULT:", "PASS" if good else "FAIL", f"(logs and samples.json in {work})")
     sys.exit(0 if good else 1)

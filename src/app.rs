@@ -79,9 +79,9 @@ pub fn outbox_config(cfg: &Config) -> OutboxConfig {
         high_water_bytes: cfg.outbox.high_water_bytes,
         min_free_disk_bytes: cfg.outbox.min_free_disk_mb.saturating_mul(1024 * 1024),
         retention: Duration::from_secs(cfg.outbox.retention_hours * 3600),
+        cache_capacity_bytes: cfg.outbox.cache_mb.saturating_mul(1024 * 1024),
         tracking: cfg.tracking.policy(report_sources),
         accept_data_loss: cfg.outbox.accept_data_loss,
-        ..OutboxConfig::default()
     }
 }
 

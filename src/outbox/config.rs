@@ -26,6 +26,11 @@ pub struct OutboxSection {
     /// How long delivered events are remembered so a re-sent event (same
     /// idempotency key or event id) is recognised and not delivered twice.
     pub retention_hours: u64,
+    /// Memory for the database's page cache, MiB: the bulk of the bridge's
+    /// resident memory under a backlog (it fills up to this and stays).
+    /// Waiting events are read back from disk when their batch is built,
+    /// so a small cache costs little. Default: 32.
+    pub cache_mb: u64,
     /// Not a file key: `run --accept-outbox-loss` sets it, for the one
     /// start after an outbox was found to have lost data.
     #[serde(skip)]
@@ -41,6 +46,7 @@ impl Default for OutboxSection {
             high_water_bytes: 8 * 1024 * 1024 * 1024,
             min_free_disk_mb: 256,
             retention_hours: 24,
+            cache_mb: 32,
             accept_data_loss: false,
         }
     }
@@ -58,6 +64,9 @@ impl OutboxSection {
         }
         if self.path.as_os_str().is_empty() {
             errors.push("outbox.path must not be empty".into());
+        }
+        if self.cache_mb == 0 {
+            errors.push("outbox.cache_mb must be at least 1".into());
         }
         errors
     }

@@ -1201,7 +1201,7 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         let Some(id) = key_u64(&key) else {
             continue;
         };
-        let mut rec: EventRecord = match decode(&key, &value) {
+        let rec: record::EventScan<'_> = match record::decode_borrowed(&key, &value) {
             Ok(rec) => rec,
             Err(e) => {
                 note_corrupt(&e);
@@ -1223,8 +1223,9 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
                     batch_id,
                     "event in a missing batch; made ready again"
                 );
-                rec.state = EventState::Stored;
-                orphans.insert(key.clone(), encode(&rec)?);
+                let mut full: EventRecord = decode(&key, &value)?;
+                full.state = EventState::Stored;
+                orphans.insert(key.clone(), encode(&full)?);
                 orphan_count += 1;
             }
             EventState::Delivered { .. } => {
@@ -1235,7 +1236,7 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
             }
             EventState::Rejected { .. } => continue,
         }
-        let Some(case) = &rec.case else {
+        let Some(case) = rec.case else {
             note_corrupt(&OutboxError::Corrupt {
                 key: record::describe_key(&key),
                 reason: "pending event without payload".into(),
@@ -1246,7 +1247,7 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
             rec.queue_id,
             ReadyEntry {
                 id,
-                size: case_body_size(case)?,
+                size: case.get().len() as u64,
                 received_at_ms: rec.received_at_ms,
             },
         );

@@ -219,6 +219,15 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, OutboxError> {
 
 /// Verify the frame and decode the payload; any mismatch is `Corrupt`.
 pub(crate) fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, OutboxError> {
+    decode_borrowed(key, bytes)
+}
+
+/// [`decode`] into a type that may borrow from `bytes` (no copies of the
+/// fields it leaves as `&str` or `&RawValue`).
+pub(crate) fn decode_borrowed<'a, T: Deserialize<'a>>(
+    key: &[u8],
+    bytes: &'a [u8],
+) -> Result<T, OutboxError> {
     let corrupt = |reason: String| OutboxError::Corrupt {
         key: describe_key(key),
         reason,
@@ -276,6 +285,29 @@ impl EventRecord {
             .as_ref()
             .is_some_and(|t| t.phase != super::types::TrackPhase::Done)
     }
+}
+
+/// What opening the outbox needs of an event record, read without copying
+/// its payload: a million waiting events are scanned at every start, and
+/// decoding each whole record (then serialising its case again to size it)
+/// was most of the time to ready.
+#[derive(Debug, Deserialize)]
+pub(crate) struct EventScan<'a> {
+    pub queue_id: Uuid,
+    pub received_at_ms: u64,
+    pub state: EventState,
+    /// The case as stored: exactly the bytes `serde_json` writes for it in a
+    /// create body, so its length is [`case_body_size`] without a copy.
+    #[serde(default, borrow)]
+    pub case: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    pub tracking: Option<TrackingPhase>,
+}
+
+/// The part of [`Tracking`] the open-time counts need.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TrackingPhase {
+    pub phase: super::types::TrackPhase,
 }
 
 /// Where a queue's tracking listing resumes: cases updated at or after
@@ -364,6 +396,51 @@ mod tests {
             decode::<NewCase>(&key, &wrong_version),
             Err(OutboxError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn the_open_scan_reads_what_a_full_decode_reads_and_sizes_cases_exactly() {
+        use crate::duvo::{Label, Priority};
+        let cases = [
+            case("x"),
+            NewCase {
+                title: "Ünïcode \"quoted\" \\ \u{1F600} \t".into(),
+                data: Some(
+                    r#"{"order_id":123456789012345678901234567890,"s":"a\"b\u00e9"}"#.into(),
+                ),
+                labels: vec![Label {
+                    key: "duvo-bridge-batch".into(),
+                    value: "k/\u{7f}".into(),
+                }],
+                priority: Some(Priority::High),
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let rec = EventRecord {
+                source: "oms".into(),
+                identity: Some("idem:1".into()),
+                queue_id: Uuid::from_u128(9),
+                received_at_ms: 1_700_000_000_000 + i as u64,
+                title: c.title.clone(),
+                state: EventState::Batched { batch_id: 4 },
+                case: Some(c.clone()),
+                settled_at_ms: None,
+                origin: None,
+                tracking: None,
+            };
+            let key = event_key(i as u64);
+            let bytes = encode(&rec).unwrap();
+            let scan: EventScan<'_> = decode_borrowed(&key, &bytes).unwrap();
+            assert_eq!(scan.queue_id, rec.queue_id);
+            assert_eq!(scan.received_at_ms, rec.received_at_ms);
+            assert_eq!(scan.state, rec.state);
+            assert!(scan.tracking.is_none());
+            assert_eq!(
+                scan.case.unwrap().get().len() as u64,
+                case_body_size(c).unwrap(),
+                "case {i}"
+            );
+        }
     }
 
     #[test]
