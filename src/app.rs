@@ -82,6 +82,7 @@ pub fn outbox_config(cfg: &Config) -> OutboxConfig {
         cache_capacity_bytes: cfg.outbox.cache_mb.saturating_mul(1024 * 1024),
         tracking: cfg.tracking.policy(report_sources),
         accept_data_loss: cfg.outbox.accept_data_loss,
+        background_load: true,
     }
 }
 

@@ -347,7 +347,7 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
     bridge.kill().unwrap();
     bridge.wait().unwrap();
     if damage_batches {
-        let db = sled::open(dir.path().join("outbox")).unwrap();
+        let db = duvo_bridge::outbox::open_raw(&dir.path().join("outbox")).unwrap();
         let tree = db
             .open_tree(duvo_bridge::outbox::record::EVENTS_TREE)
             .unwrap();

@@ -398,7 +398,7 @@ async fn checksum_corruption_is_a_typed_error() {
         )
     };
     {
-        let db = sled::open(dir.path().join("outbox")).unwrap();
+        let db = duvo_bridge::outbox::open_raw(&dir.path().join("outbox")).unwrap();
         let tree = db.open_tree(EVENTS_TREE).unwrap();
         let key = event_key(ids[1].0);
         let mut raw = tree.get(key).unwrap().unwrap().to_vec();
@@ -604,4 +604,105 @@ async fn lock_is_released_when_a_process_dies() {
         .expect("acknowledged event survived the crash");
     assert_eq!(view.title, "from the child");
     assert_eq!(outbox.depth(), 1);
+}
+
+/// A start with a backlog: `open` returns before the stored events are
+/// loaded; they are offered oldest first as the load reaches them, events
+/// appended meanwhile come after every one of them, a batch split while the
+/// load goes on is not mistaken for an orphan, and when the load ends every
+/// event has been offered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_load_offers_every_stored_event_oldest_first_and_new_ones_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Uuid::new_v4();
+    const STORED: usize = 30_000;
+    let resumed = {
+        let outbox = Outbox::open(cfg(&dir)).await.unwrap();
+        for chunk in 0..STORED / 1000 {
+            let evs = (0..1000)
+                .map(|i| ev(q, None, &format!("old {}", chunk * 1000 + i)))
+                .collect();
+            outbox.append(evs).await.unwrap();
+        }
+        // Two batches in flight at the "crash": events 0..200.
+        let a = outbox
+            .claim_batch(q, 100, usize::MAX)
+            .await
+            .unwrap()
+            .unwrap();
+        let b = outbox
+            .claim_batch(q, 100, usize::MAX)
+            .await
+            .unwrap()
+            .unwrap();
+        outbox.flush().await.unwrap();
+        vec![a.id, b.id]
+    };
+    let mut c = cfg(&dir);
+    c.background_load = true;
+    let outbox = Outbox::open(c).await.unwrap();
+    // Intake at once: these must wait behind every stored event.
+    let fresh = stored_ids(
+        &outbox
+            .append((0..50).map(|i| ev(q, None, &format!("new {i}"))).collect())
+            .await
+            .unwrap(),
+    );
+    // A resumed batch split while the load goes on (as after a partial
+    // reconciliation): its events stay batched, not made ready again.
+    let unsettled = outbox.unsettled_batches().unwrap();
+    assert_eq!(
+        unsettled.iter().map(|b| b.id).collect::<Vec<_>>(),
+        resumed,
+        "persisted batches are known at once"
+    );
+    let (h1, h2) = outbox.split_batch(&unsettled[1]).await.unwrap();
+
+    let mut offered: Vec<u64> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match outbox.claim_batch(q, 100, usize::MAX).await.unwrap() {
+            Some(b) => offered.extend(b.events.iter().map(|(id, _)| id.0)),
+            None if !outbox.is_loading() && outbox.ready_summary().is_empty() => break,
+            None => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+        assert!(std::time::Instant::now() < deadline, "load never ended");
+    }
+    outbox.loaded().await;
+    assert!(
+        offered.windows(2).all(|w| w[0] < w[1]),
+        "offered oldest first, each once"
+    );
+    assert_eq!(offered.len(), STORED - 200 + 50);
+    assert_eq!(
+        &offered[offered.len() - 50..],
+        &fresh.iter().map(|e| e.0).collect::<Vec<_>>()[..]
+    );
+    let split: std::collections::HashSet<u64> = h1
+        .events
+        .iter()
+        .chain(&h2.events)
+        .map(|(id, _)| id.0)
+        .collect();
+    assert!(
+        offered.iter().all(|id| !split.contains(id)),
+        "a split batch's events were offered again"
+    );
+    let s = outbox.stats();
+    assert_eq!(s.ready, 0);
+    assert_eq!(s.batched as usize, STORED + 50, "every event is in a batch");
+}
+
+/// A second opener of a directory whose outbox is open is refused by name
+/// (not taken for damage), after waiting out a lock that is only being let
+/// go of.
+#[tokio::test]
+async fn an_outbox_in_use_is_refused_as_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Outbox::open(cfg(&dir)).await.unwrap();
+    match Outbox::open(cfg(&dir)).await {
+        Err(OutboxError::InUse { path }) => assert_eq!(path, dir.path().join("outbox")),
+        Err(e) => panic!("expected InUse, got {e}"),
+        Ok(_) => panic!("opened twice"),
+    }
 }

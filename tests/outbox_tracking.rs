@@ -410,7 +410,7 @@ async fn a_batch_settled_behind_the_watermark_rewinds_both_streams() {
 /// Keys with `prefix` in the outbox's events tree, and whether any event
 /// record (`e` keys) contains `needle`; read with the outbox closed.
 fn raw_scan(dir: &tempfile::TempDir, prefix: u8, needle: &str) -> (usize, bool) {
-    let db = sled::open(dir.path().join("outbox")).unwrap();
+    let db = duvo_bridge::outbox::open_raw(&dir.path().join("outbox")).unwrap();
     let tree = db
         .open_tree(duvo_bridge::outbox::record::EVENTS_TREE)
         .unwrap();

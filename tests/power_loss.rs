@@ -77,7 +77,7 @@ fn sled_flush_alone_is_not_durable() {
         }
     }
     m.fs.cut();
-    let db = sled::open(&path).unwrap();
+    let db = duvo_bridge::outbox::open_raw(&path).unwrap();
     let kept = db.len();
     eprintln!("sled kept {kept} of 2000 records after the cut");
     assert!(kept < 2000, "sled's flush is not an fsync: {kept} kept");
@@ -557,7 +557,7 @@ async fn damage_is_named_by_verify_and_an_unopenable_outbox_is_refused() {
 
     // One event record damaged: named, with what is wrong.
     {
-        let db = sled::open(&outbox).unwrap();
+        let db = duvo_bridge::outbox::open_raw(&outbox).unwrap();
         let t = db
             .open_tree(duvo_bridge::outbox::record::EVENTS_TREE)
             .unwrap();

@@ -23,10 +23,18 @@ pub(crate) struct ReadyEntry {
 #[derive(Debug, Default)]
 pub(crate) struct ReadyIndex {
     queues: HashMap<Uuid, VecDeque<ReadyEntry>>,
-    /// Stored events (sum of all queue lengths).
+    /// Stored events (sum of all queue lengths, `fresh` included).
     pub ready: u64,
     /// Events in persisted, unsettled batches.
     pub batched: u64,
+    /// While the events stored before this run are still being loaded (in
+    /// id order, in the background): events appended by this run (ids from
+    /// `first_new_id` on) wait in `fresh`, invisible to `take` and
+    /// `summary`, so nothing newer is batched ahead of an older event the
+    /// load has not reached yet.
+    loading: bool,
+    first_new_id: u64,
+    fresh: HashMap<Uuid, VecDeque<ReadyEntry>>,
 }
 
 impl ReadyIndex {
@@ -34,9 +42,31 @@ impl ReadyIndex {
         self.ready + self.batched
     }
 
+    /// Start a load: events with ids from `first_new_id` on are this run's.
+    pub fn begin_loading(&mut self, first_new_id: u64) {
+        self.loading = true;
+        self.first_new_id = first_new_id;
+    }
+
+    /// The load is complete: this run's appends join their queues (their
+    /// ids are above every loaded one).
+    pub fn finish_loading(&mut self) {
+        self.loading = false;
+        for (queue_id, fresh) in self.fresh.drain() {
+            self.queues.entry(queue_id).or_default().extend(fresh);
+        }
+    }
+
     /// Add a ready event, keeping id order (appends arrive in id order, so
     /// this is a push at the back except when claimed events are returned).
     pub fn push(&mut self, queue_id: Uuid, entry: ReadyEntry) {
+        if self.loading && entry.id >= self.first_new_id {
+            // Appends come in id order and cannot be taken while loading:
+            // `fresh` stays sorted.
+            self.fresh.entry(queue_id).or_default().push_back(entry);
+            self.ready += 1;
+            return;
+        }
         let q = self.queues.entry(queue_id).or_default();
         match q.back() {
             Some(last) if last.id > entry.id => {
@@ -136,6 +166,29 @@ mod tests {
         ix.put_back(q, t);
         assert_eq!(ix.summary()[0].oldest_received_at_ms, 30);
         assert_eq!(ix.summary()[0].count, 3);
+    }
+
+    #[test]
+    fn while_loading_this_runs_appends_wait_behind_every_older_event() {
+        let q = Uuid::new_v4();
+        let mut ix = ReadyIndex::default();
+        ix.begin_loading(100);
+        ix.push(q, e(1, 1));
+        ix.push(q, e(100, 1));
+        ix.push(q, e(101, 1));
+        assert_eq!(ix.ready, 3);
+        assert_eq!(ix.summary()[0].count, 1, "only loaded events are offered");
+        let t = ix.take(q, 10, usize::MAX);
+        assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1]);
+        assert!(ix.take(q, 10, usize::MAX).is_empty(), "fresh ones wait");
+        ix.push(q, e(2, 1)); // the load goes on
+        ix.finish_loading();
+        let t = ix.take(q, 10, usize::MAX);
+        assert_eq!(
+            t.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![2, 100, 101]
+        );
+        assert_eq!((ix.ready, ix.batched), (0, 4));
     }
 
     #[test]

@@ -33,6 +33,7 @@ mod verify;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionResult;
@@ -49,9 +50,9 @@ use callbacks::{CallbackLock, CallbackRefs};
 use flusher::FlushShared;
 use index::{ReadyEntry, ReadyIndex};
 use record::{
-    BATCH_PREFIX, BatchRecord, DEAD_LETTERS_TREE, EVENT_PREFIX, EVENTS_TREE, EventRecord,
-    REPORT_PREFIX, Watermark, batch_key, case_body_size, case_key, deadline_key, decode, encode,
-    event_key, expiry_key, expiry_key_id, identity_key, key_u64, report_key, watermark_key,
+    BATCH_PREFIX, BatchRecord, DEAD_LETTERS_TREE, EVENTS_TREE, EventRecord, REPORT_PREFIX,
+    Watermark, batch_key, case_body_size, case_key, deadline_key, decode, encode, event_key,
+    expiry_key, expiry_key_id, identity_key, key_u64, report_key, watermark_key,
 };
 use reports::ReportIndex;
 pub use reports::{DeadReport, Report, ReportStatus};
@@ -98,6 +99,8 @@ pub(crate) struct Inner {
     batch_lock: Mutex<()>,
     index: Mutex<ReadyIndex>,
     ready_notify: Notify,
+    /// True once every event stored before this open is in the indexes.
+    loaded: tokio::sync::watch::Sender<bool>,
     /// Serialises read-modify-writes of tracked events (tracker pages,
     /// expiry) and of reports.
     track_lock: Mutex<()>,
@@ -132,18 +135,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Everything `open` computes on the blocking pool.
+/// Everything `open` computes on the blocking pool before the event scan.
 struct Opened {
     db: sled::Db,
     events: sled::Tree,
     dead: sled::Tree,
     index: ReadyIndex,
-    track: TrackIndex,
     reports: ReportIndex,
     corrupt: u64,
     bytes: u64,
     dir_sync: durable::DirSync,
     identity: durable::Identity,
+    /// Ids of every persisted batch (corrupt ones included).
+    batch_ids: HashSet<u64>,
+    /// Corrupt batch records, to be rebuilt from their events.
+    broken_batches: HashMap<u64, Vec<(u64, Uuid, u64)>>,
+    /// Every event stored before this open has a lower id.
+    first_new_id: u64,
+    opened_at_ms: u64,
+    started: std::time::Instant,
 }
 
 impl Outbox {
@@ -156,9 +166,21 @@ impl Outbox {
     /// prevent the outbox from opening.
     pub async fn open(cfg: OutboxConfig) -> Result<Outbox, OutboxError> {
         let blocking_cfg = cfg.clone();
-        let opened = tokio::task::spawn_blocking(move || open_blocking(&blocking_cfg))
+        let mut opened = tokio::task::spawn_blocking(move || open_blocking(&blocking_cfg))
             .await
             .map_err(|e| OutboxError::Task(e.to_string()))??;
+        // Corrupt batch records are rebuilt from the events that point at
+        // them, which takes the whole scan: then it is done before anything
+        // else runs.
+        let background = cfg.background_load && opened.broken_batches.is_empty();
+        opened.index.begin_loading(opened.first_new_id);
+        let load = EventLoad {
+            batch_ids: std::mem::take(&mut opened.batch_ids),
+            broken: std::mem::take(&mut opened.broken_batches),
+            first_new_id: opened.first_new_id,
+            opened_at_ms: opened.opened_at_ms,
+            started: opened.started,
+        };
         let flush = Arc::new(FlushShared::new(opened.bytes));
         let inner = Arc::new(Inner {
             cfg,
@@ -178,8 +200,9 @@ impl Outbox {
             batch_lock: Mutex::new(()),
             index: Mutex::new(opened.index),
             ready_notify: Notify::new(),
+            loaded: tokio::sync::watch::Sender::new(false),
             track_lock: Mutex::new(()),
-            track: Mutex::new(opened.track),
+            track: Mutex::new(TrackIndex::default()),
             rewinds: Mutex::new(HashMap::new()),
             reports: Mutex::new(opened.reports),
             report_notify: Notify::new(),
@@ -193,13 +216,191 @@ impl Outbox {
         });
         tokio::spawn(flusher::run(flush, Arc::downgrade(&inner)));
         let outbox = Outbox { inner };
+        metrics::gauge!("duvo_bridge_outbox_bytes").set(opened.bytes as f64);
+        if background {
+            let weak = Arc::downgrade(&outbox.inner);
+            tokio::task::spawn_blocking(move || load_in_background(weak, load));
+        } else {
+            let ob = outbox.clone();
+            tokio::task::spawn_blocking(move || ob.load_events(load))
+                .await
+                .map_err(|e| OutboxError::Task(e.to_string()))??;
+        }
         outbox.publish_depth();
         outbox.publish_tracking();
-        metrics::gauge!("duvo_bridge_outbox_bytes").set(opened.bytes as f64);
         if outbox.depth() > 0 {
             outbox.wake_batcher();
         }
         Ok(outbox)
+    }
+
+    /// Wait until every event stored before this open is known to the
+    /// indexes (at once unless `background_load`). Cancel-safe.
+    pub async fn loaded(&self) {
+        let mut rx = self.inner.loaded.subscribe();
+        let _ = rx.wait_for(|l| *l).await;
+    }
+
+    /// Whether the events stored before this open are still being loaded.
+    pub fn is_loading(&self) -> bool {
+        !*self.inner.loaded.borrow()
+    }
+
+    /// Read the events stored before this open into the indexes, oldest
+    /// first, a chunk at a time (each chunk is offered to the batcher at
+    /// once), then rebuild corrupt batch records from their events and end
+    /// the load. Pending events of a batch that no longer exists are made
+    /// ready again (written back before they are offered).
+    fn load_events(&self, mut load: EventLoad) -> Result<(), OutboxError> {
+        const CHUNK: usize = 4096;
+        let inner = &self.inner;
+        let mut from = 0u64;
+        let (mut loaded, mut orphaned) = (0u64, 0u64);
+        loop {
+            let mut entries: Vec<(Uuid, ReadyEntry)> = Vec::with_capacity(CHUNK);
+            let mut counts: Vec<(Uuid, TrackPhase)> = Vec::new();
+            let mut orphans = sled::Batch::default();
+            let mut n_orphans = 0u64;
+            let mut broken_members = 0u64;
+            let mut last = None;
+            let start = record::event_key(from);
+            let end = record::event_key(load.first_new_id);
+            for item in inner.events.range(start..end) {
+                let (key, value) = item?;
+                let Some(id) = key_u64(&key) else {
+                    continue;
+                };
+                last = Some(id);
+                let rec: record::EventScan<'_> = match record::decode_borrowed(&key, &value) {
+                    Ok(rec) => rec,
+                    Err(e) => {
+                        self.note_corrupt_at_open(&e);
+                        continue;
+                    }
+                };
+                match &rec.state {
+                    EventState::Stored => {}
+                    // A batch of this run (ids come from one counter):
+                    // made while the load went on, e.g. a resumed batch
+                    // split after its cases were looked for.
+                    EventState::Batched { batch_id }
+                        if load.batch_ids.contains(batch_id) || *batch_id >= load.first_new_id =>
+                    {
+                        if let Some(members) = load.broken.get_mut(batch_id) {
+                            members.push((id, rec.queue_id, rec.received_at_ms));
+                            broken_members += 1;
+                        }
+                        continue;
+                    }
+                    EventState::Batched { batch_id } => {
+                        tracing::warn!(
+                            event_id = id,
+                            batch_id,
+                            "event in a missing batch; made ready again"
+                        );
+                        let mut full: EventRecord = decode(&key, &value)?;
+                        full.state = EventState::Stored;
+                        orphans.insert(key.clone(), encode(&full)?);
+                        n_orphans += 1;
+                    }
+                    EventState::Delivered {
+                        delivered_at_ms, ..
+                    } => {
+                        // Settled by this run (a resumed batch, while the
+                        // load went on): the settle counted it already.
+                        if *delivered_at_ms < load.opened_at_ms
+                            && let Some(t) = &rec.tracking
+                        {
+                            counts.push((rec.queue_id, t.phase));
+                        }
+                        continue;
+                    }
+                    EventState::Rejected { .. } => continue,
+                }
+                let Some(case) = rec.case else {
+                    self.note_corrupt_at_open(&OutboxError::Corrupt {
+                        key: record::describe_key(&key),
+                        reason: "pending event without payload".into(),
+                    });
+                    continue;
+                };
+                entries.push((
+                    rec.queue_id,
+                    ReadyEntry {
+                        id,
+                        size: case.get().len() as u64,
+                        received_at_ms: rec.received_at_ms,
+                    },
+                ));
+                if entries.len() >= CHUNK {
+                    break;
+                }
+            }
+            if n_orphans > 0 {
+                inner.events.apply_batch(orphans)?;
+                orphaned += n_orphans;
+            }
+            loaded += entries.len() as u64;
+            {
+                let mut ix = lock(&inner.index);
+                ix.batched += broken_members;
+                for (queue_id, entry) in entries {
+                    ix.push(queue_id, entry);
+                }
+            }
+            if !counts.is_empty() {
+                let mut t = lock(&inner.track);
+                for (queue_id, phase) in counts {
+                    t.count(queue_id, phase);
+                }
+            }
+            self.publish_depth();
+            self.wake_batcher();
+            match last {
+                Some(id) => from = id + 1,
+                None => break,
+            }
+        }
+        let mut rebuilt = 0;
+        if orphaned > 0 || !load.broken.is_empty() {
+            let mut sb = sled::Batch::default();
+            rebuilt = rebuild_batches(
+                &inner.events,
+                inner.outbox_id,
+                std::mem::take(&mut load.broken),
+                &mut sb,
+            )?;
+            inner.events.apply_batch(sb)?;
+            inner.db.flush()?;
+            lock(&inner.durability).dir_sync.sync().map_err(|e| {
+                OutboxError::Flush(format!("fsync of the outbox files failed: {e}"))
+            })?;
+        }
+        lock(&inner.index).finish_loading();
+        inner.loaded.send_replace(true);
+        self.publish_depth();
+        self.publish_tracking();
+        self.wake_batcher();
+        let tracked = lock(&inner.track).total();
+        let ix = lock(&inner.index);
+        tracing::info!(
+            path = %inner.cfg.path.display(),
+            loaded,
+            ready = ix.ready,
+            batched = ix.batched,
+            tracked,
+            orphaned,
+            rebuilt,
+            load_ms = load.started.elapsed().as_millis() as u64,
+            "outbox events loaded"
+        );
+        Ok(())
+    }
+
+    fn note_corrupt_at_open(&self, e: &OutboxError) {
+        self.inner.corrupt.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("duvo_bridge_outbox_corrupt_records_total").increment(1);
+        tracing::error!(error = %e, "corrupt outbox record found during recovery; left on disk");
     }
 
     /// Append events. Returns only after a flush covering them returned, so
@@ -1138,29 +1339,33 @@ pub fn batch_idempotency_key(outbox_id: Uuid, batch_id: u64) -> String {
 
 /// Open sled and rebuild the indexes (blocking: runs on the blocking pool).
 fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
-    let db = sled::Config::new()
-        .path(&cfg.path)
-        .cache_capacity(cfg.cache_capacity_bytes)
-        // We flush explicitly (group commit); sled's own periodic flusher
-        // would only add fsyncs nobody waits for.
-        .flush_every_ms(None)
-        .mode(sled::Mode::HighThroughput)
-        .open()
-        .map_err(|e| match e {
-            // Another process holds it: not damage.
-            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                OutboxError::Storage(e)
+    let started = std::time::Instant::now();
+    let db = open_when_released(|| {
+        sled::Config::new()
+            .path(&cfg.path)
+            .cache_capacity(cfg.cache_capacity_bytes)
+            // We flush explicitly (group commit); sled's own periodic
+            // flusher would only add fsyncs nobody waits for.
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+    })
+    .map_err(|e| match e {
+        // Another process holds it: not damage.
+        e if is_lock_held(&e) => OutboxError::InUse {
+            path: cfg.path.clone(),
+        },
+        sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
+            OutboxError::Unopenable {
+                path: cfg.path.clone(),
+                detail: e.to_string(),
             }
-            sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
-                OutboxError::Unopenable {
-                    path: cfg.path.clone(),
-                    detail: e.to_string(),
-                }
-            }
-            other => OutboxError::Storage(other),
-        })?;
+        }
+        other => OutboxError::Storage(other),
+    })?;
     // Before anything is read: a database that lost its data is refused
     // here, not recovered as if it were new.
+    let sled_open_ms = started.elapsed().as_millis() as u64;
     let mut dir_sync = durable::DirSync::new(&cfg.path);
     let identity = durable::check_identity(&db, &cfg.path, &mut dir_sync, cfg.accept_data_loss)?;
     let events = db.open_tree(EVENTS_TREE)?;
@@ -1171,10 +1376,20 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         metrics::counter!("duvo_bridge_outbox_corrupt_records_total").increment(1);
         tracing::error!(error = %e, "corrupt outbox record found during recovery; left on disk");
     };
+    // Every later id (events appended, batches made from now on) is at or
+    // above this one, every stored one below. An empty outbox has nothing
+    // to load and keeps its ids from 0.
+    let first_new_id = if events.is_empty() {
+        0
+    } else {
+        db.generate_id()?
+    };
+    let opened_at_ms = crate::clock::now_ms();
 
-    // Batches first, so events pointing at a batch that does not exist
-    // (which the atomic writes should make impossible) can be detected.
-    let mut batches: HashSet<u64> = HashSet::new();
+    // Batches first (few, small): the event load needs to know which exist,
+    // and the batched count comes from their records.
+    let mut index = ReadyIndex::default();
+    let mut batch_ids: HashSet<u64> = HashSet::new();
     // Corrupt batch records -> (event id, queue, received at) of their events.
     let mut broken_batches: HashMap<u64, Vec<(u64, Uuid, u64)>> = HashMap::new();
     for item in events.scan_prefix([BATCH_PREFIX]) {
@@ -1184,81 +1399,15 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         };
         // A corrupt batch record still counts as existing: its events stay
         // batched (never re-sent under a new key), and the record is
-        // rebuilt from them below.
-        batches.insert(batch_id);
-        if let Err(e) = decode::<BatchRecord>(&key, &value) {
-            note_corrupt(&e);
-            broken_batches.insert(batch_id, Vec::new());
-        }
-    }
-
-    let mut index = ReadyIndex::default();
-    let mut track = TrackIndex::default();
-    let mut orphans = sled::Batch::default();
-    let mut orphan_count = 0u64;
-    for item in events.scan_prefix([EVENT_PREFIX]) {
-        let (key, value) = item?;
-        let Some(id) = key_u64(&key) else {
-            continue;
-        };
-        let rec: record::EventScan<'_> = match record::decode_borrowed(&key, &value) {
-            Ok(rec) => rec,
+        // rebuilt from them by the load.
+        batch_ids.insert(batch_id);
+        match decode::<BatchRecord>(&key, &value) {
+            Ok(b) => index.batched += b.event_ids.len() as u64,
             Err(e) => {
                 note_corrupt(&e);
-                continue;
+                broken_batches.insert(batch_id, Vec::new());
             }
-        };
-        match &rec.state {
-            EventState::Stored => {}
-            EventState::Batched { batch_id } if batches.contains(batch_id) => {
-                index.batched += 1;
-                if let Some(members) = broken_batches.get_mut(batch_id) {
-                    members.push((id, rec.queue_id, rec.received_at_ms));
-                }
-                continue;
-            }
-            EventState::Batched { batch_id } => {
-                tracing::warn!(
-                    event_id = id,
-                    batch_id,
-                    "event in a missing batch; made ready again"
-                );
-                let mut full: EventRecord = decode(&key, &value)?;
-                full.state = EventState::Stored;
-                orphans.insert(key.clone(), encode(&full)?);
-                orphan_count += 1;
-            }
-            EventState::Delivered { .. } => {
-                if let Some(t) = &rec.tracking {
-                    track.count(rec.queue_id, t.phase);
-                }
-                continue;
-            }
-            EventState::Rejected { .. } => continue,
         }
-        let Some(case) = rec.case else {
-            note_corrupt(&OutboxError::Corrupt {
-                key: record::describe_key(&key),
-                reason: "pending event without payload".into(),
-            });
-            continue;
-        };
-        index.push(
-            rec.queue_id,
-            ReadyEntry {
-                id,
-                size: case.get().len() as u64,
-                received_at_ms: rec.received_at_ms,
-            },
-        );
-    }
-    let rebuilt = rebuild_batches(&events, identity.outbox_id, broken_batches, &mut orphans)?;
-    if orphan_count > 0 || rebuilt > 0 {
-        events.apply_batch(orphans)?;
-        db.flush()?;
-        dir_sync
-            .sync()
-            .map_err(|e| OutboxError::Flush(format!("fsync of the outbox files failed: {e}")))?;
     }
     let mut reports = ReportIndex::default();
     for item in events.scan_prefix([REPORT_PREFIX]) {
@@ -1274,12 +1423,13 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     let bytes = db.size_on_disk().unwrap_or(0);
     tracing::info!(
         path = %cfg.path.display(),
-        ready = index.ready,
         batched = index.batched,
-        tracked = track.total(),
+        batches = batch_ids.len(),
         reports = reports.len(),
         corrupt,
         bytes,
+        sled_open_ms,
+        total_ms = started.elapsed().as_millis() as u64,
         "outbox opened"
     );
     Ok(Opened {
@@ -1287,13 +1437,89 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         events,
         dead,
         index,
-        track,
         reports,
         corrupt,
         bytes,
         dir_sync,
         identity,
+        batch_ids,
+        broken_batches,
+        first_new_id,
+        opened_at_ms,
+        started,
     })
+}
+
+/// Open with `open`, waiting up to 10 s while the database's file lock is
+/// held: an outbox of this process that was just dropped lets go of it when
+/// sled's last background write is done, shortly after. A lock another
+/// live process keeps is reported after the wait.
+fn open_when_released(open: impl Fn() -> sled::Result<sled::Db>) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match open() {
+            Err(e) if is_lock_held(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// sled reports a held file lock as an `Other` I/O error naming the OS's
+/// `WouldBlock`.
+fn is_lock_held(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock")
+        }
+        _ => false,
+    }
+}
+
+/// The outbox's sled database at `path`, opened raw (no recovery, no
+/// marker check) for inspection and tests, once a just-closed outbox has
+/// released it.
+pub fn open_raw(path: &std::path::Path) -> sled::Result<sled::Db> {
+    open_when_released(|| sled::open(path))
+}
+
+/// What the event load needs from the open.
+struct EventLoad {
+    batch_ids: HashSet<u64>,
+    broken: HashMap<u64, Vec<(u64, Uuid, u64)>>,
+    first_new_id: u64,
+    opened_at_ms: u64,
+    started: std::time::Instant,
+}
+
+/// The load on the blocking pool while intake and delivery already run. A
+/// failure (an I/O error reading the database) is retried after a second:
+/// events the load has not reached are not offered to the batcher until it
+/// has, so giving up would strand them until the next start. Ends when the
+/// outbox is dropped.
+fn load_in_background(inner: std::sync::Weak<Inner>, load: EventLoad) {
+    let mut load = Some(load);
+    while let Some(l) = load.take() {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let outbox = Outbox { inner };
+        let retry = EventLoad {
+            batch_ids: l.batch_ids.clone(),
+            broken: HashMap::new(),
+            first_new_id: l.first_new_id,
+            opened_at_ms: l.opened_at_ms,
+            started: l.started,
+        };
+        if let Err(e) = outbox.load_events(l) {
+            tracing::error!(error = %e, "loading the outbox's stored events failed; retrying in 1 s");
+            drop(outbox);
+            std::thread::sleep(Duration::from_secs(1));
+            load = Some(retry);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -397,6 +397,13 @@ pub struct OutboxConfig {
     /// durable (logged and counted); otherwise that is
     /// [`OutboxError::DataLost`].
     pub accept_data_loss: bool,
+    /// Return from `open` before the stored events are loaded into the
+    /// ready index; they are loaded oldest first in the background, offered
+    /// to the batcher as they come, and this run's appends wait behind them
+    /// ([`Outbox::loaded`](super::Outbox::loaded)). The daemon sets it, so a
+    /// large backlog does not delay readiness; off by default (tests and
+    /// tools see every event as soon as `open` returns).
+    pub background_load: bool,
 }
 
 impl OutboxConfig {
@@ -412,6 +419,7 @@ impl OutboxConfig {
             cache_capacity_bytes: 256 * 1024 * 1024,
             tracking: None,
             accept_data_loss: false,
+            background_load: false,
         }
     }
 }
@@ -472,6 +480,12 @@ pub enum OutboxError {
         path.display(), path.display()
     )]
     Unopenable { path: PathBuf, detail: String },
+    /// Another process (a second bridge, a tool) holds the database's lock.
+    #[error(
+        "the outbox at {} is in use by another process (its lock is held); one bridge per outbox directory",
+        path.display()
+    )]
+    InUse { path: PathBuf },
     /// Encoding a record failed (should not happen for our types).
     #[error("cannot encode outbox record: {0}")]
     Encode(#[from] serde_json::Error),

@@ -184,6 +184,14 @@ impl CaseTracker {
     /// after any reports stream that is due. Queues whose cases all ended
     /// failed/canceled are listed every `watch_interval`.
     pub async fn run(mut self, stop: CancellationToken) {
+        // Its counts of open cases per queue are complete only once the
+        // outbox has loaded every stored event (a few seconds after a start
+        // with a large backlog); a tracker running earlier would both miss
+        // queues and have its transitions counted twice by the load.
+        tokio::select! {
+            _ = self.outbox.loaded() => {}
+            _ = stop.cancelled() => return,
+        }
         let mut units: HashMap<(Uuid, ListingStream), Unit> = HashMap::new();
         // Per queue, when its last speculative listing (one not continuing a
         // full page) started: at most one per poll interval, whichever
