@@ -73,7 +73,15 @@ impl VerifyReport {
 /// Verify the outbox in `dir`. Fails only when the database cannot be
 /// opened or read at all; damage is in the report.
 pub fn verify(dir: &Path) -> Result<VerifyReport, OutboxError> {
-    let db = sled::Config::new().path(dir).open()?;
+    // A bridge just stopped may still be letting go of the lock; one that
+    // runs keeps it (verify is for a stopped bridge's directory).
+    let db = super::open_when_released(|| sled::Config::new().path(dir).open()).map_err(|e| {
+        if super::is_lock_held(&e) {
+            OutboxError::InUse { path: dir.into() }
+        } else {
+            e.into()
+        }
+    })?;
     let events = db.open_tree(EVENTS_TREE)?;
     let dead = db.open_tree(DEAD_LETTERS_TREE)?;
     let mut r = VerifyReport::default();
