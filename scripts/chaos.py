@@ -41,10 +41,10 @@ and every failure reported under exactly one report id.
 Needs scripts/services.sh's RabbitMQ and Kafka (started when not up); it
 restarts both, so run it alone.
 """
-import argparse, hashlib, hmac, json, os, random, signal, subprocess, sys, tempfile, threading, time, uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import argparse, json, os, random, signal, subprocess, sys, tempfile, threading, time, uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_common import free_port, get, http, wait_for  # noqa: E402
+from e2e_common import (Receiver, cases_per_order, free_port, get, http, metric, set_faults,  # noqa: E402
+                        start_sim, wait_for)
 
 import pika
 from confluent_kafka import Consumer, Producer
@@ -118,44 +118,6 @@ class Acked:
             return {s: set(v) for s, v in self.ids.items()}
 
 
-class Receiver:
-    """The HTTP source's callback endpoint: verifies signatures, records reports."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.reports = []  # (report id, order id, case id)
-        self.bad_signatures = 0
-        self.last = 0.0
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                want = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
-                ok = hmac.compare_digest(want, self.headers.get("X-Duvo-Bridge-Signature", ""))
-                with outer.lock:
-                    if ok:
-                        j = json.loads(body)
-                        outer.reports.append((self.headers.get("X-Duvo-Bridge-Report-Id"),
-                                              j["event"]["order_id"], j.get("case_id")))
-                        outer.last = time.time()
-                    else:
-                        outer.bad_signatures += 1
-                self.send_response(204 if ok else 401)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/duvo-callback"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def snapshot(self):
-        with self.lock:
-            return list(self.reports)
-
-
 class Bridge:
     """The bridge process: start, SIGKILL and restart, count kills."""
 
@@ -181,12 +143,6 @@ class Bridge:
             up = time.time() - t
             self.kills.append((t, why, up))
             log(f"SIGKILL #{len(self.kills)} ({why}); up again in {up:.1f}s")
-
-    def metric(self, prefix):
-        st, b = get(f"http://127.0.0.1:{self.admin}/metrics", timeout=5)
-        if st != 200:
-            return None
-        return sum(float(l.rsplit(" ", 1)[1]) for l in b.decode().splitlines() if l.startswith(prefix))
 
     def stop(self):
         with self.lock:
@@ -370,24 +326,16 @@ def main():
     for f in admin.create_topics([NewTopic(topic, 3, 1), NewTopic(failure_topic, 1, 1)]).values():
         f.result(30)
 
-    sim_port, http_port, admin_port = free_port(), free_port(), free_port()
+    http_port, admin_port = free_port(), free_port()
     key = "dv_chaos" + uuid.uuid4().hex[:27]
     queues = {s: str(uuid.uuid4()) for s in SOURCES}
-    sim_cmd = [args.bin, "sim", "--listen", f"127.0.0.1:{sim_port}", "--api-key", key,
-               "--idempotency", args.idempotency, "--process-ms", "1000"]
-    for q in queues.values():
-        sim_cmd += ["--queue", q]
-    slog = open(os.path.join(work, "sim.log"), "w")
-    sim = subprocess.Popen(sim_cmd, stdout=slog, stderr=slog)
-    base = f"http://127.0.0.1:{sim_port}"
-    assert wait_for(lambda: get(base + "/_sim/stats")[0] == 200, 10), "sim up"
+    sim, base = start_sim(args.bin, work, key, queues.values(),
+                          "--idempotency", args.idempotency, "--process-ms", "1000")
 
     def faults(**patch):
-        st, _ = http("POST", base + "/_sim/faults", json.dumps(patch).encode(),
-                     {"Content-Type": "application/json"})
-        assert st == 200, f"faults {patch}: {st}"
+        set_faults(base, **patch)
 
-    receiver = Receiver()
+    receiver = Receiver(SECRET)
     cfg = os.path.join(work, "bridge.toml")
     with open(cfg, "w") as f:
         f.write(f"""
@@ -459,10 +407,15 @@ failure_topic = "{failure_topic}"
     # ---------------------------------------------------------------- faults
     records = []  # dict(fault, start, end, hit, acked_at_end)
 
-    def fault(name, secs, on, off, hit=SOURCES):
+    def fault(name, secs, on, off=lambda: None, hit=SOURCES, aim=None):
+        """Inject a fault for `secs` (on, wait, off), record how things stood
+        at its end; `aim` = (delay, why): SIGKILL the bridge that long into it."""
         log(f"fault: {name} for {secs}s")
         start = time.time()
         on()
+        if aim:
+            time.sleep(min(secs / 2, aim[0]))
+            bridge.kill(aim[1])
         time.sleep(secs)
         off()
         end = time.time()
@@ -482,24 +435,28 @@ failure_topic = "{failure_topic}"
         services("up", "kafka")
 
     plan = [
-        ("API outage (503 to everything)", m["outage"], lambda: faults(outage=True), lambda: faults(outage=False)),
-        ("5xx storm (half of all requests 500/503)", m["storm5xx"],
-         lambda: faults(error_ratio=0.5, error_status=500), lambda: faults(error_ratio=0.0)),
-        ("latency 7 s, beyond the 5 s client timeout (committed, answer too late)", m["latency"],
-         lambda: faults(latency_ms=7000), lambda: faults(latency_ms=0)),
-        ("answers dropped after the commit (30% of creates)", m["dropped"],
-         lambda: faults(drop_after_commit_ratio=0.3), lambda: faults(drop_after_commit_ratio=0.0)),
-        ("429 storm, retry-after in seconds", m["throttle"],
-         lambda: faults(throttle_secs=m["throttle"], throttle_http_date=False), lambda: None),
-        ("429 storm, retry-after as an HTTP-date", m["throttle"],
-         lambda: faults(throttle_secs=m["throttle"], throttle_http_date=True), lambda: None),
-        ("RabbitMQ: every connection of the vhost closed", 0,
-         lambda: rabbitmqctl("close_all_connections", "--vhost", VHOST, "chaos"), lambda: None, ("amqp",)),
-        ("RabbitMQ restarted (stop_app, start_app)", 0, rabbit_restart, lambda: None, ("amqp",)),
-        ("Kafka broker SIGKILLed and restarted", 0, kafka_restart, lambda: None, ("kafka",)),
+        dict(name="API outage (503 to everything)", secs=m["outage"],
+             on=lambda: faults(outage=True), off=lambda: faults(outage=False)),
+        dict(name="5xx storm (half of all requests 500/503)", secs=m["storm5xx"],
+             on=lambda: faults(error_ratio=0.5, error_status=500), off=lambda: faults(error_ratio=0.0)),
+        dict(name="latency 7 s, beyond the 5 s client timeout (committed, answer too late)",
+             secs=m["latency"], on=lambda: faults(latency_ms=7000), off=lambda: faults(latency_ms=0),
+             aim=(6, "while create requests hang (between POST and answer)")),
+        dict(name="answers dropped after the commit (30% of creates)", secs=m["dropped"],
+             on=lambda: faults(drop_after_commit_ratio=0.3), off=lambda: faults(drop_after_commit_ratio=0.0),
+             aim=(8, "while answers are being dropped after the commit")),
+        dict(name="429 storm, retry-after in seconds", secs=m["throttle"],
+             on=lambda: faults(throttle_secs=m["throttle"], throttle_http_date=False),
+             aim=(4, "inside a 429 storm's retry-after deadline")),
+        dict(name="429 storm, retry-after as an HTTP-date", secs=m["throttle"],
+             on=lambda: faults(throttle_secs=m["throttle"], throttle_http_date=True)),
+        dict(name="RabbitMQ: every connection of the vhost closed", secs=0,
+             on=lambda: rabbitmqctl("close_all_connections", "--vhost", VHOST, "chaos"), hit=("amqp",)),
+        dict(name="RabbitMQ restarted (stop_app, start_app)", secs=0, on=rabbit_restart, hit=("amqp",)),
+        dict(name="Kafka broker SIGKILLed and restarted", secs=0, on=kafka_restart, hit=("kafka",)),
     ]
     # The plan's length, roughly (the broker restarts take a while more).
-    span = m["warmup"] + sum(p[1] + m["gap"] for p in plan) + m["rabbit_down"] + m["kafka_down"]
+    span = m["warmup"] + sum(f["secs"] + m["gap"] for f in plan) + m["rabbit_down"] + m["kafka_down"]
     kill_times = sorted(rnd.uniform(5, span) for _ in range(m["kills"]))
 
     def killer():
@@ -511,30 +468,8 @@ failure_topic = "{failure_topic}"
     kthread = threading.Thread(target=killer, daemon=True)
     kthread.start()
     time.sleep(m["warmup"])
-    for p in plan:
-        name, secs, on, off = p[:4]
-        hit = p[4] if len(p) > 4 else SOURCES
-        if name.startswith("latency"):
-            # Aimed kill: a create request is hanging between POST and answer.
-            def on_and_kill(on=on):
-                on()
-                time.sleep(min(secs / 2, 6))
-                bridge.kill("while create requests hang (between POST and answer)")
-            fault(name, secs, on_and_kill, off, hit)
-        elif name.startswith("429 storm, retry-after in seconds"):
-            def on_and_kill(on=on):
-                on()
-                time.sleep(min(secs / 2, 4))
-                bridge.kill("inside a 429 storm's retry-after deadline")
-            fault(name, secs, on_and_kill, off, hit)
-        elif name.startswith("answers dropped"):
-            def on_and_kill(on=on):
-                on()
-                time.sleep(min(secs / 2, 8))
-                bridge.kill("while answers are being dropped after the commit")
-            fault(name, secs, on_and_kill, off, hit)
-        else:
-            fault(name, secs, on, off, hit)
+    for f in plan:
+        fault(**f)
     kthread.join()  # the random kills still due (the plan's length was estimated)
     # Aimed kill: right after a report arrived (reports are being sent).
     if wait_for(lambda: time.time() - receiver.last < 0.3, 60, 0.02):
@@ -549,7 +484,6 @@ failure_topic = "{failure_topic}"
     # ---------------------------------------------------------------- drain
     faults(outage=False, error_ratio=0.0, latency_ms=0, drop_after_commit_ratio=0.0, throttle_secs=0)
     want = acked.snapshot()
-    total = sum(len(v) for v in want.values())
     delivered = wait_for(lambda: all(mon.cases(s) >= len(want[s]) for s in SOURCES), args.max_wait, 1)
     delivered_at = time.time()
     log(f"cases {dict((s, mon.cases(s)) for s in SOURCES)} after {delivered_at - produce_end:.0f}s of draining")
@@ -575,7 +509,7 @@ failure_topic = "{failure_topic}"
 
     def reported():
         drain_reports()
-        got = {"http": {o for _, o, _ in receiver.snapshot()},
+        got = {"http": {j["event"]["order_id"] for _, j in receiver.snapshot()},
                "amqp": {o for _, o in amqp_reports}, "kafka": {o for _, o in kafka_reports}}
         return all(failing[s] <= got[s] for s in SOURCES)
 
@@ -586,16 +520,11 @@ failure_topic = "{failure_topic}"
     rconn.close()
     reader.close()
 
-    st, nd = get(base + "/_sim/cases", timeout=300)
     counts = {s: {} for s in SOURCES}
-    for line in nd.decode().splitlines():
-        if line.strip():
-            c = json.loads(line)
-            o = json.loads(c["data"])["order_id"]
-            src = o.split("-")[0]
-            counts[src][o] = counts[src].get(o, 0) + 1
+    for o, n in cases_per_order(base, timeout=300).items():
+        counts[o.split("-")[0]][o] = n
     stats = mon.stats()
-    recon = bridge.metric("duvo_bridge_reconciliations_total")
+    recon = metric(admin_port, "duvo_bridge_reconciliations_total")
     bridge.stop()
     mon.stop = True
     sim.send_signal(signal.SIGTERM)
@@ -616,7 +545,8 @@ failure_topic = "{failure_topic}"
           f"{len(bridge.kills)} SIGKILLs; producing {produce_end - t0:.0f}s, "
           f"drained {delivered_at - produce_end:.0f}s later, every failure reported "
           f"{reported_at - produce_end:.0f}s after production ended")
-    reports = {"http": [(r, o) for r, o, _ in receiver.snapshot()], "amqp": amqp_reports, "kafka": kafka_reports}
+    reports = {"http": [(r, j["event"]["order_id"]) for r, j in receiver.snapshot()],
+               "amqp": amqp_reports, "kafka": kafka_reports}
     summary = {}
     for s in SOURCES:
         lost = want[s] - counts[s].keys()
@@ -635,7 +565,7 @@ failure_topic = "{failure_topic}"
         print(f"  {s:5}: " + " ".join(f"{k}={v}" for k, v in summary[s].items()))
         good &= not lost and not dups and not several and not unexpected and not missing
     good &= receiver.bad_signatures == 0 and stats["early_retries"] == 0
-    print(f"  simulator: " + " ".join(f"{k}={stats[k]}" for k in (
+    print("  simulator: " + " ".join(f"{k}={stats[k]}" for k in (
         "requests", "create_requests", "list_requests", "cases_created", "rate_limited", "early_retries",
         "faults_injected", "dropped_after_commit", "idempotent_replays")))
     print(f"  bad signatures={receiver.bad_signatures} left in the RabbitMQ queue={left} "

@@ -18,47 +18,11 @@ case has ended, then checks:
 
 Only the standard library: it talks HTTP like any outside client.
 """
-import argparse, hashlib, hmac, json, os, signal, subprocess, sys, tempfile, threading, time, uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import argparse, json, os, signal, subprocess, sys, tempfile, time, uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_common import free_port, get, http, wait_for  # noqa: E402
+from e2e_common import Receiver, free_port, get, http, wait_for  # noqa: E402
 
 SECRET = b"e2e-callback-secret"
-
-
-class Receiver:
-    """A customer's callback endpoint: verifies signatures, records reports."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.reports = []  # (report_id, json)
-        self.bad_signatures = 0
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                want = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
-                got = self.headers.get("X-Duvo-Bridge-Signature", "")
-                with outer.lock:
-                    if hmac.compare_digest(want, got):
-                        outer.reports.append((self.headers.get("X-Duvo-Bridge-Report-Id"), json.loads(body)))
-                        code = 204
-                    else:
-                        outer.bad_signatures += 1
-                        code = 401
-                self.send_response(code); self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/duvo-callback"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def snapshot(self):
-        with self.lock:
-            return list(self.reports)
 
 
 def main():
@@ -76,7 +40,7 @@ def main():
     names = ["oms", "shop"]
     queues = {n: str(uuid.uuid4()) for n in names}
     ports = {n: free_port() for n in names}
-    receivers = {n: Receiver() for n in names}
+    receivers = {n: Receiver(SECRET) for n in names}
     sim_log = open(os.path.join(work, "sim.log"), "w")
     cmd = [args.bin, "sim", "--listen", f"127.0.0.1:{sim_port}", "--api-key", key, "--fail-ratio", "0.1"]
     for q in queues.values():

@@ -22,7 +22,7 @@ Only the standard library: it talks HTTP like any outside client.
 """
 import argparse, json, os, signal, subprocess, sys, tempfile, threading, time, uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_common import free_port, get, http, wait_for  # noqa: E402
+from e2e_common import cases_per_order, free_port, get, http, metric, set_faults, start_sim, wait_for  # noqa: E402
 
 
 def du(path):
@@ -64,14 +64,10 @@ def main():
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="duvo-soak-")
-    sim_port, http_port, admin_port = free_port(), free_port(), free_port()
+    http_port, admin_port = free_port(), free_port()
     key = "dv_soak" + uuid.uuid4().hex[:28]
     queue = str(uuid.uuid4())
-    slog = open(os.path.join(work, "sim.log"), "w")
-    sim = subprocess.Popen([args.bin, "sim", "--listen", f"127.0.0.1:{sim_port}", "--api-key", key,
-                            "--queue", queue, "--rate-limit", str(args.rate)], stdout=slog, stderr=slog)
-    base = f"http://127.0.0.1:{sim_port}"
-    assert wait_for(lambda: get(base + "/_sim/stats")[0] == 200, 10), "sim up"
+    sim, base = start_sim(args.bin, work, key, [queue], "--rate-limit", str(args.rate))
     cfg = os.path.join(work, "bridge.toml")
     with open(cfg, "w") as f:
         f.write(f"""
@@ -103,12 +99,8 @@ title = "Order {{/order_id}}"
         assert wait_for(lambda: get(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200, 120, 0.02), "bridge ready"
         return p
 
-    def faults(**patch):
-        st, _ = http("POST", base + "/_sim/faults", json.dumps(patch).encode(), {"Content-Type": "application/json"})
-        assert st == 200, st
-
     if args.waiting:
-        faults(outage=True)
+        set_faults(base, outage=True)
     bridge = start_bridge()
 
     acked = [0] * args.clients
@@ -134,10 +126,8 @@ title = "Order {{/order_id}}"
         t.start()
     waiting = None
     if args.waiting:
-        peak_posting = 0
-        while any(t.is_alive() for t in threads):
-            time.sleep(1)
-            peak_posting = max(peak_posting, proc_status(bridge.pid).get("VmHWM", 0))
+        for t in threads:
+            t.join()
         time.sleep(5)
         p = proc_status(bridge.pid)
         disk = du(os.path.join(work, "outbox"))
@@ -154,16 +144,8 @@ title = "Order {{/order_id}}"
                        ready_after_sigkill_s=round(ready_s, 2), rss_at_ready_mib=rss_ready >> 20,
                        rss_10s_later_mib=p2.get("VmRSS", 0) >> 20, peak_after_restart_mib=p2.get("VmHWM", 0) >> 20)
         print(f"{args.events} waiting: {waiting}", flush=True)
-        faults(outage=False)
+        set_faults(base, outage=False)
 
-    def metrics():
-        st, b = get(f"http://127.0.0.1:{admin_port}/metrics")
-        out = {}
-        for line in b.decode().splitlines() if st == 200 else []:
-            if line.startswith(("duvo_bridge_outbox_depth ", "duvo_bridge_outbox_bytes ")):
-                k, v = line.split()
-                out[k] = float(v)
-        return out
 
     def created():
         st, b = get(base + "/_sim/stats", timeout=30)
@@ -174,8 +156,9 @@ title = "Order {{/order_id}}"
     intake_done = delivered_at = None
     while True:
         time.sleep(args.every)
-        m, p = metrics(), proc_status(bridge.pid)
-        s = dict(t=time.time() - t0, acked=sum(acked), cases=created(), depth=m.get("duvo_bridge_outbox_depth", -1),
+        p = proc_status(bridge.pid)
+        depth = metric(admin_port, "duvo_bridge_outbox_depth ")
+        s = dict(t=time.time() - t0, acked=sum(acked), cases=created(), depth=-1 if depth is None else depth,
                  rss=p.get("VmRSS", 0), peak=p.get("VmHWM", 0), disk=du(os.path.join(work, "outbox")))
         samples.append(s)
         print(f"{s['t']:6.0f} {s['acked']:9d} {s['cases']:9d} {s['depth']:9.0f} {s['rss'] / 2**20:8.0f} "
@@ -189,12 +172,7 @@ title = "Order {{/order_id}}"
         if s["t"] > args.max_wait:
             break
 
-    _, nd = get(base + "/_sim/cases", timeout=600)
-    counts = {}
-    for line in nd.decode().splitlines():
-        if line.strip():
-            o = json.loads(json.loads(line)["data"])["order_id"]
-            counts[o] = counts.get(o, 0) + 1
+    counts = cases_per_order(base, timeout=600)
     _, b = get(base + "/_sim/stats"); stats = json.loads(b)
     bridge.send_signal(signal.SIGTERM); bridge.wait(timeout=120)
     sim.send_signal(signal.SIGTERM); sim.wait(timeout=30)

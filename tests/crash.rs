@@ -17,23 +17,14 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_not
     let mut sc = sim_config();
     sc.rate_limit = 1200; // 20 requests/s: delivery overlaps with posting
     let sim = start_sim(sc).await;
-    let dir = tempfile::tempdir().unwrap();
-    let http = free_port();
-    let admin = free_port();
-    let config = dir.path().join("bridge.toml");
-    std::fs::write(
-        &config,
-        bridge_toml(
-            &sim,
-            dir.path(),
-            admin,
-            1200,
-            &http_source_toml(http, sim.queues()[0]),
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("bridge.log");
-    let key = sim.api_keys()[0].clone();
+    let HttpBridge {
+        dir: _dir,
+        http,
+        admin,
+        config,
+        log,
+        key,
+    } = HttpBridge::new(&sim, 1200);
 
     let mut bridge = spawn_bridge(&config, &key, &log);
     assert!(wait_ready(admin).await, "bridge ready");
@@ -281,22 +272,14 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
     let mut sc = sim_config();
     sc.idempotency = duvo_bridge::sim::IdempotencyMode::Ignore;
     let sim = start_sim(sc).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (http, admin) = (free_port(), free_port());
-    let config = dir.path().join("bridge.toml");
-    std::fs::write(
-        &config,
-        bridge_toml(
-            &sim,
-            dir.path(),
-            admin,
-            6000,
-            &http_source_toml(http, sim.queues()[0]),
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("bridge.log");
-    let key = sim.api_keys()[0].clone();
+    let HttpBridge {
+        dir,
+        http,
+        admin,
+        config,
+        log,
+        key,
+    } = HttpBridge::new(&sim, 6000);
     // Another producer's 3,000 cases, created just before: inside the
     // two-minute skew margin a restarted bridge would walk through if it
     // did not learn the server's clock first.
@@ -398,22 +381,14 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_deadline_outlives_a_sigkill() {
     let sim = start_sim(sim_config()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (http, admin) = (free_port(), free_port());
-    let config = dir.path().join("bridge.toml");
-    std::fs::write(
-        &config,
-        bridge_toml(
-            &sim,
-            dir.path(),
-            admin,
-            6000,
-            &http_source_toml(http, sim.queues()[0]),
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("bridge.log");
-    let key = sim.api_keys()[0].clone();
+    let HttpBridge {
+        dir: _dir,
+        http,
+        admin,
+        config,
+        log,
+        key,
+    } = HttpBridge::new(&sim, 6000);
     let mut bridge = spawn_bridge(&config, &key, &log);
     assert!(wait_ready(admin).await, "bridge ready");
     sim.set_faults(duvo_bridge::sim::FaultsPatch {

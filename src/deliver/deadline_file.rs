@@ -78,10 +78,7 @@ pub fn keep(
 }
 
 async fn write(dir: &Path, at: SystemTime) -> std::io::Result<()> {
-    let ms = at
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
+    let ms = crate::clock::unix_ms(at);
     let tmp = dir.join(format!("{FILE}.tmp"));
     tokio::fs::write(&tmp, format!("{ms}\n")).await?;
     tokio::fs::rename(&tmp, dir.join(FILE)).await

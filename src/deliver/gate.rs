@@ -625,6 +625,14 @@ impl State {
         }
     }
 
+    /// Nothing is sent before `deadline` (a server's `retry-after`); the
+    /// later of two deadlines stands. Resume with one permit at the
+    /// deadline, then pace: no burst.
+    fn hold_until(&mut self, deadline: Instant) {
+        self.blocked_until = Some(self.blocked_until.map_or(deadline, |b| b.max(deadline)));
+        self.tat = self.tat.max(deadline + self.tau());
+    }
+
     /// Apply what a response said. `in_flight` must already exclude the
     /// request this feedback belongs to.
     fn observe(&mut self, fb: &ServerFeedback, now: Instant) {
@@ -680,10 +688,7 @@ impl State {
         // After the rate is settled: a rate change rescales the buckets'
         // distance to "full", which must not stretch a server deadline.
         if let Some(d) = fb.retry_after() {
-            let deadline = now + d.min(MAX_SERVER_DELAY);
-            self.blocked_until = Some(self.blocked_until.map_or(deadline, |b| b.max(deadline)));
-            // Resume with one permit at the deadline, then pace: no burst.
-            self.tat = self.tat.max(deadline + self.tau());
+            self.hold_until(now + d.min(MAX_SERVER_DELAY));
         }
 
         // Requests still in flight may not have reached the server yet: the
@@ -818,12 +823,9 @@ impl RateGate {
         let Ok(left) = until.duration_since(SystemTime::now()) else {
             return;
         };
-        {
-            let mut st = self.0.lock();
-            let deadline = Instant::now() + left.min(MAX_SERVER_DELAY);
-            st.blocked_until = Some(st.blocked_until.map_or(deadline, |b| b.max(deadline)));
-            st.tat = st.tat.max(deadline);
-        }
+        self.0
+            .lock()
+            .hold_until(Instant::now() + left.min(MAX_SERVER_DELAY));
         self.0.notify.notify_waiters();
     }
 

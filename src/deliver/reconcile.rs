@@ -55,8 +55,7 @@ struct Estimate {
 }
 
 fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    crate::clock::unix_ms(t) as i64
 }
 
 impl ServerClock {

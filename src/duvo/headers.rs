@@ -119,6 +119,12 @@ pub fn parse_retry_after(s: &str, now: SystemTime) -> Option<SystemTime> {
         .map(|at| at.min(later(now, MAX_WAIT)))
 }
 
+/// The server's clock when it answered (`Date`, whole seconds), if it said.
+pub fn server_date(headers: &HeaderMap) -> Option<SystemTime> {
+    let v = headers.get(reqwest::header::DATE)?.to_str().ok()?;
+    httpdate::parse_http_date(v.trim()).ok()
+}
+
 /// `Deprecation` / `Sunset` headers, if present, as raw strings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LifecycleInfo {

@@ -285,11 +285,7 @@ impl DuvoClient {
             .map_err(transport)?;
         let status = resp.status();
         let rate = RateLimitInfo::from_headers(resp.headers(), SystemTime::now());
-        let date = resp
-            .headers()
-            .get(reqwest::header::DATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok());
+        let date = headers::server_date(resp.headers());
         self.check_lifecycle(resp.headers());
         let bytes = resp.bytes().await.map_err(transport)?;
         if status.is_success() {

@@ -146,20 +146,14 @@ struct Opened {
     bytes: u64,
     dir_sync: durable::DirSync,
     identity: durable::Identity,
-    /// Ids of every persisted batch (corrupt ones included).
-    batch_ids: HashSet<u64>,
-    /// Corrupt batch records, to be rebuilt from their events.
-    broken_batches: HashMap<u64, Vec<(u64, Uuid, u64)>>,
-    /// Every event stored before this open has a lower id.
-    first_new_id: u64,
-    opened_at_ms: u64,
-    started: std::time::Instant,
+    load: EventLoad,
 }
 
 impl Outbox {
-    /// Open (or create) the database, recover the in-memory indexes from a
-    /// full scan (ready events per queue, batched counts) and spawn the
-    /// flusher on the current tokio runtime.
+    /// Open (or create) the database, recover the in-memory indexes (batch
+    /// and report records here; the stored events by a scan, before this
+    /// returns or, with `background_load`, after) and spawn the flusher on
+    /// the current tokio runtime.
     ///
     /// Corrupt records found during recovery are logged and counted, and
     /// left out of the indexes; they stay on disk for inspection and do not
@@ -172,15 +166,9 @@ impl Outbox {
         // Corrupt batch records are rebuilt from the events that point at
         // them, which takes the whole scan: then it is done before anything
         // else runs.
-        let background = cfg.background_load && opened.broken_batches.is_empty();
-        opened.index.begin_loading(opened.first_new_id);
-        let load = EventLoad {
-            batch_ids: std::mem::take(&mut opened.batch_ids),
-            broken: std::mem::take(&mut opened.broken_batches),
-            first_new_id: opened.first_new_id,
-            opened_at_ms: opened.opened_at_ms,
-            started: opened.started,
-        };
+        let background = cfg.background_load && opened.load.broken.is_empty();
+        opened.index.begin_loading(opened.load.first_new_id);
+        let mut load = opened.load;
         let flush = Arc::new(FlushShared::new(opened.bytes));
         let inner = Arc::new(Inner {
             cfg,
@@ -218,18 +206,17 @@ impl Outbox {
         let outbox = Outbox { inner };
         metrics::gauge!("duvo_bridge_outbox_bytes").set(opened.bytes as f64);
         if background {
+            // What is known already (batched events) shows at once; the
+            // load publishes and wakes the batcher as it goes.
+            outbox.publish_depth();
+            outbox.publish_tracking();
             let weak = Arc::downgrade(&outbox.inner);
             tokio::task::spawn_blocking(move || load_in_background(weak, load));
         } else {
             let ob = outbox.clone();
-            tokio::task::spawn_blocking(move || ob.load_events(load))
+            tokio::task::spawn_blocking(move || ob.load_events(&mut load))
                 .await
                 .map_err(|e| OutboxError::Task(e.to_string()))??;
-        }
-        outbox.publish_depth();
-        outbox.publish_tracking();
-        if outbox.depth() > 0 {
-            outbox.wake_batcher();
         }
         Ok(outbox)
     }
@@ -247,122 +234,136 @@ impl Outbox {
     }
 
     /// Read the events stored before this open into the indexes, oldest
-    /// first, a chunk at a time (each chunk is offered to the batcher at
-    /// once), then rebuild corrupt batch records from their events and end
-    /// the load. Pending events of a batch that no longer exists are made
-    /// ready again (written back before they are offered).
-    fn load_events(&self, mut load: EventLoad) -> Result<(), OutboxError> {
+    /// first, then end the load ([`Outbox::finish_load`]).
+    fn load_events(&self, load: &mut EventLoad) -> Result<(), OutboxError> {
+        while self.load_chunk(load)? {}
+        self.finish_load(load)
+    }
+
+    /// Load the next chunk of stored events from `load.from` and offer it to
+    /// the batcher at once; `false` once there is nothing left. Pending
+    /// events of a batch that no longer exists are made ready again
+    /// (written back before they are offered). On an error nothing of the
+    /// chunk is offered and `load.from` stays, so asking again resumes there.
+    fn load_chunk(&self, load: &mut EventLoad) -> Result<bool, OutboxError> {
         const CHUNK: usize = 4096;
         let inner = &self.inner;
-        let mut from = 0u64;
-        let (mut loaded, mut orphaned) = (0u64, 0u64);
-        loop {
-            let mut entries: Vec<(Uuid, ReadyEntry)> = Vec::with_capacity(CHUNK);
-            let mut counts: Vec<(Uuid, TrackPhase)> = Vec::new();
-            let mut orphans = sled::Batch::default();
-            let mut n_orphans = 0u64;
-            let mut broken_members = 0u64;
-            let mut last = None;
-            let start = record::event_key(from);
-            let end = record::event_key(load.first_new_id);
-            for item in inner.events.range(start..end) {
-                let (key, value) = item?;
-                let Some(id) = key_u64(&key) else {
+        let mut entries: Vec<(Uuid, ReadyEntry)> = Vec::with_capacity(CHUNK);
+        let mut counts: Vec<(Uuid, TrackPhase)> = Vec::new();
+        let mut orphans = sled::Batch::default();
+        let mut n_orphans = 0u64;
+        let mut broken_members = 0u64;
+        let mut last = None;
+        let range = record::event_key(load.from)..record::event_key(load.first_new_id);
+        for item in inner.events.range(range) {
+            let (key, value) = item?;
+            let Some(id) = key_u64(&key) else {
+                continue;
+            };
+            last = Some(id);
+            let rec: record::EventScan<'_> = match record::decode_borrowed(&key, &value) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    inner.corrupt.fetch_add(1, Ordering::Relaxed);
+                    note_corrupt_at_open(&e);
                     continue;
-                };
-                last = Some(id);
-                let rec: record::EventScan<'_> = match record::decode_borrowed(&key, &value) {
-                    Ok(rec) => rec,
-                    Err(e) => {
-                        self.note_corrupt_at_open(&e);
-                        continue;
+                }
+            };
+            match &rec.state {
+                EventState::Stored => {}
+                // A batch of this run (ids come from one counter): made
+                // while the load went on, e.g. a resumed batch split after
+                // its cases were looked for.
+                EventState::Batched { batch_id }
+                    if load.batch_ids.contains(batch_id) || *batch_id >= load.first_new_id =>
+                {
+                    if let Some(members) = load.broken.get_mut(batch_id) {
+                        members.push((id, rec.queue_id, rec.received_at_ms));
+                        broken_members += 1;
                     }
-                };
-                match &rec.state {
-                    EventState::Stored => {}
-                    // A batch of this run (ids come from one counter):
-                    // made while the load went on, e.g. a resumed batch
-                    // split after its cases were looked for.
-                    EventState::Batched { batch_id }
-                        if load.batch_ids.contains(batch_id) || *batch_id >= load.first_new_id =>
+                    continue;
+                }
+                EventState::Batched { batch_id } => {
+                    tracing::warn!(
+                        event_id = id,
+                        batch_id,
+                        "event in a missing batch; made ready again"
+                    );
+                    let mut full: EventRecord = decode(&key, &value)?;
+                    full.state = EventState::Stored;
+                    orphans.insert(key.clone(), encode(&full)?);
+                    n_orphans += 1;
+                }
+                EventState::Delivered {
+                    delivered_at_ms, ..
+                } => {
+                    // Settled by this run (a resumed batch, while the load
+                    // went on): the settle counted it already.
+                    if *delivered_at_ms < load.opened_at_ms
+                        && let Some(t) = &rec.tracking
                     {
-                        if let Some(members) = load.broken.get_mut(batch_id) {
-                            members.push((id, rec.queue_id, rec.received_at_ms));
-                            broken_members += 1;
-                        }
-                        continue;
+                        counts.push((rec.queue_id, t.phase));
                     }
-                    EventState::Batched { batch_id } => {
-                        tracing::warn!(
-                            event_id = id,
-                            batch_id,
-                            "event in a missing batch; made ready again"
-                        );
-                        let mut full: EventRecord = decode(&key, &value)?;
-                        full.state = EventState::Stored;
-                        orphans.insert(key.clone(), encode(&full)?);
-                        n_orphans += 1;
-                    }
-                    EventState::Delivered {
-                        delivered_at_ms, ..
-                    } => {
-                        // Settled by this run (a resumed batch, while the
-                        // load went on): the settle counted it already.
-                        if *delivered_at_ms < load.opened_at_ms
-                            && let Some(t) = &rec.tracking
-                        {
-                            counts.push((rec.queue_id, t.phase));
-                        }
-                        continue;
-                    }
-                    EventState::Rejected { .. } => continue,
-                }
-                let Some(case) = rec.case else {
-                    self.note_corrupt_at_open(&OutboxError::Corrupt {
-                        key: record::describe_key(&key),
-                        reason: "pending event without payload".into(),
-                    });
                     continue;
-                };
-                entries.push((
-                    rec.queue_id,
-                    ReadyEntry {
-                        id,
-                        size: case.get().len() as u64,
-                        received_at_ms: rec.received_at_ms,
-                    },
-                ));
-                if entries.len() >= CHUNK {
-                    break;
                 }
+                EventState::Rejected { .. } => continue,
             }
-            if n_orphans > 0 {
-                inner.events.apply_batch(orphans)?;
-                orphaned += n_orphans;
-            }
-            loaded += entries.len() as u64;
-            {
-                let mut ix = lock(&inner.index);
-                ix.batched += broken_members;
-                for (queue_id, entry) in entries {
-                    ix.push(queue_id, entry);
-                }
-            }
-            if !counts.is_empty() {
-                let mut t = lock(&inner.track);
-                for (queue_id, phase) in counts {
-                    t.count(queue_id, phase);
-                }
-            }
-            self.publish_depth();
-            self.wake_batcher();
-            match last {
-                Some(id) => from = id + 1,
-                None => break,
+            let Some(case) = rec.case else {
+                inner.corrupt.fetch_add(1, Ordering::Relaxed);
+                note_corrupt_at_open(&OutboxError::Corrupt {
+                    key: record::describe_key(&key),
+                    reason: "pending event without payload".into(),
+                });
+                continue;
+            };
+            entries.push((
+                rec.queue_id,
+                ReadyEntry {
+                    id,
+                    size: case.get().len() as u64,
+                    received_at_ms: rec.received_at_ms,
+                },
+            ));
+            if entries.len() >= CHUNK {
+                break;
             }
         }
+        if n_orphans > 0 {
+            inner.events.apply_batch(orphans)?;
+            load.orphaned += n_orphans;
+        }
+        load.loaded += entries.len() as u64;
+        {
+            let mut ix = lock(&inner.index);
+            ix.batched += broken_members;
+            for (queue_id, entry) in entries {
+                ix.push(queue_id, entry);
+            }
+        }
+        if !counts.is_empty() {
+            let mut t = lock(&inner.track);
+            for (queue_id, phase) in counts {
+                t.count(queue_id, phase);
+            }
+        }
+        self.publish_depth();
+        self.wake_batcher();
+        Ok(match last {
+            Some(id) => {
+                load.from = id + 1;
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Rebuild corrupt batch records from their events (and make the
+    /// orphans' rewrite durable), then end the load: this run's appends join
+    /// their queues and [`Outbox::loaded`] resolves.
+    fn finish_load(&self, load: &mut EventLoad) -> Result<(), OutboxError> {
+        let inner = &self.inner;
         let mut rebuilt = 0;
-        if orphaned > 0 || !load.broken.is_empty() {
+        if load.orphaned > 0 || !load.broken.is_empty() {
             let mut sb = sled::Batch::default();
             rebuilt = rebuild_batches(
                 &inner.events,
@@ -385,22 +386,16 @@ impl Outbox {
         let ix = lock(&inner.index);
         tracing::info!(
             path = %inner.cfg.path.display(),
-            loaded,
+            loaded = load.loaded,
             ready = ix.ready,
             batched = ix.batched,
             tracked,
-            orphaned,
+            orphaned = load.orphaned,
             rebuilt,
             load_ms = load.started.elapsed().as_millis() as u64,
             "outbox events loaded"
         );
         Ok(())
-    }
-
-    fn note_corrupt_at_open(&self, e: &OutboxError) {
-        self.inner.corrupt.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("duvo_bridge_outbox_corrupt_records_total").increment(1);
-        tracing::error!(error = %e, "corrupt outbox record found during recovery; left on disk");
     }
 
     /// Append events. Returns only after a flush covering them returned, so
@@ -1373,8 +1368,7 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     let mut corrupt = 0u64;
     let mut note_corrupt = |e: &OutboxError| {
         corrupt += 1;
-        metrics::counter!("duvo_bridge_outbox_corrupt_records_total").increment(1);
-        tracing::error!(error = %e, "corrupt outbox record found during recovery; left on disk");
+        note_corrupt_at_open(e);
     };
     // Every later id (events appended, batches made from now on) is at or
     // above this one, every stored one below. An empty outbox has nothing
@@ -1442,12 +1436,24 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         bytes,
         dir_sync,
         identity,
-        batch_ids,
-        broken_batches,
-        first_new_id,
-        opened_at_ms,
-        started,
+        load: EventLoad {
+            batch_ids,
+            broken: broken_batches,
+            first_new_id,
+            opened_at_ms,
+            started,
+            from: 0,
+            loaded: 0,
+            orphaned: 0,
+        },
     })
+}
+
+/// Count and log a corrupt record met while opening or loading (it stays
+/// on disk for `outbox verify`).
+fn note_corrupt_at_open(e: &OutboxError) {
+    metrics::counter!("duvo_bridge_outbox_corrupt_records_total").increment(1);
+    tracing::error!(error = %e, "corrupt outbox record found during recovery; left on disk");
 }
 
 /// Open with `open`, waiting up to 10 s while the database's file lock is
@@ -1485,39 +1491,49 @@ pub fn open_raw(path: &std::path::Path) -> sled::Result<sled::Db> {
     open_when_released(|| sled::open(path))
 }
 
-/// What the event load needs from the open.
+/// The event load: what it needs from the open, and how far it got.
 struct EventLoad {
+    /// Ids of every persisted batch (corrupt ones included).
     batch_ids: HashSet<u64>,
+    /// Corrupt batch records -> (event id, queue, received at) of their
+    /// events, to be rebuilt from them.
     broken: HashMap<u64, Vec<(u64, Uuid, u64)>>,
+    /// Every event stored before this open has a lower id; events appended
+    /// and batches made from now on have this one or higher.
     first_new_id: u64,
     opened_at_ms: u64,
     started: std::time::Instant,
+    /// The next event id to read.
+    from: u64,
+    loaded: u64,
+    orphaned: u64,
 }
 
-/// The load on the blocking pool while intake and delivery already run. A
-/// failure (an I/O error reading the database) is retried after a second:
-/// events the load has not reached are not offered to the batcher until it
-/// has, so giving up would strand them until the next start. Ends when the
-/// outbox is dropped.
-fn load_in_background(inner: std::sync::Weak<Inner>, load: EventLoad) {
-    let mut load = Some(load);
-    while let Some(l) = load.take() {
+/// The load on the blocking pool while intake and delivery already run,
+/// holding the outbox only while it reads a chunk, so a dropped outbox ends
+/// it. A failure (an I/O error reading the database) is retried after a
+/// second from where it stopped: events the load has not reached are not
+/// offered to the batcher until it has, so giving up would strand them
+/// until the next start.
+fn load_in_background(inner: std::sync::Weak<Inner>, mut load: EventLoad) {
+    loop {
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let outbox = Outbox { inner };
-        let retry = EventLoad {
-            batch_ids: l.batch_ids.clone(),
-            broken: HashMap::new(),
-            first_new_id: l.first_new_id,
-            opened_at_ms: l.opened_at_ms,
-            started: l.started,
+        let step = match outbox.load_chunk(&mut load) {
+            Ok(true) => continue,
+            Ok(false) => outbox.finish_load(&mut load),
+            Err(e) => Err(e),
         };
-        if let Err(e) = outbox.load_events(l) {
-            tracing::error!(error = %e, "loading the outbox's stored events failed; retrying in 1 s");
-            drop(outbox);
-            std::thread::sleep(Duration::from_secs(1));
-            load = Some(retry);
+        drop(outbox);
+        match step {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, from = load.from,
+                    "loading the outbox's stored events failed; retrying in 1 s from where it stopped");
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
     }
 }

@@ -333,45 +333,40 @@ async fn handle(st: &Arc<SimState>, req: Request, ctx: &mut Ctx) -> Result<Reply
         }
     };
     let now = SystemTime::now();
-    let storm = {
-        let f = lock(&st.faults);
-        f.throttled_until(now)
-            .map(|until| (until, f.throttle_http_date))
+    let faults = lock(&st.faults).clone();
+    let storm = faults
+        .throttled_until(now)
+        .map(|until| (until, faults.throttle_http_date));
+    let verdict = match storm {
+        Some((until, _)) => st.limiter.refuse_until(&key, until, now),
+        None => st.limiter.check(&key, now),
     };
-    if let Some((until, http_date)) = storm {
-        let verdict = st.limiter.refuse_until(&key, until, now);
-        ctx.rate = Some(verdict);
-        // The key's deadline (the latest it was given), whole seconds.
-        let deadline = std::time::UNIX_EPOCH + std::time::Duration::from_secs(verdict.reset_unix);
-        ctx.retry_at = http_date.then_some(deadline);
-        if verdict.early_retry {
-            Counters::inc(&st.counters.early_retries);
-        }
-        Counters::inc(&st.counters.rate_limited);
-        Counters::inc(&st.counters.faults_injected);
-        return Err(ApiFailure::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "simulated 429 storm (throttle_secs); retry after the time in retry-after",
-        ));
-    }
-    let verdict = st.limiter.check(&key, now);
     ctx.rate = Some(verdict);
+    if let Some((_, true)) = storm {
+        // The key's deadline (the latest it was given), whole seconds.
+        ctx.retry_at =
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(verdict.reset_unix));
+    }
     if verdict.early_retry {
         Counters::inc(&st.counters.early_retries);
     }
     if !verdict.allowed {
         Counters::inc(&st.counters.rate_limited);
-        return Err(ApiFailure::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+        let message = if storm.is_some() {
+            Counters::inc(&st.counters.faults_injected);
+            "simulated 429 storm (throttle_secs); retry after the time in retry-after".to_string()
+        } else {
             format!(
                 "rate limit of {} requests per {} s exceeded; retry after the window resets",
                 st.cfg.rate_limit, st.cfg.window_secs
-            ),
+            )
+        };
+        return Err(ApiFailure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            message,
         ));
     }
-    let faults = lock(&st.faults).clone();
     if faults.outage {
         Counters::inc(&st.counters.faults_injected);
         return Err(ApiFailure::new(

@@ -1,9 +1,9 @@
 //! In-memory state of the simulator: cases, per-queue indexes, the agent's
 //! agenda, idempotency records and counters.
 //!
-//! Everything a create touches is O(cases in the request): a hash insert, a
-//! push on the queue's creation-ordered id list and a push on the agenda
-//! heap. Only list/search scan, and only the cases of one queue.
+//! Everything a create touches is O(log n) per case: a hash insert, inserts
+//! into the queue's created_at and updated_at indexes and a push on the
+//! agenda heap. A listing walks one queue's index from its `*_from` bound.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -74,8 +74,6 @@ pub(crate) struct Store {
     cases: HashMap<Uuid, Case>,
     /// Every case id in creation order (for `/_sim/cases` and snapshots).
     order: Vec<Uuid>,
-    /// Per queue, case ids in creation order.
-    by_queue: HashMap<Uuid, Vec<Uuid>>,
     /// Per queue, (created_at, id) and (updated_at, id) in order: a listing
     /// sorted by either reads only the range its `*_from` filter leaves,
     /// not every case of the queue (a million-case soak lists in
@@ -144,7 +142,6 @@ impl Store {
             let id = case.id;
             self.cases.insert(id, case.clone());
             self.order.push(id);
-            self.by_queue.entry(queue).or_default().push(id);
             self.by_created.entry(queue).or_default().insert((now, id));
             self.by_updated.entry(queue).or_default().insert((now, id));
             *self.status_counts.entry(CaseStatus::Pending).or_insert(0) += 1;
@@ -245,7 +242,7 @@ impl Store {
     }
 
     pub fn queue_len(&self, queue: Uuid) -> usize {
-        self.by_queue.get(&queue).map_or(0, Vec::len)
+        self.by_created.get(&queue).map_or(0, BTreeSet::len)
     }
 
     pub fn len(&self) -> usize {
@@ -261,7 +258,7 @@ impl Store {
 
     /// Cases held per queue id (every status).
     pub fn queue_counts(&self) -> BTreeMap<String, u64> {
-        self.by_queue
+        self.by_created
             .iter()
             .map(|(q, ids)| (q.to_string(), ids.len() as u64))
             .collect()

@@ -340,6 +340,47 @@ grace_period_secs = 2
     )
 }
 
+/// What a test needs to run the binary as an HTTP intake: a fresh temp dir
+/// holding `bridge.toml` ([`bridge_toml`] with [`http_source_toml`] feeding
+/// the simulator's first queue, at `rate` requests/min), free ports for the
+/// source and the admin listener, the log path and the simulator's key.
+pub struct HttpBridge {
+    pub dir: tempfile::TempDir,
+    pub http: u16,
+    pub admin: u16,
+    pub config: std::path::PathBuf,
+    pub log: std::path::PathBuf,
+    pub key: String,
+}
+
+impl HttpBridge {
+    pub fn new(sim: &SimHandle, rate: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, admin) = (free_port(), free_port());
+        let config = dir.path().join("bridge.toml");
+        std::fs::write(
+            &config,
+            bridge_toml(
+                sim,
+                dir.path(),
+                admin,
+                rate,
+                &http_source_toml(http, sim.queues()[0]),
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("bridge.log");
+        HttpBridge {
+            dir,
+            http,
+            admin,
+            config,
+            log,
+            key: sim.api_keys()[0].clone(),
+        }
+    }
+}
+
 /// The `[[sources]]` block of the HTTP source `oms` on `http`, feeding
 /// `queue`, titled by order id (what [`bridge_toml`]'s `rest` usually is).
 pub fn http_source_toml(http: u16, queue: uuid::Uuid) -> String {
