@@ -61,6 +61,10 @@ def main():
     ap.add_argument("--cache-mb", type=int, default=None, help="[outbox] cache_mb (default: the bridge's)")
     ap.add_argument("--waiting", action="store_true",
                     help="post with the API down, SIGKILL and restart with the backlog, then deliver")
+    ap.add_argument("--only-waiting", action="store_true",
+                    help="with --waiting: stop once the restarted bridge has loaded its backlog")
+    ap.add_argument("--deliver-for", type=float, default=None,
+                    help="with --waiting: sample this many seconds of delivery, then stop (no completeness check)")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="duvo-soak-")
@@ -94,6 +98,7 @@ title = "Order {{/order_id}}"
     blog = open(os.path.join(work, "bridge.log"), "a")
 
     def start_bridge():
+        blog.flush()
         p = subprocess.Popen([args.bin, "run", "--config", cfg], env=dict(os.environ, DUVO_API_KEY=key),
                              stdout=blog, stderr=blog)
         assert wait_for(lambda: get(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200, 120, 0.02), "bridge ready"
@@ -134,17 +139,33 @@ title = "Order {{/order_id}}"
         bridge.send_signal(signal.SIGKILL)
         bridge.wait()
         t_kill = time.time()
+        blog.flush()
+        log_from = os.path.getsize(blog.name)
         bridge = start_bridge()
         ready_s = time.time() - t_kill
         rss_ready = proc_status(bridge.pid).get("VmRSS", 0)
-        time.sleep(10)
+        # Until the background load says it is done (the log line), then 2 s.
+
+        def loaded():
+            with open(blog.name) as f:
+                f.seek(log_from)
+                return "outbox events loaded" in f.read()
+        wait_for(loaded, 300, 0.2)
+        load_s = time.time() - t_kill
+        time.sleep(2)
         p2 = proc_status(bridge.pid)
         waiting = dict(acknowledged_in_s=round(t_kill - t0, 1), rss_mib=p.get("VmRSS", 0) >> 20,
                        peak_rss_mib=p.get("VmHWM", 0) >> 20, disk_mib=disk >> 20,
                        ready_after_sigkill_s=round(ready_s, 2), rss_at_ready_mib=rss_ready >> 20,
-                       rss_10s_later_mib=p2.get("VmRSS", 0) >> 20, peak_after_restart_mib=p2.get("VmHWM", 0) >> 20)
+                       loaded_after_sigkill_s=round(load_s, 1), rss_loaded_mib=p2.get("VmRSS", 0) >> 20,
+                       peak_after_restart_mib=p2.get("VmHWM", 0) >> 20)
         print(f"{args.events} waiting: {waiting}", flush=True)
+        if args.only_waiting:
+            bridge.send_signal(signal.SIGKILL); sim.send_signal(signal.SIGTERM)
+            print(json.dumps(waiting))
+            return
         set_faults(base, outage=False)
+        t_deliver = time.time()
 
 
     def created():
@@ -171,6 +192,14 @@ title = "Order {{/order_id}}"
             break
         if s["t"] > args.max_wait:
             break
+        if args.deliver_for is not None and time.time() - t_deliver >= args.deliver_for:
+            bridge.send_signal(signal.SIGKILL); sim.send_signal(signal.SIGTERM)
+            d = [x for x in samples if x["t"] >= t_deliver - t0]
+            out = dict(waiting, delivering_s=round(time.time() - t_deliver), cases=d[-1]["cases"],
+                       rss_delivering_max_mib=max(x["rss"] for x in d) >> 20,
+                       peak_rss_mib=max(x["peak"] for x in d) >> 20)
+            print(json.dumps(out))
+            return
 
     counts = cases_per_order(base, timeout=600)
     _, b = get(base + "/_sim/stats"); stats = json.loads(b)

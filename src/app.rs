@@ -137,6 +137,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         burst: cfg.duvo.burst,
         share: cfg.duvo.rate_share,
         track_share: cfg.tracking.share,
+        poll_share: cfg.tracking.poll_share,
         ..RateGateConfig::default()
     });
     // A retry-after an earlier run was given still holds.

@@ -623,11 +623,22 @@ async fn set_rate_applies_at_once_even_to_waiters() {
 // --------------------------------------------------------- request classes
 
 async fn run_classes(gate: &RateGate, creates: bool, tracks: bool, secs: u64) -> (u64, u64) {
+    run_as(gate, creates, tracks.then_some(RequestClass::Track), secs).await
+}
+
+/// Loops of creates and of one tracking class (`Track` or `Poll`), each
+/// always with a waiter queued; returns (creates, tracking) granted.
+async fn run_as(
+    gate: &RateGate,
+    creates: bool,
+    tracking: Option<RequestClass>,
+    secs: u64,
+) -> (u64, u64) {
     let end = Instant::now() + SECS(secs);
     let mut tasks = Vec::new();
     for (on, class) in [
         (creates, RequestClass::Create),
-        (tracks, RequestClass::Track),
+        (tracking.is_some(), tracking.unwrap_or(RequestClass::Track)),
     ] {
         if !on {
             continue;
@@ -651,7 +662,7 @@ async fn run_classes(gate: &RateGate, creates: bool, tracks: bool, secs: u64) ->
     for task in tasks {
         match task.await.expect("class loop") {
             (RequestClass::Create, n) => c += n,
-            (RequestClass::Track, n) => t += n,
+            (_, n) => t += n,
         }
     }
     (c, t)
@@ -676,16 +687,47 @@ async fn tracking_is_capped_and_creates_are_not_starved() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn tracking_alone_runs_at_its_share() {
+async fn speculative_polls_take_only_their_small_share_of_a_backlog() {
     let gate = RateGate::new(unprobed());
-    let (creates, tracks) = run_classes(&gate, false, true, 60).await;
-    assert_eq!(creates, 0);
-    // 10 % of 300/min.
-    assert!((29..=31).contains(&tracks), "tracks {tracks}");
+    let (creates, polls) = run_as(&gate, true, Some(RequestClass::Poll), 120).await;
+    let total = creates + polls;
+    assert!(total >= 600, "total {total}");
+    // 0.5 % of 600 is 3: never starved, and creates keep >= 99 %.
+    assert!((2..=5).contains(&polls), "polls {polls} of {total}");
+    assert!(
+        creates as f64 >= total as f64 * 0.99,
+        "creates {creates} of {total}"
+    );
+    let s = gate.stats();
+    assert_eq!(s.granted_poll, polls + 2, "the two loops' last permits");
 }
 
 #[tokio::test(start_paused = true)]
-async fn create_goes_first_when_both_wait() {
+async fn tracking_alone_uses_the_idle_budget_and_keeps_a_permit_for_a_create() {
+    let gate = RateGate::new(unprobed());
+    let (creates, tracks) = run_classes(&gate, false, true, 60).await;
+    assert_eq!(creates, 0);
+    // Far above its 10 % share (30/min) with nothing else waiting; one
+    // permit of the burst stays unused.
+    assert!(tracks >= 290, "tracks {tracks}");
+    assert!(!gate.creates_backlogged());
+    // The tracker is still busy; a create that comes now has its permit.
+    let g = gate.clone();
+    let busy = tokio::spawn(async move {
+        loop {
+            let _p = g.acquire(RequestClass::Track).await;
+        }
+    });
+    // Between two of the tracker's slots (200 ms apart).
+    tokio::time::sleep(MS(5_100)).await;
+    let t = Instant::now();
+    drop(create(&gate).await);
+    assert_eq!(Instant::now() - t, Duration::ZERO, "the create waited");
+    busy.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_due_tracking_share_goes_ahead_of_waiting_creates_then_waits_its_interval() {
     let gate = RateGate::new(RateGateConfig {
         rate_per_minute: 60,
         burst: 1,
@@ -693,16 +735,34 @@ async fn create_goes_first_when_both_wait() {
     });
     let t0 = Instant::now();
     drop(create(&gate).await);
-    // The tracker queues first, the create second.
-    let track = spawn_acquire(&gate, RequestClass::Track);
+    // A create backlog, then the tracker: its share is due (it had none).
+    let creates = tokio::spawn({
+        let g = gate.clone();
+        async move {
+            let mut at = Vec::new();
+            for _ in 0..12 {
+                drop(g.acquire(RequestClass::Create).await);
+                at.push(Instant::now());
+            }
+            at
+        }
+    });
     settle().await;
-    let create_w = spawn_acquire(&gate, RequestClass::Create);
-    let (c_at, _c) = create_w.await.expect("create");
-    let (t_at, _t) = track.await.expect("track");
-    assert_eq!(c_at - t0, SECS(1));
-    assert_eq!(t_at - t0, SECS(2));
+    let (t1, _p) = spawn_acquire(&gate, RequestClass::Track)
+        .await
+        .expect("track");
+    assert_eq!(t1 - t0, SECS(1), "the due share takes the next slot");
+    assert!(gate.creates_backlogged());
+    // The next one waits its interval (10 % of 60/min: 10 s) behind the
+    // creates.
+    let (t2, _p) = spawn_acquire(&gate, RequestClass::Track)
+        .await
+        .expect("track");
+    assert_eq!(t2 - t1, SECS(10));
+    let at = creates.await.expect("creates");
+    assert_eq!(at[0] - t0, SECS(2));
     let s = gate.stats();
-    assert_eq!((s.granted_create, s.granted_track), (2, 1));
+    assert_eq!(s.granted_track, 2);
 }
 
 // ----------------------------------------------------------- cancel safety

@@ -36,14 +36,17 @@
 //!    we pace at `limit * share` (never above the configured rate), and
 //!    [`RateGate::set_rate`] changes the configured rate at run time (SIGHUP).
 //!
-//! Two request classes share the gate: [`RequestClass::Create`] (the batcher)
-//! and [`RequestClass::Track`] (status polling). Tracking has its own slower
-//! pacing on top of the shared bucket (at most `track_share` of the rate), and
-//! Create goes first when both wait. Strict priority alone would starve the
-//! tracker under a sustained create backlog, so a Track waiter that has been
-//! passed over for one full track interval gets the next shared slot: under
-//! saturation tracking still gets about half its share, creates keep at least
-//! `1 - track_share`.
+//! Three request classes share the gate: [`RequestClass::Create`] (the
+//! batcher), [`RequestClass::Track`] (a tracking listing that continues a
+//! full page: known work) and [`RequestClass::Poll`] (a speculative tracking
+//! listing, which may well come back empty). While a create waits, tracking
+//! is held to its shares: a Track waiter gets a slot once per `1 /
+//! track_share` of the rate, a Poll waiter once per `1 / poll_share` (and it
+//! counts against the track share too); such a slot goes to the tracker
+//! ahead of the creates, so tracking gets exactly its share, never starved,
+//! and creates get the rest. When no create waits, tracking may use any slot
+//! the shared bucket allows, but keeps one permit of the burst for the next
+//! create, so an idle budget spent on listings costs a batch no latency.
 //!
 //! Why not the `governor` crate: its quota is fixed at construction, it has no
 //! notion of an externally imposed deadline that must also hold back waiters
@@ -96,10 +99,14 @@ const MAX_SAFETY_MARGIN: u64 = 10;
 /// Which budget a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestClass {
-    /// Case creation (the batcher): has priority.
+    /// Case creation (the batcher): everything tracking leaves.
     Create,
-    /// Status tracking (list/search): limited to `track_share` of the rate.
+    /// Tracking that continues a full page: while creates wait, at most
+    /// `track_share` of the rate.
     Track,
+    /// Speculative tracking (a listing that may find nothing): while
+    /// creates wait, at most `poll_share` of the rate.
+    Poll,
 }
 
 impl RequestClass {
@@ -108,6 +115,7 @@ impl RequestClass {
         match self {
             RequestClass::Create => "create",
             RequestClass::Track => "track",
+            RequestClass::Poll => "poll",
         }
     }
 }
@@ -127,10 +135,13 @@ pub enum GateConfigError {
     /// Share of the rate tracking may use, in `(0, 1]`.
     #[error("track_share must be a number in (0, 1], got {0}")]
     TrackShare(f64),
+    /// Share of the rate speculative tracking may use, in `(0, 1]`.
+    #[error("poll_share must be a number in (0, 1], got {0}")]
+    PollShare(f64),
 }
 
 /// Rate gate settings. `Default`: 300/min, burst 3, share 1.0, track share
-/// 0.1, window guard 100 ms.
+/// 0.1, poll share 0.005, window guard 100 ms.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateGateConfig {
     /// This replica's ceiling, requests per minute, all classes together.
@@ -140,8 +151,12 @@ pub struct RateGateConfig {
     /// Fraction of the server-announced limit this replica may use when
     /// several replicas share a key (1.0: alone on the key).
     pub share: f64,
-    /// Fraction of the effective rate tracking requests may use.
+    /// Fraction of the effective rate tracking requests may use while
+    /// creates wait.
     pub track_share: f64,
+    /// Fraction of the effective rate speculative tracking requests
+    /// ([`RequestClass::Poll`]) may use while creates wait.
+    pub poll_share: f64,
     /// Extra wait after the server's window end before assuming a fresh
     /// window: covers the whole-second rounding of `reset`, latency and
     /// small clock differences.
@@ -160,6 +175,7 @@ impl Default for RateGateConfig {
             burst: 3,
             share: 1.0,
             track_share: 0.1,
+            poll_share: 0.005,
             window_guard: Duration::from_millis(100),
             probe_unknown_window: true,
         }
@@ -181,6 +197,9 @@ impl RateGateConfig {
         if !(self.track_share.is_finite() && self.track_share > 0.0 && self.track_share <= 1.0) {
             return Err(GateConfigError::TrackShare(self.track_share));
         }
+        if !(self.poll_share.is_finite() && self.poll_share > 0.0 && self.poll_share <= 1.0) {
+            return Err(GateConfigError::PollShare(self.poll_share));
+        }
         Ok(())
     }
 
@@ -199,6 +218,10 @@ impl RateGateConfig {
             self.track_share = d.track_share;
         }
         self.track_share = self.track_share.min(1.0);
+        if !(self.poll_share.is_finite() && self.poll_share > 0.0) {
+            self.poll_share = d.poll_share;
+        }
+        self.poll_share = self.poll_share.min(1.0);
         self
     }
 }
@@ -263,6 +286,8 @@ pub struct GateStats {
     pub granted_create: u64,
     /// Permits granted to [`RequestClass::Track`].
     pub granted_track: u64,
+    /// Permits granted to [`RequestClass::Poll`].
+    pub granted_poll: u64,
     /// Acquisitions that were delayed by a retry-after deadline.
     pub retry_after_waits: u64,
     /// Total time acquisitions spent waiting on retry-after deadlines.
@@ -328,7 +353,8 @@ enum Decision {
 
 struct Waiter {
     id: u64,
-    queued_at: Instant,
+    /// `Track` or `Poll` in the tracking queue.
+    class: RequestClass,
 }
 
 /// Our view of the server's current fixed window.
@@ -355,12 +381,19 @@ struct State {
     effective_rpm: f64,
     /// Shared emission interval (60 s / effective rate).
     interval: Duration,
-    /// Emission interval of the track class.
+    /// Emission interval of tracking while creates wait.
     track_interval: Duration,
+    /// Emission interval of speculative tracking while creates wait.
+    poll_interval: Duration,
     /// GCRA theoretical arrival time of the shared bucket.
     tat: Instant,
-    /// GCRA theoretical arrival time of the track bucket (burst 1).
+    /// Earliest next tracking grant while creates wait (burst 1).
     track_tat: Instant,
+    /// Earliest next speculative tracking grant while creates wait.
+    poll_tat: Instant,
+    /// Last time a create was granted after waiting for the pace: creates
+    /// are backlogged ([`RateGate::creates_backlogged`]).
+    create_waited_at: Option<Instant>,
     blocked_until: Option<Instant>,
     window: Option<WindowEstimate>,
     /// `foreign_max` of the previous window, carried over so that a shared
@@ -377,6 +410,7 @@ struct State {
 struct Counters {
     granted_create: u64,
     granted_track: u64,
+    granted_poll: u64,
     retry_after_waits: u64,
     retry_after_wait: Duration,
     window_waits: u64,
@@ -395,8 +429,11 @@ impl State {
             effective_rpm: 0.0,
             interval: Duration::ZERO,
             track_interval: Duration::ZERO,
+            poll_interval: Duration::ZERO,
             tat: now,
             track_tat: now,
+            poll_tat: now,
+            create_waited_at: None,
             blocked_until: None,
             window: None,
             prev_foreign: 0,
@@ -430,13 +467,16 @@ impl State {
         }
         let interval = Duration::from_secs_f64(60.0 / rpm);
         let track_interval = Duration::from_secs_f64(60.0 / (rpm * self.cfg.track_share));
+        let poll_interval = Duration::from_secs_f64(60.0 / (rpm * self.cfg.poll_share));
         if !self.interval.is_zero() {
             self.tat = rescale(self.tat, now, self.interval, interval);
             self.track_tat = rescale(self.track_tat, now, self.track_interval, track_interval);
+            self.poll_tat = rescale(self.poll_tat, now, self.poll_interval, poll_interval);
         }
         self.effective_rpm = rpm;
         self.interval = interval;
         self.track_interval = track_interval;
+        self.poll_interval = poll_interval;
         metrics::gauge!("duvo_bridge_rate_gate_effective_rpm").set(rpm);
     }
 
@@ -451,11 +491,23 @@ impl State {
         self.tat.checked_sub(self.tau()).unwrap_or(self.tat)
     }
 
-    /// When the track head, if any, stops yielding to creates.
-    fn track_overdue_at(&self) -> Option<Instant> {
-        self.track_q
-            .front()
-            .map(|w| self.track_tat.max(w.queued_at) + self.track_interval)
+    /// When the tracking head, if any, may have a slot while creates wait.
+    fn track_due_at(&self) -> Option<Instant> {
+        self.track_q.front().map(|w| match w.class {
+            RequestClass::Poll => self.track_tat.max(self.poll_tat),
+            _ => self.track_tat,
+        })
+    }
+
+    /// Earliest instant tracking may take a slot while no create waits: the
+    /// shared bucket must still hold one permit for the next create (when
+    /// the burst allows more than one).
+    fn idle_allowed_at(&self) -> Instant {
+        if self.cfg.burst >= 2 {
+            self.shared_allowed_at() + self.interval
+        } else {
+            self.shared_allowed_at()
+        }
     }
 
     fn expire_window(&mut self, now: Instant) {
@@ -484,13 +536,13 @@ impl State {
         margin.min(cap)
     }
 
-    fn enqueue(&mut self, class: RequestClass, now: Instant) -> u64 {
+    fn enqueue(&mut self, class: RequestClass) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        let w = Waiter { id, queued_at: now };
+        let w = Waiter { id, class };
         match class {
             RequestClass::Create => self.create_q.push_back(w),
-            RequestClass::Track => self.track_q.push_back(w),
+            RequestClass::Track | RequestClass::Poll => self.track_q.push_back(w),
         }
         id
     }
@@ -498,7 +550,7 @@ impl State {
     fn dequeue(&mut self, class: RequestClass, id: u64) {
         let q = match class {
             RequestClass::Create => &mut self.create_q,
-            RequestClass::Track => &mut self.track_q,
+            RequestClass::Track | RequestClass::Poll => &mut self.track_q,
         };
         q.retain(|w| w.id != id);
     }
@@ -544,7 +596,7 @@ impl State {
         }
         let queue = match class {
             RequestClass::Create => &self.create_q,
-            RequestClass::Track => &self.track_q,
+            RequestClass::Track | RequestClass::Poll => &self.track_q,
         };
         if queue.front().map(|w| w.id) != Some(id) {
             // FIFO within a class: only the head competes for the bucket.
@@ -556,32 +608,35 @@ impl State {
         let shared_at = self.shared_allowed_at();
         match class {
             RequestClass::Create => {
-                if let Some(t) = self.track_overdue_at()
+                if let Some(t) = self.track_due_at()
                     && now >= t
                 {
-                    // An overdue tracker takes the next slot; it is awake
-                    // (its timer is at or before `t`) and notifies on grant.
+                    // Tracking's share is due: it takes the next slot; it
+                    // is awake (its timer is at or before `t`) and notifies
+                    // on grant.
                     return Decision::Wait {
                         until: (shared_at > now).then_some(shared_at),
                         reason: WaitReason::Pace,
                     };
                 }
             }
-            RequestClass::Track => {
-                if self.track_tat > now {
-                    return Decision::Wait {
-                        until: Some(self.track_tat.max(shared_at)),
-                        reason: WaitReason::Pace,
-                    };
-                }
-                if !self.create_q.is_empty()
-                    && let Some(t) = self.track_overdue_at()
-                    && now < t
-                {
-                    return Decision::Wait {
-                        until: Some(t.max(shared_at)),
-                        reason: WaitReason::Pace,
-                    };
+            RequestClass::Track | RequestClass::Poll => {
+                let due_at = self.track_due_at().unwrap_or(now);
+                if now < due_at {
+                    // Not its share's turn: only a slot no create wants,
+                    // with a permit left over for the next create.
+                    let idle_at = self.idle_allowed_at();
+                    if !self.create_q.is_empty() || idle_at > now {
+                        let until = if self.create_q.is_empty() {
+                            idle_at.min(due_at)
+                        } else {
+                            due_at
+                        };
+                        return Decision::Wait {
+                            until: Some(until.max(shared_at)),
+                            reason: WaitReason::Pace,
+                        };
+                    }
                 }
             }
         }
@@ -601,11 +656,22 @@ impl State {
                 self.create_q.pop_front();
                 self.stats.granted_create += 1;
             }
-            RequestClass::Track => {
+            RequestClass::Track | RequestClass::Poll => {
                 self.track_q.pop_front();
-                self.stats.granted_track += 1;
-                self.track_tat = self.track_tat.max(now) + self.track_interval;
+                if class == RequestClass::Poll {
+                    self.stats.granted_poll += 1;
+                    self.poll_tat = now + self.poll_interval;
+                } else {
+                    self.stats.granted_track += 1;
+                }
+                // Shares are spaced from the last tracking grant, wherever
+                // it came from: listings on an idle budget bank nothing for
+                // a later backlog.
+                self.track_tat = now + self.track_interval;
             }
+        }
+        if class == RequestClass::Create && !waited[WaitReason::Pace as usize].is_zero() {
+            self.create_waited_at = Some(now);
         }
         self.tat = self.tat.max(now) + self.interval;
         if let Some(w) = &mut self.window {
@@ -749,6 +815,7 @@ impl State {
         GateStats {
             granted_create: self.stats.granted_create,
             granted_track: self.stats.granted_track,
+            granted_poll: self.stats.granted_poll,
             retry_after_waits: self.stats.retry_after_waits,
             retry_after_wait_secs: self.stats.retry_after_wait.as_secs_f64(),
             window_waits: self.stats.window_waits,
@@ -842,7 +909,7 @@ impl RateGate {
     /// dropped.
     pub async fn acquire(&self, class: RequestClass) -> Permit {
         let inner = &*self.0;
-        let id = inner.lock().enqueue(class, Instant::now());
+        let id = inner.lock().enqueue(class);
         let mut reg = Registration {
             inner,
             class,
@@ -914,6 +981,18 @@ impl RateGate {
     /// The settings in force (after run-time changes).
     pub fn config(&self) -> RateGateConfig {
         self.0.lock().cfg
+    }
+
+    /// Whether creates are waiting for the budget, or were granted after
+    /// waiting for it within the last two intervals: the budget is spoken
+    /// for. The tracker defers its clean-up listings then.
+    pub fn creates_backlogged(&self) -> bool {
+        let st = self.0.lock();
+        let now = Instant::now();
+        !st.create_q.is_empty()
+            || st
+                .create_waited_at
+                .is_some_and(|t| now < t + st.interval.saturating_mul(2))
     }
 
     /// Counters and current state.

@@ -2,21 +2,18 @@
 //!
 //! `claim_batch` must not scan the tree (with a million stored events that
 //! would be seconds per claim), so we keep, per queue, the ready events in id
-//! order with the size of their serialised case. Only ids, sizes and times
-//! are kept (24 bytes per event), never payloads.
+//! order. Only ids and times are kept (16 bytes per event), never payloads:
+//! sizes are read with the records when a batch is built.
 
 use std::collections::{HashMap, VecDeque};
 
 use uuid::Uuid;
 
-use super::record::batch_body_size;
 use super::types::ReadySummary;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ReadyEntry {
     pub id: u64,
-    /// Serialised size of the case inside a `{"cases":[...]}` body.
-    pub size: u64,
     pub received_at_ms: u64,
 }
 
@@ -78,32 +75,15 @@ impl ReadyIndex {
         self.ready += 1;
     }
 
-    /// Take the oldest ready events of a queue: at most `max_cases`, and as
-    /// many as fit a `{"cases":[...]}` body of `max_body_bytes`, but always
-    /// at least one (an oversized event goes alone, the API answers 413 and
-    /// the caller rejects it). Taken events count as batched.
-    pub fn take(
-        &mut self,
-        queue_id: Uuid,
-        max_cases: usize,
-        max_body_bytes: usize,
-    ) -> Vec<ReadyEntry> {
+    /// Take the oldest ready events of a queue, at most `max_cases`. Taken
+    /// events count as batched; the caller gives back what does not fit its
+    /// body ([`ReadyIndex::put_back`]).
+    pub fn take(&mut self, queue_id: Uuid, max_cases: usize) -> Vec<ReadyEntry> {
         let Some(q) = self.queues.get_mut(&queue_id) else {
             return Vec::new();
         };
-        let mut taken: Vec<ReadyEntry> = Vec::new();
-        let mut bytes = 0u64;
-        while taken.len() < max_cases {
-            let Some(next) = q.front() else { break };
-            let would_be = batch_body_size(taken.len() as u64 + 1, bytes + next.size);
-            if !taken.is_empty() && would_be > max_body_bytes as u64 {
-                break;
-            }
-            bytes += next.size;
-            if let Some(e) = q.pop_front() {
-                taken.push(e);
-            }
-        }
+        let n = max_cases.min(q.len());
+        let taken: Vec<ReadyEntry> = q.drain(..n).collect();
         if q.is_empty() {
             self.queues.remove(&queue_id);
         }
@@ -113,7 +93,8 @@ impl ReadyIndex {
         taken
     }
 
-    /// Undo a `take` (the batch could not be persisted).
+    /// Undo a `take` (the batch could not be persisted, or the events did
+    /// not fit it).
     pub fn put_back(&mut self, queue_id: Uuid, entries: impl IntoIterator<Item = ReadyEntry>) {
         for e in entries {
             self.batched = self.batched.saturating_sub(1);
@@ -142,10 +123,9 @@ impl ReadyIndex {
 mod tests {
     use super::*;
 
-    fn e(id: u64, size: u64) -> ReadyEntry {
+    fn e(id: u64) -> ReadyEntry {
         ReadyEntry {
             id,
-            size,
             received_at_ms: id * 10,
         }
     }
@@ -155,13 +135,12 @@ mod tests {
         let q = Uuid::new_v4();
         let mut ix = ReadyIndex::default();
         for id in [1, 2, 3, 4, 5] {
-            ix.push(q, e(id, 10));
+            ix.push(q, e(id));
         }
-        let t = ix.take(q, 2, usize::MAX);
+        let t = ix.take(q, 2);
         assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!((ix.ready, ix.batched, ix.depth()), (3, 2, 5));
-        // 12 + 10 + 10 + 1 = 33 fits two; a third needs 44.
-        let t = ix.take(q, 10, 43);
+        let t = ix.take(q, 2);
         assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4]);
         ix.put_back(q, t);
         assert_eq!(ix.summary()[0].oldest_received_at_ms, 30);
@@ -173,17 +152,17 @@ mod tests {
         let q = Uuid::new_v4();
         let mut ix = ReadyIndex::default();
         ix.begin_loading(100);
-        ix.push(q, e(1, 1));
-        ix.push(q, e(100, 1));
-        ix.push(q, e(101, 1));
+        ix.push(q, e(1));
+        ix.push(q, e(100));
+        ix.push(q, e(101));
         assert_eq!(ix.ready, 3);
         assert_eq!(ix.summary()[0].count, 1, "only loaded events are offered");
-        let t = ix.take(q, 10, usize::MAX);
+        let t = ix.take(q, 10);
         assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1]);
-        assert!(ix.take(q, 10, usize::MAX).is_empty(), "fresh ones wait");
-        ix.push(q, e(2, 1)); // the load goes on
+        assert!(ix.take(q, 10).is_empty(), "fresh ones wait");
+        ix.push(q, e(2)); // the load goes on
         ix.finish_loading();
-        let t = ix.take(q, 10, usize::MAX);
+        let t = ix.take(q, 10);
         assert_eq!(
             t.iter().map(|e| e.id).collect::<Vec<_>>(),
             vec![2, 100, 101]
@@ -192,19 +171,21 @@ mod tests {
     }
 
     #[test]
-    fn oversized_event_goes_alone_and_put_back_keeps_order() {
+    fn a_partial_put_back_keeps_id_order() {
         let q = Uuid::new_v4();
         let mut ix = ReadyIndex::default();
-        ix.push(q, e(1, 1000));
-        ix.push(q, e(2, 1));
-        let t = ix.take(q, 10, 100);
-        assert_eq!(t.len(), 1);
-        assert_eq!(t[0].id, 1);
-        ix.put_back(q, t);
-        ix.push(q, e(3, 1));
-        let t = ix.take(q, 10, usize::MAX);
-        assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2, 3]);
+        for id in [1, 2, 3] {
+            ix.push(q, e(id));
+        }
+        let mut t = ix.take(q, 10);
+        // The batch kept 1; 2 and 3 did not fit.
+        let rest = t.split_off(1);
+        ix.put_back(q, rest);
+        ix.push(q, e(4));
+        assert_eq!((ix.ready, ix.batched), (3, 1));
+        let t = ix.take(q, 10);
+        assert_eq!(t.iter().map(|e| e.id).collect::<Vec<_>>(), vec![2, 3, 4]);
         assert!(ix.summary().is_empty());
-        assert!(ix.take(q, 10, 100).is_empty());
+        assert!(ix.take(q, 10).is_empty());
     }
 }

@@ -51,8 +51,8 @@ use flusher::FlushShared;
 use index::{ReadyEntry, ReadyIndex};
 use record::{
     BATCH_PREFIX, BatchRecord, DEAD_LETTERS_TREE, EVENTS_TREE, EventRecord, REPORT_PREFIX,
-    Watermark, batch_key, case_body_size, case_key, deadline_key, decode, encode, event_key,
-    expiry_key, expiry_key_id, identity_key, key_u64, report_key, watermark_key,
+    Watermark, batch_body_size, batch_key, case_body_size, case_key, deadline_key, decode, encode,
+    event_key, expiry_key, expiry_key_id, identity_key, key_u64, report_key, watermark_key,
 };
 use reports::ReportIndex;
 pub use reports::{DeadReport, Report, ReportStatus};
@@ -257,6 +257,14 @@ impl Outbox {
         let range = record::event_key(load.from)..record::event_key(load.first_new_id);
         for item in inner.events.range(range) {
             let (key, value) = item?;
+            // sled 0.34 counts a page against `cache_mb` only once 64
+            // accesses have queued up in its shard (page id mod 256), and an
+            // iterator touches each leaf once: a one-pass scan would leave
+            // up to 16k leaves (~100 MiB with 1M events) uncounted and never
+            // paged out. One lookup per record touches each leaf ~16 times
+            // (a leaf holds up to 16 records), so the queues fill and the
+            // cache evicts as it goes (BENCHMARKS.md, footprint).
+            inner.events.contains_key(&key)?;
             let Some(id) = key_u64(&key) else {
                 continue;
             };
@@ -308,19 +316,18 @@ impl Outbox {
                 }
                 EventState::Rejected { .. } => continue,
             }
-            let Some(case) = rec.case else {
+            if rec.case.is_none() {
                 inner.corrupt.fetch_add(1, Ordering::Relaxed);
                 note_corrupt_at_open(&OutboxError::Corrupt {
                     key: record::describe_key(&key),
                     reason: "pending event without payload".into(),
                 });
                 continue;
-            };
+            }
             entries.push((
                 rec.queue_id,
                 ReadyEntry {
                     id,
-                    size: case.get().len() as u64,
                     received_at_ms: rec.received_at_ms,
                 },
             ));
@@ -416,7 +423,6 @@ impl Outbox {
             // Stored once per distinct URL (`callbacks`); counted below for
             // the events actually stored.
             let callback = CallbackRefs::intern(&mut ev.origin);
-            let size = case_body_size(&ev.case)?;
             let rec = EventRecord {
                 source: ev.source,
                 identity: ev.identity,
@@ -434,7 +440,6 @@ impl Outbox {
                 rec.identity,
                 rec.queue_id,
                 rec.received_at_ms,
-                size,
                 bytes,
                 callback,
             ));
@@ -449,7 +454,7 @@ impl Outbox {
             let mut entries: Vec<(Uuid, ReadyEntry)> = Vec::new();
             let mut duplicates = 0u64;
             let mut callbacks = CallbackRefs::default();
-            for (identity, queue_id, received_at_ms, size, bytes, callback) in prepared {
+            for (identity, queue_id, received_at_ms, bytes, callback) in prepared {
                 if let Some(identity) = &identity {
                     if let Some(first) = seen.get(identity) {
                         outcomes.push(AppendOutcome::Duplicate(*first));
@@ -473,14 +478,7 @@ impl Outbox {
                     batch.insert(identity_key(&identity), encode(&id)?);
                     seen.insert(identity, EventId(id));
                 }
-                entries.push((
-                    queue_id,
-                    ReadyEntry {
-                        id,
-                        size,
-                        received_at_ms,
-                    },
-                ));
+                entries.push((queue_id, ReadyEntry { id, received_at_ms }));
                 outcomes.push(AppendOutcome::Stored(EventId(id)));
             }
             let stored = entries.len() as u64;
@@ -576,13 +574,18 @@ impl Outbox {
             return Err(OutboxError::Invalid("max_cases must be at least 1".into()));
         }
         let inner = &self.inner;
-        let taken = lock(&inner.index).take(queue_id, max_cases, max_body_bytes);
+        let taken = lock(&inner.index).take(queue_id, max_cases);
         if taken.is_empty() {
             return Ok(None);
         }
 
-        let batch = match self.persist_claim(queue_id, &taken) {
-            Ok(batch) => batch,
+        let batch = match self.persist_claim(queue_id, &taken, max_body_bytes) {
+            Ok((batch, kept)) => {
+                if kept < taken.len() {
+                    lock(&inner.index).put_back(queue_id, taken[kept..].iter().copied());
+                }
+                batch
+            }
             Err((err, bad)) => {
                 let mut ix = lock(&inner.index);
                 let back: Vec<ReadyEntry> = taken
@@ -604,18 +607,24 @@ impl Outbox {
         Ok(Some(batch))
     }
 
-    /// Read the taken events, write the batch record and their `Batched`
-    /// state in one atomic sled batch. On failure returns the id of a corrupt
-    /// or missing event, if that was the cause.
+    /// Read the taken events, oldest first, as long as their cases fit a
+    /// `{"cases":[...]}` body of `max_body_bytes` (the first always does: an
+    /// oversized event goes alone, the API answers 413 and the caller
+    /// rejects it); write the batch record and their `Batched` state in one
+    /// atomic sled batch. Returns the batch and how many of `taken` it
+    /// holds. On failure returns the id of a corrupt or missing event, if
+    /// that was the cause.
     fn persist_claim(
         &self,
         queue_id: Uuid,
         taken: &[ReadyEntry],
-    ) -> Result<Batch, (OutboxError, Option<u64>)> {
+        max_body_bytes: usize,
+    ) -> Result<(Batch, usize), (OutboxError, Option<u64>)> {
         let inner = &self.inner;
         let batch_id = inner.db.generate_id().map_err(|e| (e.into(), None))?;
         let mut sb = sled::Batch::default();
         let mut events = Vec::with_capacity(taken.len());
+        let mut cases_bytes = 0u64;
         for entry in taken {
             let mut rec = match self.read_event(entry.id) {
                 Ok(Some(rec)) => rec,
@@ -637,6 +646,12 @@ impl Outbox {
                     Some(entry.id),
                 ));
             };
+            let size = case_body_size(&case).map_err(|e| (e, None))?;
+            let body = batch_body_size(events.len() as u64 + 1, cases_bytes + size);
+            if !events.is_empty() && body > max_body_bytes as u64 {
+                break;
+            }
+            cases_bytes += size;
             rec.state = EventState::Batched { batch_id };
             sb.insert(
                 &event_key(entry.id)[..],
@@ -647,7 +662,7 @@ impl Outbox {
         let rec = BatchRecord {
             idempotency_key: batch_idempotency_key(inner.outbox_id, batch_id),
             queue_id,
-            event_ids: taken.iter().map(|e| e.id).collect(),
+            event_ids: events.iter().map(|(id, _)| id.0).collect(),
             created_at_ms: now_ms(),
             attempts: 0,
         };
@@ -656,14 +671,16 @@ impl Outbox {
             encode(&rec).map_err(|e| (e, None))?,
         );
         inner.events.apply_batch(sb).map_err(|e| (e.into(), None))?;
-        Ok(Batch {
+        let kept = events.len();
+        let batch = Batch {
             id: batch_id,
             idempotency_key: rec.idempotency_key,
             queue_id,
             events,
             created_at_ms: rec.created_at_ms,
             attempts: 0,
-        })
+        };
+        Ok((batch, kept))
     }
 
     /// Batches persisted but not settled, oldest first. After a restart they

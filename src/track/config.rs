@@ -24,8 +24,15 @@ pub struct TrackingConfig {
     /// still reported).
     pub enabled: bool,
     /// Largest share of the rate budget tracking takes while creates are
-    /// waiting, in (0, 1].
+    /// waiting, in (0, 1]. With no create waiting, tracking may use the
+    /// idle budget.
     pub share: f64,
+    /// Largest share of the rate budget speculative listings (those that do
+    /// not continue a full page, and may find nothing) take while creates
+    /// are waiting, in (0, 1]. It bounds what polling costs a backlog: at
+    /// 300 requests/min the default 0.005 is one listing every 40 s, so a
+    /// failure may take that long to be reported while a backlog drains.
+    pub poll_share: f64,
     /// Longest time between two listings of a queue with unfinished cases.
     /// Listing goes on back to back while pages come back full.
     pub poll_interval_ms: u64,
@@ -60,6 +67,7 @@ impl Default for TrackingConfig {
         TrackingConfig {
             enabled: true,
             share: 0.1,
+            poll_share: 0.005,
             poll_interval_ms: 2000,
             watch_interval_ms: 30_000,
             lookback_ms: 0,
@@ -81,6 +89,12 @@ impl TrackingConfig {
             errors.push(format!(
                 "tracking.share must be in (0, 1] (got {})",
                 self.share
+            ));
+        }
+        if !(self.poll_share.is_finite() && self.poll_share > 0.0 && self.poll_share <= 1.0) {
+            errors.push(format!(
+                "tracking.poll_share must be in (0, 1] (got {})",
+                self.poll_share
             ));
         }
         if self.poll_interval_ms < 100 {

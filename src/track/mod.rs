@@ -15,9 +15,12 @@
 //!   reports stream rests for `poll_interval_ms` (open cases) and the
 //!   cleanup stream for `watch_interval_ms`; a queue with nothing tracked
 //!   is never listed;
-//! - every request takes a [`RequestClass::Track`] permit from the rate
-//!   gate, which caps tracking at `tracking.share` of the budget and never
-//!   starves it.
+//! - every request takes a permit from the rate gate: while creates wait,
+//!   speculative listings ([`RequestClass::Poll`]) get `tracking.poll_share`
+//!   of the budget and listings that continue a full page
+//!   ([`RequestClass::Track`]) `tracking.share`, never starved; the cleanup
+//!   stream waits until creates are no longer backlogged. With no create
+//!   waiting, tracking may use the idle budget.
 //!
 //! Paging is by key, not by offset: the next page starts at the last
 //! `updated_at` seen, skipping the cases already read at exactly that
@@ -215,6 +218,7 @@ impl CaseTracker {
             units.retain(|(q, _), _| tracked.iter().any(|t| t.queue_id == *q));
             last_speculative.retain(|q, _| tracked.iter().any(|t| t.queue_id == *q));
             let mut wake = next_expiry;
+            let backlogged = self.gate.creates_backlogged();
             // Continuations first (reports before cleanup), then speculative
             // listings by how long they have been due, so the cleanup stream
             // gets the per-queue slot too. Right after a cleanup slice,
@@ -226,6 +230,12 @@ impl CaseTracker {
                     .get(&t.queue_id)
                     .map_or(now, |at| *at + self.cfg.poll_interval);
                 for &stream in self.cfg.streams() {
+                    // Clean-up only forgets finished cases: it runs in the
+                    // budget creates leave over.
+                    if stream == ListingStream::Cleanup && backlogged {
+                        wake = wake.min(now + self.cfg.poll_interval);
+                        continue;
+                    }
                     // A queue seen for the first time is listed one interval
                     // later: its cases were only just created.
                     let u = units.entry((t.queue_id, stream)).or_insert_with(|| Unit {
@@ -372,8 +382,15 @@ impl CaseTracker {
                 Some(id) if cur.seen > 0 => (cur.seen - 1, Some(id)),
                 _ => (cur.seen, None),
             };
+            // The first page of a turn that does not continue a full one
+            // is speculative: it may well find nothing.
+            let class = if continuation || pages > 0 {
+                RequestClass::Track
+            } else {
+                RequestClass::Poll
+            };
             let permit = tokio::select! {
-                p = self.gate.acquire(RequestClass::Track) => p,
+                p = self.gate.acquire(class) => p,
                 _ = stop.cancelled() => return Err(TrackError::Stopped),
             };
             let q = ListQuery {
