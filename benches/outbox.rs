@@ -233,6 +233,8 @@ fn outbox_append(
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
+    // The allocator settings the daemon runs with (baselines included).
+    duvo_bridge::allocator::tune();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

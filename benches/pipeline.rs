@@ -133,6 +133,20 @@ async fn ingest() {
     sim.shutdown().await;
 }
 
+/// The simulator at the production shape: `per_window` requests per fixed
+/// window, cases finished 100 ms after creation (so tracking has work).
+async fn production_sim(per_window: u32, window_secs: u64) -> duvo_bridge::sim::SimHandle {
+    duvo_bridge::sim::start(SimConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        rate_limit: per_window,
+        window_secs,
+        process_ms: 100,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
 async fn delivery() {
     // The production shape: 300 requests per 60 s fixed window. A shorter
     // window would make the run faster but would measure how fast the gate
@@ -144,15 +158,7 @@ async fn delivery() {
     println!(
         "## Delivery efficiency under backlog (simulator limit {per_window} per {window_secs} s = {rpm}/min)"
     );
-    let sim = duvo_bridge::sim::start(SimConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        rate_limit: per_window,
-        window_secs,
-        process_ms: 100,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = production_sim(per_window, window_secs).await;
     let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let bridge = duvo_bridge::app::start(bridge_cfg(&sim, dir.path(), rpm as u32), stop.clone())
@@ -260,15 +266,7 @@ async fn latency() {
     println!(
         "## Latency, acknowledgement to case created ({rpm}/min, linger_ms = {linger_ms}, tracking on)"
     );
-    let sim = duvo_bridge::sim::start(SimConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        rate_limit: rpm,
-        window_secs: 60,
-        process_ms: 100,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = production_sim(rpm, 60).await;
     let dir = tempfile::tempdir().unwrap();
     let stop = CancellationToken::new();
     let mut cfg = bridge_cfg(&sim, dir.path(), rpm);
@@ -324,6 +322,8 @@ async fn latency() {
 }
 
 fn main() {
+    // The allocator settings the daemon runs with (baselines included).
+    duvo_bridge::allocator::tune();
     duvo_bridge::telemetry::init_logging(&LogConfig {
         level: "error".into(),
         ..LogConfig::default()

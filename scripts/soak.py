@@ -154,8 +154,8 @@ title = "Order {{/order_id}}"
         load_s = time.time() - t_kill
         time.sleep(2)
         p2 = proc_status(bridge.pid)
-        waiting = dict(acknowledged_in_s=round(t_kill - t0, 1), rss_mib=p.get("VmRSS", 0) >> 20,
-                       peak_rss_mib=p.get("VmHWM", 0) >> 20, disk_mib=disk >> 20,
+        waiting = dict(acknowledged_in_s=round(t_kill - t0, 1), waiting_rss_mib=p.get("VmRSS", 0) >> 20,
+                       waiting_peak_rss_mib=p.get("VmHWM", 0) >> 20, disk_mib=disk >> 20,
                        ready_after_sigkill_s=round(ready_s, 2), rss_at_ready_mib=rss_ready >> 20,
                        loaded_after_sigkill_s=round(load_s, 1), rss_loaded_mib=p2.get("VmRSS", 0) >> 20,
                        peak_after_restart_mib=p2.get("VmHWM", 0) >> 20)
@@ -196,8 +196,7 @@ title = "Order {{/order_id}}"
             bridge.send_signal(signal.SIGKILL); sim.send_signal(signal.SIGTERM)
             d = [x for x in samples if x["t"] >= t_deliver - t0]
             out = dict(waiting, delivering_s=round(time.time() - t_deliver), cases=d[-1]["cases"],
-                       rss_delivering_max_mib=max(x["rss"] for x in d) >> 20,
-                       peak_rss_mib=max(x["peak"] for x in d) >> 20)
+                       rss_delivering_max_mib=max(x["rss"] for x in d) >> 20)
             print(json.dumps(out))
             return
 

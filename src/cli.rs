@@ -74,6 +74,7 @@ pub enum OutboxCommand {
 
 /// Parse arguments and run; returns the process exit code.
 pub fn main() -> i32 {
+    crate::allocator::tune();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,6 +5,7 @@
 //! tests and the demo can start any part in-process.
 
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod cli;
 pub mod clock;

@@ -29,7 +29,7 @@ pub struct OutboxSection {
     /// Memory for the database's page cache, MiB: the bulk of the bridge's
     /// resident memory under a backlog (it fills up to this and stays).
     /// Waiting events are read back from disk when their batch is built,
-    /// so a small cache costs little. Default: 16.
+    /// so a small cache costs little. Default: 8.
     pub cache_mb: u64,
     /// Not a file key: `run --accept-outbox-loss` sets it, for the one
     /// start after an outbox was found to have lost data.
@@ -46,7 +46,7 @@ impl Default for OutboxSection {
             high_water_bytes: 8 * 1024 * 1024 * 1024,
             min_free_disk_mb: 256,
             retention_hours: 24,
-            cache_mb: 16,
+            cache_mb: 8,
             accept_data_loss: false,
         }
     }

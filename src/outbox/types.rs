@@ -389,7 +389,7 @@ pub struct OutboxConfig {
     /// How long delivered/rejected tombstones and their identities are kept,
     /// i.e. the dedupe window for sources that redeliver.
     pub retention: Duration,
-    /// sled page cache size.
+    /// sled page cache size (`[outbox] cache_mb`; 8 MiB by default).
     pub cache_capacity_bytes: u64,
     /// Case tracking and reports; `None`: off.
     pub tracking: Option<TrackingPolicy>,
@@ -416,7 +416,7 @@ impl OutboxConfig {
             high_water_bytes: 8 * 1024 * 1024 * 1024,
             min_free_disk_bytes: 256 * 1024 * 1024,
             retention: Duration::from_secs(24 * 3600),
-            cache_capacity_bytes: 256 * 1024 * 1024,
+            cache_capacity_bytes: 8 * 1024 * 1024,
             tracking: None,
             accept_data_loss: false,
             background_load: false,
