@@ -131,9 +131,11 @@ async fn failed_cases_are_reported_once_completed_ones_forgotten() {
         .unwrap();
     assert_eq!(view["tracking"]["phase"], "watching", "{view}");
     assert_eq!(view["tracking"]["history"][0]["status"], "failed", "{view}");
-    // Frugal: one listing per 100 finished cases plus one per poll interval.
+    // Frugal: one listing per 100 finished cases plus one per poll interval,
+    // and a short last page per stream each time it catches up (the
+    // clean-up stream waits while creates are backlogged, then catches up).
     let lists = h.sim.stats().list_requests;
-    let bound = 2000 / 100 + (elapsed.as_millis() as u64 / 300) + 2;
+    let bound = 2000 / 100 + (elapsed.as_millis() as u64 / 300) + 4;
     assert!(
         lists <= bound,
         "{lists} listing requests in {elapsed:?} (bound {bound})"
