@@ -98,7 +98,6 @@ title = "Order {{/order_id}}"
     blog = open(os.path.join(work, "bridge.log"), "a")
 
     def start_bridge():
-        blog.flush()
         p = subprocess.Popen([args.bin, "run", "--config", cfg], env=dict(os.environ, DUVO_API_KEY=key),
                              stdout=blog, stderr=blog)
         assert wait_for(lambda: get(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200, 120, 0.02), "bridge ready"

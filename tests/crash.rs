@@ -17,16 +17,10 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_not
     let mut sc = sim_config();
     sc.rate_limit = 1200; // 20 requests/s: delivery overlaps with posting
     let sim = start_sim(sc).await;
-    let HttpBridge {
-        dir: _dir,
-        http,
-        admin,
-        config,
-        log,
-        key,
-    } = HttpBridge::new(&sim, 1200);
+    let hb = HttpBridge::new(&sim, 1200);
+    let (http, admin, log, key) = (hb.http, hb.admin, hb.log.clone(), hb.key.clone());
 
-    let mut bridge = spawn_bridge(&config, &key, &log);
+    let mut bridge = hb.spawn();
     assert!(wait_ready(admin).await, "bridge ready");
 
     const CHUNKS: usize = 30;
@@ -67,7 +61,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_not
             "killed bridge #{kill}; cases so far {}",
             sim.stats().cases_created
         );
-        bridge = spawn_bridge(&config, &key, &log);
+        bridge = hb.spawn();
         assert!(
             wait_ready(admin).await,
             "bridge ready after restart #{kill}"
@@ -272,14 +266,8 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
     let mut sc = sim_config();
     sc.idempotency = duvo_bridge::sim::IdempotencyMode::Ignore;
     let sim = start_sim(sc).await;
-    let HttpBridge {
-        dir,
-        http,
-        admin,
-        config,
-        log,
-        key,
-    } = HttpBridge::new(&sim, 6000);
+    let hb = HttpBridge::new(&sim, 6000);
+    let (http, admin, key) = (hb.http, hb.admin, hb.key.clone());
     // Another producer's 3,000 cases, created just before: inside the
     // two-minute skew margin a restarted bridge would walk through if it
     // did not learn the server's clock first.
@@ -309,7 +297,7 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
         drop_after_commit_ratio: Some(1.0),
         ..Default::default()
     });
-    let mut bridge = spawn_bridge(&config, &key, &log);
+    let mut bridge = hb.spawn();
     assert!(wait_ready(admin).await, "bridge ready");
     for c in 0..3 {
         let r = client
@@ -330,7 +318,7 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
     bridge.kill().unwrap();
     bridge.wait().unwrap();
     if damage_batches {
-        let db = duvo_bridge::outbox::open_raw(&dir.path().join("outbox")).unwrap();
+        let db = duvo_bridge::outbox::open_raw(&hb.dir.path().join("outbox")).unwrap();
         let tree = db
             .open_tree(duvo_bridge::outbox::record::EVENTS_TREE)
             .unwrap();
@@ -346,7 +334,7 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
         ..Default::default()
     });
     let lists_before = sim.stats().list_requests;
-    let mut bridge = spawn_bridge(&config, &key, &log);
+    let mut bridge = hb.spawn();
     assert!(wait_ready(admin).await, "bridge ready again");
     // The resumed batches settle from the listing: the outbox empties and
     // nothing is created again.
@@ -381,15 +369,9 @@ async fn killed_while_the_answers_are_lost(damage_batches: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_deadline_outlives_a_sigkill() {
     let sim = start_sim(sim_config()).await;
-    let HttpBridge {
-        dir: _dir,
-        http,
-        admin,
-        config,
-        log,
-        key,
-    } = HttpBridge::new(&sim, 6000);
-    let mut bridge = spawn_bridge(&config, &key, &log);
+    let hb = HttpBridge::new(&sim, 6000);
+    let (http, admin) = (hb.http, hb.admin);
+    let mut bridge = hb.spawn();
     assert!(wait_ready(admin).await, "bridge ready");
     sim.set_faults(duvo_bridge::sim::FaultsPatch {
         throttle_secs: Some(6),
@@ -413,7 +395,7 @@ async fn a_retry_after_deadline_outlives_a_sigkill() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     bridge.kill().unwrap();
     bridge.wait().unwrap();
-    let mut bridge = spawn_bridge(&config, &key, &log);
+    let mut bridge = hb.spawn();
     assert!(wait_ready(admin).await, "bridge ready again");
     expect_cases(&sim, 50, 20).await;
     let s = sim.stats();

@@ -379,6 +379,11 @@ impl HttpBridge {
             key: sim.api_keys()[0].clone(),
         }
     }
+
+    /// Start (or restart) the bridge on this config, logging to `log`.
+    pub fn spawn(&self) -> BridgeProcess {
+        spawn_bridge(&self.config, &self.key, &self.log)
+    }
 }
 
 /// The `[[sources]]` block of the HTTP source `oms` on `http`, feeding
