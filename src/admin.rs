@@ -1,5 +1,7 @@
 //! Admin listener: `/metrics` (Prometheus), `/healthz` (the process is
-//! alive and its loops turn), `/readyz` (it should be sent traffic).
+//! alive and its loops turn), `/readyz` (it should be sent traffic); the
+//! operator endpoints (`crate::operator::endpoints`) are merged into it,
+//! behind the `[admin]` token configured here.
 //!
 //! Readiness is the conjunction of named conditions that components set
 //! through a shared [`Health`]: a source that is not bound, an outbox over
@@ -20,6 +22,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::secret::Secret;
 
 /// Named readiness conditions. A condition set to `Err(reason)` makes the
 /// bridge unready.
@@ -61,12 +65,18 @@ struct AdminState {
     health: Health,
 }
 
-pub fn router(prometheus: PrometheusHandle, health: Health) -> Router {
-    Router::new()
+/// The admin routes, plus `extra` (the operator endpoints, which live
+/// above the outbox in [`crate::operator`]) when given.
+pub fn router(prometheus: PrometheusHandle, health: Health, extra: Option<Router>) -> Router {
+    let base = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { prometheus, health })
+        .with_state(AdminState { prometheus, health });
+    match extra {
+        Some(r) => base.merge(r),
+        None => base,
+    }
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -97,11 +107,12 @@ pub async fn serve(
     listener: TcpListener,
     prometheus: PrometheusHandle,
     health: Health,
+    extra: Option<Router>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     crate::listener::serve(
         listener,
-        router(prometheus, health),
+        router(prometheus, health, extra),
         crate::listener::ListenerLimits::default(),
         shutdown,
     )
@@ -114,17 +125,30 @@ pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
     Ok((l, a))
 }
 
-/// Admin HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+/// Admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, and the
+/// operator endpoints (`/v1/outbox/...`, used by `duvo-bridge outbox
+/// --admin URL`) when a token is configured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: String,
+    /// Environment variable holding the bearer token of the operator
+    /// endpoints. Neither this nor `token_credential` set: they are off
+    /// (404), and only metrics and probes are served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// Name of a systemd credential holding that token
+    /// (`$CREDENTIALS_DIRECTORY/<name>`); takes precedence over `token_env`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_credential: Option<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9090".into(),
+            token_env: None,
+            token_credential: None,
         }
     }
 }
@@ -132,12 +156,33 @@ impl Default for AdminConfig {
 impl AdminConfig {
     /// Every problem with the `[admin]` section.
     pub fn check(&self) -> Vec<String> {
-        match self.listen.parse::<SocketAddr>() {
-            Ok(_) => Vec::new(),
-            Err(_) => vec![format!(
+        let mut problems = Vec::new();
+        if self.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
                 "admin.listen {:?} is not an address like 127.0.0.1:9090",
                 self.listen
-            )],
+            ));
+        }
+        if let Err(e) = self.token() {
+            problems.push(e);
+        }
+        problems
+    }
+
+    /// The operator endpoints' token, if they are on.
+    pub fn token(&self) -> Result<Option<Secret>, String> {
+        if let Some(name) = &self.token_credential {
+            return crate::secret::read_credential("admin.token_credential", name)
+                .map(|t| Some(Secret::new(t)));
+        }
+        match &self.token_env {
+            None => Ok(None),
+            Some(var) => match std::env::var(var) {
+                Ok(s) if !s.is_empty() => Ok(Some(Secret::new(s))),
+                _ => Err(format!(
+                    "admin.token_env: environment variable {var} is not set or empty"
+                )),
+            },
         }
     }
 }

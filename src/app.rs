@@ -164,10 +164,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
             .saturating_sub(16 + cfg.delivery.batch_label_overhead()),
     };
 
+    let operator = crate::operator::endpoints::router(crate::operator::endpoints::Operator {
+        outbox: outbox.clone(),
+        token: cfg.admin.token().map_err(|e| anyhow::anyhow!(e))?,
+    });
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         prometheus,
         health.clone(),
+        Some(operator),
         admin_stop.clone(),
     ));
     let source_tasks = TaskTracker::new();

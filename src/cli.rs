@@ -1,10 +1,12 @@
-//! Command line: `run`, `validate`, `sim`, `demo`.
+//! Command line: `run`, `validate`, `sim`, `demo`, `outbox` (the
+//! operator's commands live in [`crate::operator`]).
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, EXIT_BAD_CONFIG};
+use crate::operator::OutboxCommand;
 use crate::outbox::OutboxError;
 
 /// Exit status when the outbox was found to have lost data (sysexits'
@@ -50,26 +52,10 @@ pub enum Command {
     /// The newcomer's tour: simulator + bridge in-process, a few thousand
     /// sample orders, progress bars and a summary.
     Demo(crate::demo::DemoArgs),
-    /// Look into an outbox.
+    /// Look into an outbox and repair it: census, records, dead letters
+    /// (on a stopped bridge's `--path` or a running bridge's `--admin`).
     #[command(subcommand)]
     Outbox(OutboxCommand),
-}
-
-/// `duvo-bridge outbox ...`
-#[derive(Debug, clap::Subcommand)]
-pub enum OutboxCommand {
-    /// Check every record of a stopped bridge's outbox and the references
-    /// between them; changes nothing. Exit 0 when sound, 1 naming each
-    /// damaged record, 2 when the database cannot be opened (also while a
-    /// bridge holds it).
-    Verify {
-        /// The outbox directory (`[outbox] path`).
-        #[arg(long)]
-        path: PathBuf,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 /// Parse arguments and run; returns the process exit code.
@@ -186,6 +172,13 @@ pub fn main() -> i32 {
                 }
             }
         }
+        Command::Outbox(cmd) => match rt.block_on(crate::operator::run(cmd)) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("duvo-bridge outbox: {e:#}");
+                2
+            }
+        },
         Command::Demo(args) => match rt.block_on(crate::demo::run(args)) {
             Ok(()) => 0,
             Err(e) => {

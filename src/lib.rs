@@ -17,6 +17,7 @@ pub mod encoding;
 pub mod kafka;
 pub mod listener;
 pub mod mapping;
+pub mod operator;
 pub mod outbox;
 pub mod raw_json;
 pub mod reload;

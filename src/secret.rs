@@ -92,6 +92,25 @@ impl fmt::Display for ApiKey {
 
 /// Read the systemd credential `name` from `$CREDENTIALS_DIRECTORY`
 /// (trimmed); `at` names the config key in errors.
+/// Compare two secrets in time independent of where they differ (a
+/// bearer token check must not tell an attacker how much of a guess was
+/// right).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A bearer token's value from `Authorization: Bearer <token>`, if any.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 pub fn read_credential(at: &str, name: &str) -> Result<String, String> {
     if name.is_empty() || name.contains('/') {
         return Err(format!("{at} {name:?} must be a credential name (no '/')"));

@@ -277,6 +277,7 @@ const LAYERS: &[&str] = &[
     "systemd",
     "config",
     "reload",
+    "operator",
     "app",
     "demo",
     "cli",

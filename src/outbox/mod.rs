@@ -24,6 +24,7 @@ pub mod config;
 pub mod durable;
 mod flusher;
 mod index;
+mod inspect;
 pub mod record;
 mod reports;
 mod tracking;
@@ -49,6 +50,10 @@ pub use types::{
 use callbacks::{CallbackLock, CallbackRefs};
 use flusher::FlushShared;
 use index::{ReadyEntry, ReadyIndex};
+pub use inspect::{
+    Census, DeadLetterSelector, EVENT_STATES, EventFilter, REPLAY_IDENTITY_PREFIX, Replayed,
+    state_name,
+};
 use record::{
     BATCH_PREFIX, BatchRecord, DEAD_LETTERS_TREE, EVENTS_TREE, EventRecord, REPORT_PREFIX,
     Watermark, batch_body_size, batch_key, case_body_size, case_key, deadline_key, decode, encode,

@@ -31,6 +31,15 @@ pub struct Faults {
     pub throttle_until_unix_ms: u64,
     /// The storm's `retry-after` is an HTTP-date instead of seconds.
     pub throttle_http_date: bool,
+    /// Cases whose data carries `"simulate":"reject"` are refused (400).
+    /// Set to `false` to accept them: the cause of a dead letter "fixed",
+    /// so it can be replayed.
+    #[serde(default = "yes")]
+    pub reject_marked: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for Faults {
@@ -43,6 +52,7 @@ impl Default for Faults {
             drop_after_commit_ratio: 0.0,
             throttle_until_unix_ms: 0,
             throttle_http_date: false,
+            reject_marked: true,
         }
     }
 }
@@ -68,6 +78,9 @@ pub struct FaultsPatch {
     /// Whether the storm's `retry-after` is an HTTP-date (default seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttle_http_date: Option<bool>,
+    /// Refuse cases marked `"simulate":"reject"` (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reject_marked: Option<bool>,
 }
 
 /// Why a patch was refused (nothing of it is applied then).
@@ -121,6 +134,9 @@ impl Faults {
         }
         if let Some(v) = p.throttle_http_date {
             self.throttle_http_date = v;
+        }
+        if let Some(v) = p.reject_marked {
+            self.reject_marked = v;
         }
         Ok(())
     }

@@ -506,7 +506,8 @@ async fn create(
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok());
     let body = read_body(req.into_body(), content_length).await?;
-    let cases = validate::create_body(&body)?;
+    let reject_marked = lock(&st.faults).reject_marked;
+    let cases = validate::create_body_with(&body, reject_marked)?;
 
     let mut guard = None;
     let idem_key = idem_key.filter(|_| st.cfg.idempotency == super::IdempotencyMode::Honour);

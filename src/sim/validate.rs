@@ -47,7 +47,15 @@ pub fn simulate_hook(data: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+#[cfg(test)]
 pub fn create_body(raw: &[u8]) -> Result<Vec<NewCase>, Invalid> {
+    create_body_with(raw, true)
+}
+
+/// [`create_body`], refusing cases marked [`REJECT_MARKER`] only when
+/// `reject_marked` (the `reject_marked` fault, on by default): turned off,
+/// a test can fix the cause of a dead letter and replay it.
+pub fn create_body_with(raw: &[u8], reject_marked: bool) -> Result<Vec<NewCase>, Invalid> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Err(Invalid::one(
             "request body is empty; expected a JSON object with \"case\" or \"cases\"",
@@ -92,7 +100,7 @@ pub fn create_body(raw: &[u8]) -> Result<Vec<NewCase>, Invalid> {
     let mut problems = Vec::new();
     let mut out = Vec::with_capacity(items.len());
     for (path, item) in items {
-        match one_case(&path, item) {
+        match one_case(&path, item, reject_marked) {
             Ok(c) => out.push(c),
             Err(mut p) => problems.append(&mut p),
         }
@@ -107,7 +115,7 @@ pub fn create_body(raw: &[u8]) -> Result<Vec<NewCase>, Invalid> {
     }
 }
 
-fn one_case(path: &str, v: &Value) -> Result<NewCase, Vec<String>> {
+fn one_case(path: &str, v: &Value, reject_marked: bool) -> Result<NewCase, Vec<String>> {
     let Value::Object(o) = v else {
         return Err(vec![format!("{path}: a case must be a JSON object")]);
     };
@@ -139,7 +147,9 @@ fn one_case(path: &str, v: &Value) -> Result<NewCase, Vec<String>> {
         // Test hook, like `"simulate":"fail"` for the agent: a case whose
         // data carries `"simulate":"reject"` is invalid, so clients can
         // exercise their handling of one poison case inside a batch.
-        Some(Value::String(d)) if simulate_hook(d).as_deref() == Some("reject") => {
+        Some(Value::String(d))
+            if reject_marked && simulate_hook(d).as_deref() == Some("reject") =>
+        {
             problems.push(format!(
                 "{path}.data is refused by the simulator (it contains {REJECT_MARKER})"
             ));

@@ -190,21 +190,10 @@ fn authorized(state: &HttpState, headers: &HeaderMap) -> bool {
     let Some(expected) = &state.token else {
         return true;
     };
-    let Some(got) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
+    let Some(got) = crate::secret::bearer(headers) else {
         return false;
     };
-    constant_time_eq(got.trim().as_bytes(), expected.expose().as_bytes())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    crate::secret::constant_time_eq(got.as_bytes(), expected.expose().as_bytes())
 }
 
 async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
