@@ -167,6 +167,16 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let operator = crate::operator::endpoints::router(crate::operator::endpoints::Operator {
         outbox: outbox.clone(),
         token: cfg.admin.token().map_err(|e| anyhow::anyhow!(e))?,
+        redrive: Some(crate::track::redrive::Redriver {
+            client: client.clone(),
+            gate: gate.clone(),
+            outbox: outbox.clone(),
+            retry: crate::retry::RetryPolicy {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+                ..crate::retry::RetryPolicy::default()
+            },
+        }),
     });
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,

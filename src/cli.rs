@@ -1,4 +1,4 @@
-//! Command line: `run`, `validate`, `sim`, `demo`, `outbox` (the
+//! Command line: `run`, `validate`, `sim`, `demo`, `outbox`, `cases` (the
 //! operator's commands live in [`crate::operator`]).
 
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::config::{Config, EXIT_BAD_CONFIG};
-use crate::operator::OutboxCommand;
+use crate::operator::{CasesCommand, OutboxCommand};
 use crate::outbox::OutboxError;
 
 /// Exit status when the outbox was found to have lost data (sysexits'
@@ -56,6 +56,9 @@ pub enum Command {
     /// (on a stopped bridge's `--path` or a running bridge's `--admin`).
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Act on cases in Duvo through a running bridge.
+    #[command(subcommand)]
+    Cases(CasesCommand),
 }
 
 /// Parse arguments and run; returns the process exit code.
@@ -176,6 +179,13 @@ pub fn main() -> i32 {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("duvo-bridge outbox: {e:#}");
+                2
+            }
+        },
+        Command::Cases(cmd) => match rt.block_on(crate::operator::run_cases(cmd)) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("duvo-bridge cases: {e:#}");
                 2
             }
         },

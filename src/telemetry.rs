@@ -189,6 +189,22 @@ fn describe_all() {
         "duvo_bridge_dead_letters_total",
         "Events the API refused for good, kept in the dead-letter tree."
     );
+    describe_counter!(
+        "duvo_bridge_dead_letters_replayed_total",
+        "Dead letters put back as new events by an operator (`outbox dead-letters replay`)."
+    );
+    describe_counter!(
+        "duvo_bridge_dead_letters_purged_total",
+        "Dead letters removed for good by an operator (`outbox dead-letters purge`)."
+    );
+    describe_counter!(
+        "duvo_bridge_cases_redriven_total",
+        "Failed cases sent back to pending in Duvo by `cases retry`."
+    );
+    describe_counter!(
+        "duvo_bridge_admin_unauthorized_total",
+        "Operator requests refused for a missing or wrong admin token."
+    );
     // Delivery
     describe_counter!(
         "duvo_bridge_batches_sent_total",

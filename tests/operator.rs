@@ -304,3 +304,180 @@ async fn post_orders_from(http: u16, from: usize, n: usize) {
         .unwrap();
     assert_eq!(r.status(), 202);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cases_retry_sends_failed_cases_back_to_pending_and_their_second_failure_is_reported() {
+    let mut sc = sim_config();
+    sc.process_ms = 1500; // a retried case stays pending long enough to see it
+    let sim = start_sim(sc).await;
+    let sink = CallbackSink::start().await;
+    let hb = HttpBridge::new(&sim, 6000);
+    let toml = bridge_toml(
+        &sim,
+        hb.dir.path(),
+        hb.admin,
+        6000,
+        &format!(
+            r#"
+[tracking]
+poll_interval_ms = 200
+watch_interval_ms = 300
+[[sources]]
+type = "http"
+name = "oms"
+listen = "127.0.0.1:{http}"
+queue_id = "{queue}"
+title = "Order {{/order_id}}"
+labels = {{ channel = "{{/channel}}" }}
+callback_url = "{callback}"
+callback_secret_env = "OMS_CALLBACK_SECRET"
+"#,
+            http = hb.http,
+            queue = sim.queues()[0],
+            callback = sink.url,
+        ),
+    )
+    .replace(
+        "[admin]\n",
+        &format!("[admin]\ntoken_env = \"{TOKEN_ENV}\"\n"),
+    );
+    std::fs::write(&hb.config, toml).unwrap();
+    let _bridge = spawn_bridge_with(
+        &hb.config,
+        &hb.key,
+        &hb.log,
+        &[
+            (TOKEN_ENV, TOKEN),
+            ("OMS_CALLBACK_SECRET", "retry-test-secret"),
+        ],
+    );
+    assert!(wait_ready(hb.admin).await, "bridge ready");
+    let admin = admin_url(&hb);
+    let queue = sim.queues()[0].to_string();
+
+    // Five orders, two that the simulated agent fails.
+    let events: Vec<serde_json::Value> = (0..5)
+        .map(|i| {
+            let mut o = order(i);
+            if i % 2 == 1 {
+                o["simulate"] = "fail".into();
+            }
+            o
+        })
+        .collect();
+    let r = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/v1/events", hb.http))
+        .json(&serde_json::Value::Array(events))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let failures = |n: usize| {
+        let sink = sink.clone();
+        async move {
+            wait_until(Duration::from_secs(30), || {
+                let sink = sink.clone();
+                async move {
+                    sink.received()
+                        .iter()
+                        .filter(|c| c.json["status"] == "failed")
+                        .count()
+                        >= n
+                }
+            })
+            .await
+        }
+    };
+    assert!(failures(2).await, "both failures reported");
+    let failed = case_ids_in(&sim, "failed");
+    assert_eq!(failed.len(), 2);
+
+    // A label that matches nothing retries nothing.
+    let (code, out, err) = cases_cmd(&[
+        "retry",
+        "--queue",
+        &queue,
+        "--label",
+        "channel=phone",
+        "--admin",
+        &admin,
+        "--json",
+    ])
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(json(&out)["matched"], 0);
+    // A dry run counts.
+    let (code, out, err) = cases_cmd(&[
+        "retry",
+        "--queue",
+        &queue,
+        "--label",
+        "channel=web",
+        "--dry-run",
+        "--admin",
+        &admin,
+        "--json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["matched"], 2, "{out}");
+    assert_eq!(
+        case_ids_in(&sim, "failed").len(),
+        2,
+        "a dry run retries nothing"
+    );
+
+    // The re-drive: both back to pending, followed again by the bridge.
+    let (code, out, err) =
+        cases_cmd(&["retry", "--queue", &queue, "--admin", &admin, "--json"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let o = json(&out);
+    assert_eq!(o["retried"].as_array().unwrap().len(), 2, "{o}");
+    assert_eq!(o["followed"], 2, "{o}");
+    assert!(case_ids_in(&sim, "failed").is_empty(), "back to pending");
+    let pending: std::collections::BTreeSet<String> = case_ids_in(&sim, "pending")
+        .union(&case_ids_in(&sim, "claimed"))
+        .cloned()
+        .collect();
+    assert!(failed.is_subset(&pending), "{failed:?} in {pending:?}");
+
+    // Their second failure is seen and reported: once each, later than the first.
+    assert!(failures(4).await, "the second failures are reported");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reports: Vec<_> = sink
+        .received()
+        .into_iter()
+        .filter(|c| c.json["status"] == "failed")
+        .collect();
+    assert_eq!(reports.len(), 4, "each failure reported once");
+    for case in &failed {
+        let mut at: Vec<String> = reports
+            .iter()
+            .filter(|c| c.json["case_id"] == case.as_str())
+            .map(|c| c.json["updated_at"].as_str().unwrap().to_string())
+            .collect();
+        at.sort();
+        at.dedup();
+        assert_eq!(at.len(), 2, "two distinct failures of {case}: {at:?}");
+    }
+    assert_eq!(case_ids_in(&sim, "failed"), failed);
+}
+
+async fn cases_cmd(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
+        .arg("cases")
+        .args(args)
+        .env(TOKEN_ENV, TOKEN)
+        .output()
+        .await
+        .expect("run duvo-bridge cases");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("JSON: {e}: {s}"))
+}

@@ -261,6 +261,22 @@ impl DuvoClient {
         self.send(rb).await
     }
 
+    /// `POST /queues/{id}/cases/bulk-retry`: failed cases back to pending.
+    pub async fn bulk_retry(
+        &self,
+        queue: Uuid,
+        case_ids: &[Uuid],
+    ) -> Result<ApiResponse<BulkRetryResponse>, ApiError> {
+        let body = BulkRetryRequest {
+            case_ids: case_ids.to_vec(),
+        };
+        let rb = self
+            .http
+            .post(format!("{}/bulk-retry", self.cases_url(queue)))
+            .json(&body);
+        self.send(rb).await
+    }
+
     /// `POST /queues/{id}/cases/search`.
     pub async fn search_cases(
         &self,

@@ -254,6 +254,23 @@ pub struct CaseList {
     pub offset: u64,
 }
 
+/// Body of `POST /queues/{id}/cases/bulk-retry` (1 to 100 ids).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkRetryRequest {
+    pub case_ids: Vec<Uuid>,
+}
+
+/// Answer of bulk-retry: the cases sent back to `pending`, and those
+/// skipped (unknown or not failed). The contract's shape is assumed; a
+/// skipped entry is kept as the server wrote it (an id, or an object).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BulkRetryResponse {
+    #[serde(default)]
+    pub retried: Vec<Uuid>,
+    #[serde(default)]
+    pub skipped: Vec<serde_json::Value>,
+}
+
 /// The API's error body. Only `error` and `message` are documented as always
 /// present in older docs; newer docs add the rest. Parse all, require none.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

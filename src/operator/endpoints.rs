@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::outbox::{DeadLetterSelector, EventFilter, EventId, Outbox, OutboxError};
 use crate::secret::Secret;
+use crate::track::redrive::{RedriveError, Redriver, RetryCases};
 
 /// What the operator endpoints work on: the live outbox, and the token a
 /// request must bear (`None`: the endpoints are off).
@@ -25,6 +26,9 @@ use crate::secret::Secret;
 pub struct Operator {
     pub outbox: Outbox,
     pub token: Option<Secret>,
+    /// Re-drives failed cases in Duvo under the bridge's rate gate
+    /// (`POST /v1/cases/retry`); `None`: that endpoint answers 404.
+    pub redrive: Option<Redriver>,
 }
 
 /// Largest operator request body (a replay or purge selector).
@@ -41,6 +45,7 @@ pub fn router(op: Operator) -> Router {
         .route("/v1/outbox/dead-letters", get(op_dead_letters))
         .route("/v1/outbox/dead-letters/replay", post(op_replay))
         .route("/v1/outbox/dead-letters/purge", post(op_purge))
+        .route("/v1/cases/retry", post(op_cases_retry))
         // Checked before any handler runs, so before a body is read.
         .layer(axum::middleware::from_fn_with_state(op.clone(), op_auth))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_OPERATOR_BODY))
@@ -290,6 +295,36 @@ async fn op_purge(State(op): State<Operator>, body: Bytes) -> Response {
     }
 }
 
+/// `POST /v1/cases/retry` with a [`RetryCases`] body: lists the queue's
+/// failed cases, retries them in Duvo under the rate gate (so the answer
+/// can take a while on a busy key), and answers what was done.
+async fn op_cases_retry(State(op): State<Operator>, body: Bytes) -> Response {
+    let Some(redrive) = &op.redrive else {
+        return op_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this bridge does not re-drive cases",
+        );
+    };
+    let req: RetryCases = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return op_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("invalid body: {e}"),
+            );
+        }
+    };
+    match redrive.run(req).await {
+        Ok(out) => axum::Json(out).into_response(),
+        Err(e @ RedriveError::Status(_)) => {
+            op_error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
+        }
+        Err(e) => op_error(StatusCode::BAD_GATEWAY, "redrive_failed", e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +338,7 @@ mod tests {
         let app = router(Operator {
             outbox,
             token: token.map(Secret::new),
+            redrive: None,
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

@@ -193,6 +193,116 @@ pub enum DeadLetterCommand {
     },
 }
 
+/// `duvo-bridge cases ...`
+#[derive(Debug, Subcommand)]
+pub enum CasesCommand {
+    /// Re-drive a queue's failed cases in Duvo through a running bridge
+    /// (`POST .../cases/bulk-retry`, 100 ids a call, under its rate gate);
+    /// the bridge follows the ones it created again and reports their next
+    /// ending to their source.
+    Retry {
+        /// The Duvo queue.
+        #[arg(long)]
+        queue: Uuid,
+        /// Statuses to retry (repeatable): failed (default) or canceled.
+        #[arg(long = "status", value_parser = ["failed", "canceled"])]
+        statuses: Vec<String>,
+        /// Only cases that failed at or after this time (RFC 3339, e.g.
+        /// 2026-12-01T08:00:00Z).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only cases with this label, `key=value` (repeatable: all must
+        /// match).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<crate::duvo::Label>,
+        /// Count what would be retried; retry nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The running bridge's admin listener, e.g. `http://127.0.0.1:9090`.
+        #[arg(long)]
+        admin: String,
+        #[command(flatten)]
+        token: TokenArg,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_label(s: &str) -> Result<crate::duvo::Label, String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok(crate::duvo::Label {
+            key: k.to_string(),
+            value: v.to_string(),
+        }),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+/// Run `cases retry`; the exit status (1 when nothing matched).
+pub async fn run_cases(cmd: CasesCommand) -> anyhow::Result<i32> {
+    let CasesCommand::Retry {
+        queue,
+        statuses,
+        since,
+        labels,
+        dry_run,
+        admin,
+        token,
+        json,
+    } = cmd;
+    let target = Target {
+        path: None,
+        admin: Some(admin),
+    };
+    let conn = Conn::open(&target, &token).await?;
+    let statuses = statuses
+        .iter()
+        .map(|s| serde_json::from_value(serde_json::Value::String(s.clone())))
+        .collect::<Result<Vec<crate::duvo::CaseStatus>, _>>()?;
+    let req = crate::track::redrive::RetryCases {
+        queue,
+        statuses,
+        since,
+        labels,
+        dry_run,
+    };
+    let b = conn
+        .call(
+            reqwest::Method::POST,
+            "/v1/cases/retry",
+            &[],
+            Some(serde_json::to_value(&req)?),
+        )
+        .await?;
+    let out: crate::track::redrive::RetryOutcome = serde_json::from_slice(&b)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if dry_run {
+        println!(
+            "{} cases match (dry run, nothing retried; {} requests)",
+            out.matched, out.requests
+        );
+    } else {
+        println!(
+            "{} matched, {} retried ({} followed again by this bridge, {} not), {} skipped by the API; {} requests",
+            out.matched,
+            out.retried.len(),
+            out.followed,
+            out.not_followed,
+            out.skipped.len(),
+            out.requests
+        );
+    }
+    if out.truncated {
+        eprintln!(
+            "stopped at {} cases: run again for the rest",
+            crate::track::redrive::MAX_CASES
+        );
+    }
+    Ok(i32::from(out.matched == 0))
+}
+
 /// A connection to an outbox: opened here, or a running bridge's admin.
 enum Conn {
     Local(Outbox),
@@ -224,7 +334,8 @@ impl Conn {
                 )
             })?;
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(300))
+            // A re-drive of a large queue waits for its rate-gate permits.
+            .timeout(Duration::from_secs(3600))
             .build()
             .context("building the HTTP client")?;
         Ok(Conn::Admin {

@@ -172,6 +172,61 @@ impl Outbox {
         lock(&self.inner.rewinds).remove(&(queue_id, stream))
     }
 
+    /// Cases sent back to pending by a re-drive (`cases retry`): those
+    /// this outbox still follows become open again with a fresh TTL, so
+    /// their next ending is seen and reported like the first. Returns
+    /// (followed again, not followed: unknown here or past their TTL).
+    /// Returns once durable.
+    pub async fn rearm_tracking(&self, case_ids: &[Uuid]) -> Result<(u64, u64), OutboxError> {
+        let Some(policy) = self.inner.cfg.tracking.as_ref() else {
+            return Ok((0, case_ids.len() as u64));
+        };
+        let ttl_ms = u64::try_from(policy.ttl.as_millis()).unwrap_or(u64::MAX);
+        let (mut followed, mut not) = (0u64, 0u64);
+        {
+            let _t = lock(&self.inner.track_lock);
+            let now = now_ms();
+            let mut sb = sled::Batch::default();
+            let mut moves = Vec::new();
+            for case_id in case_ids {
+                let ck = case_key(*case_id);
+                let Some(raw) = self.inner.events.get(ck)? else {
+                    not += 1;
+                    continue;
+                };
+                let id: u64 = match self.decode_logged(&ck, &raw) {
+                    Ok(id) => id,
+                    Err(OutboxError::Corrupt { .. }) => {
+                        not += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let Some(mut ev) = self.read_event(id)? else {
+                    not += 1;
+                    continue;
+                };
+                let Some(tr) = ev.tracking.as_mut().filter(|t| t.phase != TrackPhase::Done) else {
+                    not += 1;
+                    continue;
+                };
+                let deadline = now.saturating_add(ttl_ms);
+                sb.remove(&deadline_key(tr.deadline_ms, id)[..]);
+                sb.insert(&deadline_key(deadline, id)[..], encode(&())?);
+                tr.deadline_ms = deadline;
+                moves.push((ev.queue_id, tr.phase, TrackPhase::Open));
+                tr.phase = TrackPhase::Open;
+                sb.insert(&event_key(id)[..], encode(&ev)?);
+                followed += 1;
+            }
+            self.inner.events.apply_batch(sb)?;
+            self.apply_moves(&moves);
+        }
+        self.inner.flush.wait_durable().await?;
+        self.publish_tracking();
+        Ok((followed, not))
+    }
+
     /// Whether tracking is configured.
     pub fn tracking_enabled(&self) -> bool {
         self.inner.cfg.tracking.is_some()

@@ -14,7 +14,8 @@
 //! - queues named by `--restricted-key` are created if not listed by `--queue`;
 //! - paths outside the version prefix answer 404 without auth; under it the
 //!   auth check comes first;
-//! - bulk-retry answers 200 `{"retried":[ids],"skipped":[{id,reason}]}`.
+//! - bulk-retry answers 200 `{"retried":[ids],"skipped":[ids]}` (skipped:
+//!   unknown, or not failed or canceled).
 //!
 //! The pipeline never imports this module.
 

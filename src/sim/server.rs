@@ -474,7 +474,11 @@ fn bulk_retry(st: &SimState, queue: Uuid, body: &[u8]) -> Result<Response, ApiFa
     st.agent_wake.notify_one();
     json(
         StatusCode::OK,
-        &serde_json::json!({"retried": retried, "skipped": skipped}),
+        // The contract's shape: skipped ids (why each was skipped is logged).
+        &serde_json::json!({"retried": retried, "skipped": skipped.iter().map(|s| {
+            tracing::debug!(case_id = %s.id, reason = %s.reason, "bulk-retry skipped a case");
+            s.id
+        }).collect::<Vec<_>>()}),
     )
 }
 

@@ -31,6 +31,7 @@
 //! and never reported twice.
 
 pub mod config;
+pub mod redrive;
 
 use std::collections::HashMap;
 use std::sync::Arc;
