@@ -67,8 +67,16 @@ struct AdminState {
 
 /// The admin routes, plus `extra` (the operator endpoints, which live
 /// above the outbox in [`crate::operator`]) when given.
+/// The admin listener's OpenAPI 3.1 document (`docs/openapi/admin.json`,
+/// validated in CI; the operator endpoints included), at `GET /openapi.json`.
+pub const OPENAPI: &str = include_str!("../docs/openapi/admin.json");
+
 pub fn router(prometheus: PrometheusHandle, health: Health, extra: Option<Router>) -> Router {
     let base = Router::new()
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -59,6 +59,17 @@ pub enum Command {
     /// Act on cases in Duvo through a running bridge.
     #[command(subcommand)]
     Cases(CasesCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell), e.g. `duvo-bridge completions bash >
+    /// /etc/bash_completion.d/duvo-bridge`.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (`duvo-bridge.1` and one per subcommand, e.g.
+    /// `duvo-bridge-outbox-dead-letters-replay.1`) into a directory.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 /// Parse arguments and run; returns the process exit code.
@@ -189,6 +200,21 @@ pub fn main() -> i32 {
                 2
             }
         },
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "duvo-bridge", &mut std::io::stdout());
+            0
+        }
+        Command::Man { dir } => match write_man_pages(&dir) {
+            Ok(n) => {
+                println!("{n} man pages written to {}", dir.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("duvo-bridge man: {e}");
+                1
+            }
+        },
         Command::Demo(args) => match rt.block_on(crate::demo::run(args)) {
             Ok(()) => 0,
             Err(e) => {
@@ -197,4 +223,16 @@ pub fn main() -> i32 {
             }
         },
     }
+}
+
+/// Write the man pages generated from the CLI definition into `dir`;
+/// how many.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(dir)?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    clap_mangen::generate_to(cmd.clone(), dir)?;
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".1"))
+        .count())
 }

@@ -481,3 +481,37 @@ async fn cases_cmd(args: &[&str]) -> (i32, String, String) {
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("JSON: {e}: {s}"))
 }
+
+#[tokio::test]
+async fn completions_and_man_pages_come_from_the_cli_definition() {
+    let bin = env!("CARGO_BIN_EXE_duvo-bridge");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(bin)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["outbox", "dead-letters", "replay", "retry", "--admin"] {
+            assert!(script.contains(word), "{shell} completion knows {word}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let page = std::fs::read_to_string(dir.path().join("duvo-bridge-outbox-dead-letters-replay.1"))
+        .unwrap();
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH"),
+        "roff: {page}"
+    );
+    assert!(
+        page.contains("\\-\\-admin") || page.contains("--admin"),
+        "{page}"
+    );
+    assert!(dir.path().join("duvo-bridge.1").exists());
+}

@@ -158,10 +158,19 @@ impl Source for HttpSource {
     }
 }
 
+/// The intake's OpenAPI 3.1 document (`docs/openapi/intake.json`,
+/// validated in CI), served at `GET /openapi.json` without a token: it
+/// describes the API, it holds nothing of the data.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi/intake.json");
+
 fn router(state: HttpState) -> Router {
     Router::new()
         .route("/v1/events", post(post_events))
         .route("/v1/events/{id}", get(get_event))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
         .with_state(state)
 }
 
