@@ -356,6 +356,8 @@ build_deps() {
   # The power-loss tests mount a FUSE filesystem: mount(2) as root, else
   # Debian's fusermount3.
   command -v fusermount3 >/dev/null || apt_install fuse3
+  # The `top` test drives the live view in an 80x24 tmux pane.
+  command -v tmux >/dev/null || apt_install tmux
   [[ -e /dev/fuse ]] || say "warning: /dev/fuse is missing: the power-loss tests cannot mount"
 }
 

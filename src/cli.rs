@@ -59,6 +59,20 @@ pub enum Command {
     /// Act on cases in Duvo through a running bridge.
     #[command(subcommand)]
     Cases(CasesCommand),
+    /// A live view of a running bridge from its `/metrics`: intake and
+    /// cases per second by source and queue, backlog and oldest age, budget
+    /// use and 429s, tracked cases, failures and reports; `q` quits.
+    Top {
+        /// The bridge's admin listener, e.g. `http://127.0.0.1:9090`.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Seconds between two scrapes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one view (two scrapes `--interval` apart) as text and exit.
+        #[arg(long)]
+        once: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish,
     /// powershell), e.g. `duvo-bridge completions bash >
     /// /etc/bash_completion.d/duvo-bridge`.
@@ -200,6 +214,20 @@ pub fn main() -> i32 {
                 2
             }
         },
+        Command::Top {
+            admin,
+            interval,
+            once,
+        } => {
+            let every = std::time::Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
+            match rt.block_on(crate::top::run(&admin, every, once)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("duvo-bridge top: {e:#}");
+                    2
+                }
+            }
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "duvo-bridge", &mut std::io::stdout());

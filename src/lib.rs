@@ -29,4 +29,5 @@ pub mod sim;
 pub mod source;
 pub mod systemd;
 pub mod telemetry;
+pub mod top;
 pub mod track;

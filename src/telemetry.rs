@@ -124,6 +124,10 @@ fn describe_all() {
         "Events in the outbox not yet delivered or dead-lettered."
     );
     describe_gauge!(
+        "duvo_bridge_outbox_batched_events",
+        "Events in persisted batches not settled yet (in flight or about to be sent)."
+    );
+    describe_gauge!(
         "duvo_bridge_outbox_bytes",
         Unit::Bytes,
         "Size of the outbox database on disk."
@@ -210,7 +214,10 @@ fn describe_all() {
         "duvo_bridge_batches_sent_total",
         "Create requests that succeeded."
     );
-    describe_counter!("duvo_bridge_cases_created_total", "Cases created in Duvo.");
+    describe_counter!(
+        "duvo_bridge_cases_created_total",
+        "Cases created in Duvo, by queue."
+    );
     describe_counter!(
         "duvo_bridge_api_requests_total",
         "Requests to the Duvo API by endpoint and outcome (HTTP status or transport error)."

@@ -278,6 +278,7 @@ const LAYERS: &[&str] = &[
     "config",
     "reload",
     "operator",
+    "top",
     "app",
     "demo",
     "cli",

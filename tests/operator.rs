@@ -515,3 +515,107 @@ async fn completions_and_man_pages_come_from_the_cli_definition() {
     );
     assert!(dir.path().join("duvo-bridge.1").exists());
 }
+
+fn tmux(socket: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("tmux")
+        .args(["-L", socket])
+        .args(args)
+        .output()
+        .expect("tmux (scripts/services.sh installs it)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_moving_rates_in_an_80x24_tmux_pane_and_quits_on_q() {
+    let sim = start_sim(sim_config()).await;
+    let hb = HttpBridge::new(&sim, 6000);
+    let _bridge = hb.spawn();
+    assert!(wait_ready(hb.admin).await, "bridge ready");
+    let http = hb.http;
+    let feeder = tokio::spawn(async move {
+        let c = reqwest::Client::new();
+        for i in 0..400 {
+            let body = serde_json::json!([order(2 * i), order(2 * i + 1)]);
+            let _ = c
+                .post(format!("http://127.0.0.1:{http}/v1/events"))
+                .json(&body)
+                .send()
+                .await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    let socket = format!("duvo-top-{}", std::process::id());
+    let cmd = format!(
+        "{} top --admin http://127.0.0.1:{}",
+        env!("CARGO_BIN_EXE_duvo-bridge"),
+        hb.admin
+    );
+    let out = tmux(
+        &socket,
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            &cmd,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let capture = || {
+        String::from_utf8_lossy(&tmux(&socket, &["capture-pane", "-p", "-t", "top"]).stdout)
+            .into_owned()
+    };
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let first = capture();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let second = capture();
+    for screen in [&first, &second] {
+        for word in [
+            "Intake",
+            "oms",
+            "cases/s",
+            "API budget",
+            "Tracking and reports",
+            "q quits",
+        ] {
+            assert!(screen.contains(word), "{word} on screen:\n{screen}");
+        }
+        assert!(screen.lines().count() <= 24, "{screen}");
+        assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
+    }
+    // The intake row shows a rate above zero, and the screen moves.
+    let stored_rate = |screen: &str| -> f64 {
+        let row = screen.lines().find(|l| l.contains("│oms")).unwrap_or("");
+        row.split_whitespace()
+            .nth(2)
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        stored_rate(&first) > 0.0 || stored_rate(&second) > 0.0,
+        "{first}\n{second}"
+    );
+    assert_ne!(first, second, "the view refreshes");
+    tmux(&socket, &["send-keys", "-t", "top", "q"]);
+    let mut gone = false;
+    for _ in 0..30 {
+        if !tmux(&socket, &["has-session", "-t", "top"])
+            .status
+            .success()
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "q quits");
+    let _ = tmux(&socket, &["kill-server"]);
+    feeder.abort();
+}

@@ -531,8 +531,9 @@ impl Batcher {
             match self.outbox.settle_delivered_at(b, ids, created_at).await {
                 Ok(()) => {
                     metrics::counter!("duvo_bridge_batches_sent_total").increment(1);
-                    metrics::counter!("duvo_bridge_cases_created_total")
-                        .increment(ids.len() as u64);
+                    metrics::counter!("duvo_bridge_cases_created_total",
+                        "queue" => b.queue_id.to_string())
+                    .increment(ids.len() as u64);
                     metrics::histogram!("duvo_bridge_batch_size").record(ids.len() as f64);
                     let now = now_ms();
                     let h = metrics::histogram!("duvo_bridge_end_to_end_seconds");

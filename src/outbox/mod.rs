@@ -1246,7 +1246,12 @@ impl Outbox {
     }
 
     fn publish_depth(&self) {
-        metrics::gauge!("duvo_bridge_outbox_depth").set(self.depth() as f64);
+        let (depth, batched) = {
+            let ix = lock(&self.inner.index);
+            (ix.depth(), ix.batched)
+        };
+        metrics::gauge!("duvo_bridge_outbox_depth").set(depth as f64);
+        metrics::gauge!("duvo_bridge_outbox_batched_events").set(batched as f64);
     }
 
     /// Decode a record; on corruption log it and count it before returning
