@@ -142,7 +142,7 @@ title = "Order {{/order_id}}"
         per_replica_rpm = []
         for _, admin in replicas:
             _, m = get(f"http://127.0.0.1:{admin}/metrics")
-            line = [l for l in m.decode().splitlines() if l.startswith("duvo_bridge_rate_gate_effective_rpm ")]
+            line = [l for l in m.decode().splitlines() if l.startswith("duvo_bridge_rate_gate_effective_rpm{")]
             per_replica_rpm.append(float(line[0].split()[1]) if line else None)
         print(f"per window: {per_window} (limit {args.limit})")
         print(f"pace per replica (req/min): {per_replica_rpm}")

@@ -46,8 +46,11 @@ pub struct RunningBridge {
     pub http_addrs: Vec<(String, SocketAddr)>,
     pub outbox: Outbox,
     pub health: Health,
-    /// The rate gate of the API key (stats for the demo and tests).
+    /// The rate gate of the default account's key (stats for the demo
+    /// and tests).
     pub gate: RateGate,
+    /// Every account's rate gate, the default first.
+    pub gates: Vec<(String, RateGate)>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -122,26 +125,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let outbox = Outbox::open(outbox_config(&cfg))
         .await
         .with_context(|| format!("opening the outbox at {}", cfg.outbox.path.display()))?;
-    let api_key = cfg.duvo.resolve_api_key().map_err(|e| anyhow::anyhow!(e))?;
-    let client = Arc::new(
-        DuvoClient::new(ClientConfig {
-            base_url: cfg.duvo.base_url.clone(),
-            version_prefix: cfg.duvo.version_prefix.clone(),
-            api_key,
-            timeout: Duration::from_secs(cfg.duvo.timeout_secs),
-        })
-        .context("building the HTTP client")?,
-    );
-    let gate = RateGate::new(RateGateConfig {
-        rate_per_minute: cfg.duvo.rate_limit_per_minute,
-        burst: cfg.duvo.burst,
-        share: cfg.duvo.rate_share,
-        track_share: cfg.tracking.share,
-        poll_share: cfg.tracking.poll_share,
-        ..RateGateConfig::default()
-    });
-    // A retry-after an earlier run was given still holds.
-    crate::deliver::deadline_file::restore(&gate, &cfg.outbox.path);
+    let accounts = build_accounts(&cfg)?;
+    let gate = accounts[0].gate.clone();
+    preflight(&cfg, &accounts).await?;
     let reporters = build_reporters(&cfg)?;
 
     let (admin_listener, admin_addr) = admin::bind(&cfg.admin.listen)
@@ -167,16 +153,24 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
     let operator = crate::operator::endpoints::router(crate::operator::endpoints::Operator {
         outbox: outbox.clone(),
         token: cfg.admin.token().map_err(|e| anyhow::anyhow!(e))?,
-        redrive: Some(crate::track::redrive::Redriver {
-            client: client.clone(),
-            gate: gate.clone(),
-            outbox: outbox.clone(),
-            retry: crate::retry::RetryPolicy {
-                initial: Duration::from_millis(500),
-                max: Duration::from_secs(30),
-                ..crate::retry::RetryPolicy::default()
-            },
-        }),
+        redrive: accounts
+            .iter()
+            .map(|a| {
+                (
+                    a.scope.clone(),
+                    crate::track::redrive::Redriver {
+                        client: a.client.clone(),
+                        gate: a.gate.clone(),
+                        outbox: outbox.clone(),
+                        retry: crate::retry::RetryPolicy {
+                            initial: Duration::from_millis(500),
+                            max: Duration::from_secs(30),
+                            ..crate::retry::RetryPolicy::default()
+                        },
+                    },
+                )
+            })
+            .collect(),
     });
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
@@ -196,27 +190,35 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         });
     }
     source_tasks.close();
-    let batcher = Batcher::new(
-        outbox.clone(),
-        client.clone(),
-        gate.clone(),
-        cfg.delivery.clone(),
-    );
-    tokio::spawn(crate::deliver::deadline_file::keep(
-        &gate,
-        cfg.outbox.path.clone(),
-        abort.clone(),
-    ));
-    let batcher_task = tokio::spawn(batcher.run(batch_stop.clone(), abort.clone()));
-    let tracker_task = cfg.tracking.enabled.then(|| {
-        let tracker = CaseTracker::new(
+    let batch_tasks = TaskTracker::new();
+    let tracker_tasks = TaskTracker::new();
+    for a in &accounts {
+        let batcher = Batcher::new(
             outbox.clone(),
-            client.clone(),
-            gate.clone(),
-            TrackerConfig::from_config(&cfg.tracking),
-        );
-        tokio::spawn(tracker.run(intake_stop.clone()))
-    });
+            a.client.clone(),
+            a.gate.clone(),
+            cfg.delivery.clone(),
+        )
+        .with_scope(a.scope.clone());
+        tokio::spawn(crate::deliver::deadline_file::keep(
+            &a.gate,
+            crate::deliver::deadline_file::path(&cfg.outbox.path, &a.name),
+            abort.clone(),
+        ));
+        batch_tasks.spawn(batcher.run(batch_stop.clone(), abort.clone()));
+        if cfg.tracking.enabled {
+            let tracker = CaseTracker::new(
+                outbox.clone(),
+                a.client.clone(),
+                a.gate.clone(),
+                TrackerConfig::from_config(&cfg.tracking),
+            )
+            .with_scope(a.scope.clone());
+            tracker_tasks.spawn(tracker.run(intake_stop.clone()));
+        }
+    }
+    batch_tasks.close();
+    tracker_tasks.close();
     let report_stop = CancellationToken::new();
     let report_task = (!reporters.is_empty()).then(|| {
         let dispatcher = ReportDispatcher::new(
@@ -253,8 +255,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         source_tasks,
         batch_stop,
         abort,
-        batcher_task,
-        tracker_task,
+        batch_tasks,
+        tracker_tasks,
         report_stop,
         report_task,
         admin_stop,
@@ -272,8 +274,122 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<R
         outbox,
         health,
         gate,
+        gates: accounts
+            .iter()
+            .map(|a| (a.name.clone(), a.gate.clone()))
+            .collect(),
         task,
     })
+}
+
+/// Check every configured queue with its account's key before any
+/// listener opens (`[duvo] check_queues`).
+async fn preflight(cfg: &Config, accounts: &[Account]) -> anyhow::Result<()> {
+    use crate::duvo::config::QueueCheckMode;
+    use crate::preflight::{AccountClient, QueueCheck};
+    if cfg.duvo.check_queues == QueueCheckMode::Off {
+        return Ok(());
+    }
+    let clients: Vec<AccountClient> = accounts
+        .iter()
+        .map(|a| AccountClient {
+            name: a.name.clone(),
+            client: a.client.clone(),
+            gate: Some(a.gate.clone()),
+        })
+        .collect();
+    let findings = crate::preflight::check_queues(cfg, &clients, Duration::from_secs(3)).await;
+    let mut refused = Vec::new();
+    for f in &findings {
+        match &f.check {
+            QueueCheck::Ok => {}
+            QueueCheck::Refused { .. } => {
+                tracing::error!("{}", f.describe());
+                refused.push(f.describe());
+            }
+            QueueCheck::Unchecked(_) => tracing::warn!("{}", f.describe()),
+        }
+    }
+    if !refused.is_empty() && cfg.duvo.check_queues == QueueCheckMode::Refuse {
+        return Err(crate::preflight::QueuesRefused(refused).into());
+    }
+    Ok(())
+}
+
+/// One Duvo account's delivery side: its key's client and rate gate, and
+/// the queues it serves.
+struct Account {
+    name: String,
+    client: Arc<DuvoClient>,
+    gate: RateGate,
+    scope: crate::deliver::QueueScope,
+}
+
+/// Every account (the default first), each with its own client and gate;
+/// a retry-after an earlier run was given still holds.
+fn build_accounts(cfg: &Config) -> anyhow::Result<Vec<Account>> {
+    let owners = cfg
+        .queue_accounts()
+        .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+    let others: std::collections::BTreeSet<uuid::Uuid> = owners
+        .iter()
+        .filter(|(_, a)| *a != crate::duvo::config::DEFAULT_ACCOUNT)
+        .map(|(q, _)| *q)
+        .collect();
+    let several = !cfg.duvo.accounts.is_empty();
+    let mut out = Vec::new();
+    for (name, d) in cfg.duvo.account_configs() {
+        let api_key = d.resolve_api_key().map_err(|e| anyhow::anyhow!(e))?;
+        let client = Arc::new(
+            DuvoClient::new(ClientConfig {
+                base_url: d.base_url.clone(),
+                version_prefix: d.version_prefix.clone(),
+                api_key,
+                timeout: Duration::from_secs(d.timeout_secs),
+            })
+            .context("building the HTTP client")?,
+        );
+        let gate = RateGate::for_account(
+            RateGateConfig {
+                rate_per_minute: d.rate_limit_per_minute,
+                burst: d.burst,
+                share: d.rate_share,
+                track_share: cfg.tracking.share,
+                poll_share: cfg.tracking.poll_share,
+                ..RateGateConfig::default()
+            },
+            &name,
+        );
+        crate::deliver::deadline_file::restore(
+            &gate,
+            &crate::deliver::deadline_file::path(&cfg.outbox.path, &name),
+        );
+        let scope = if !several {
+            crate::deliver::QueueScope::All
+        } else if name == crate::duvo::config::DEFAULT_ACCOUNT {
+            crate::deliver::QueueScope::AllBut(Arc::new(others.clone()))
+        } else {
+            crate::deliver::QueueScope::Only(Arc::new(
+                owners
+                    .iter()
+                    .filter(|(_, a)| **a == name)
+                    .map(|(q, _)| *q)
+                    .collect(),
+            ))
+        };
+        if several {
+            tracing::info!(account = %name, rate_per_minute = d.rate_limit_per_minute,
+                queues = ?owners.iter().filter(|(_, a)| **a == name).map(|(q, _)| q.to_string()).collect::<Vec<_>>(),
+                "Duvo account");
+        }
+        out.push(Account {
+            name,
+            client,
+            gate,
+            scope,
+        });
+    }
+    Ok(out)
 }
 
 /// Bind every HTTP source's listener and build the broker sources, so a
@@ -311,8 +427,10 @@ struct Drain {
     source_tasks: TaskTracker,
     batch_stop: CancellationToken,
     abort: CancellationToken,
-    batcher_task: JoinHandle<()>,
-    tracker_task: Option<JoinHandle<()>>,
+    /// One batcher per account.
+    batch_tasks: TaskTracker,
+    /// One tracker per account (none with tracking off).
+    tracker_tasks: TaskTracker,
     report_stop: CancellationToken,
     report_task: Option<JoinHandle<()>>,
     admin_stop: CancellationToken,
@@ -332,8 +450,8 @@ impl Drain {
             source_tasks,
             batch_stop,
             abort,
-            batcher_task,
-            tracker_task,
+            batch_tasks,
+            tracker_tasks,
             report_stop,
             report_task,
             admin_stop,
@@ -356,10 +474,8 @@ impl Drain {
             tokio::time::sleep_until(deadline).await;
             abort_at.cancel();
         });
-        let _ = batcher_task.await;
-        if let Some(t) = tracker_task {
-            let _ = t.await;
-        }
+        batch_tasks.wait().await;
+        tracker_tasks.wait().await;
         // Reports already being sent get until the deadline; the rest stay
         // in the outbox for the next start.
         report_stop.cancel();
@@ -481,7 +597,7 @@ pub async fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> anyhow
     ));
     #[cfg(unix)]
     if let Some(path) = config_path {
-        let reloader = crate::reload::Reloader::new(path, cfg, gate.clone());
+        let reloader = crate::reload::Reloader::new(path, cfg, bridge.gates.clone());
         tokio::spawn(crate::reload::on_sighup(hup, reloader, background.clone()));
     }
     let stopping = tokio::spawn({

@@ -41,11 +41,23 @@ pub enum Command {
         /// (`duvo_bridge_outbox_data_loss_accepted_total`).
         #[arg(long)]
         accept_outbox_loss: bool,
+        /// Start even though a queue is missing (404) or refused to its
+        /// account's key (401/403) at the start-up check (logged; the
+        /// events for it wait in the outbox). Same as `[duvo] check_queues
+        /// = "warn"`.
+        #[arg(long)]
+        start_anyway: bool,
     },
     /// Check a configuration file; print every problem; exit 64 if any.
     Validate {
         #[arg(long, short, env = "DUVO_BRIDGE_CONFIG")]
         config: PathBuf,
+        /// Also ask the API: every queue a source or route names must
+        /// exist and be usable with its account's key (`GET /queues/{id}`).
+        /// Exit 64 naming each one that is not; 69 when the API could not
+        /// be asked.
+        #[arg(long)]
+        online: bool,
     },
     /// Run the local Duvo cases API simulator.
     Sim(crate::sim::SimArgs),
@@ -102,19 +114,23 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
-        Command::Validate { config } => {
+        Command::Validate { config, online } => {
             match Config::load_with_env(&config, crate::config::process_env()) {
-                Ok((_, overrides)) if overrides.is_empty() => {
-                    println!("{}: OK", config.display());
-                    0
-                }
-                Ok((_, overrides)) => {
-                    println!(
-                        "{}: OK (with environment overrides {})",
-                        config.display(),
-                        overrides.join(", ")
-                    );
-                    0
+                Ok((cfg, overrides)) => {
+                    if overrides.is_empty() {
+                        println!("{}: OK", config.display());
+                    } else {
+                        println!(
+                            "{}: OK (with environment overrides {})",
+                            config.display(),
+                            overrides.join(", ")
+                        );
+                    }
+                    if online {
+                        rt.block_on(validate_online(&cfg))
+                    } else {
+                        0
+                    }
                 }
                 Err(e) => {
                     eprintln!("{}: {e}", config.display());
@@ -126,6 +142,7 @@ pub fn main() -> i32 {
             config,
             print_config,
             accept_outbox_loss,
+            start_anyway,
         } => {
             let (mut cfg, overrides) =
                 match Config::load_with_env(&config, crate::config::process_env()) {
@@ -140,6 +157,10 @@ pub fn main() -> i32 {
                 return 0;
             }
             cfg.outbox.accept_data_loss = accept_outbox_loss;
+            if start_anyway && cfg.duvo.check_queues == crate::duvo::config::QueueCheckMode::Refuse
+            {
+                cfg.duvo.check_queues = crate::duvo::config::QueueCheckMode::Warn;
+            }
             crate::telemetry::init_logging(&cfg.log);
             if !overrides.is_empty() {
                 // Names only: a value may be a secret.
@@ -150,6 +171,12 @@ pub fn main() -> i32 {
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "duvo-bridge stopped");
                     eprintln!("duvo-bridge: {e:#}");
+                    if e.chain().any(|c| {
+                        c.downcast_ref::<crate::preflight::QueuesRefused>()
+                            .is_some()
+                    }) {
+                        return EXIT_BAD_CONFIG;
+                    }
                     let lost = e.chain().any(|c| {
                         matches!(
                             c.downcast_ref::<OutboxError>(),
@@ -263,4 +290,41 @@ fn write_man_pages(dir: &std::path::Path) -> std::io::Result<usize> {
         .filter_map(Result::ok)
         .filter(|e| e.file_name().to_string_lossy().ends_with(".1"))
         .count())
+}
+
+/// `validate --online`: each queue with its account; the exit status (64
+/// when one is refused, 69 `EX_UNAVAILABLE` when the API could not say).
+async fn validate_online(cfg: &Config) -> i32 {
+    use crate::preflight::QueueCheck;
+    let clients = match crate::preflight::clients(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("online check: {e}");
+            return EXIT_BAD_CONFIG;
+        }
+    };
+    let findings =
+        crate::preflight::check_queues(cfg, &clients, std::time::Duration::from_secs(10)).await;
+    let (mut refused, mut unchecked) = (0, 0);
+    for f in &findings {
+        match f.check {
+            QueueCheck::Ok => println!("{}", f.describe()),
+            QueueCheck::Refused { .. } => {
+                refused += 1;
+                eprintln!("{}", f.describe());
+            }
+            QueueCheck::Unchecked(_) => {
+                unchecked += 1;
+                eprintln!("{}", f.describe());
+            }
+        }
+    }
+    if refused > 0 {
+        EXIT_BAD_CONFIG
+    } else if unchecked > 0 {
+        69
+    } else {
+        println!("online: every queue is usable with its account");
+        0
+    }
 }

@@ -19,6 +19,7 @@ pub mod listener;
 pub mod mapping;
 pub mod operator;
 pub mod outbox;
+pub mod preflight;
 pub mod raw_json;
 pub mod reload;
 pub mod report;

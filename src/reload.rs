@@ -51,15 +51,17 @@ pub enum ReloadError {
 pub struct Reloader {
     path: PathBuf,
     current: Config,
-    gate: RateGate,
+    /// Each account's gate by account name.
+    gates: Vec<(String, RateGate)>,
 }
 
 impl Reloader {
-    pub fn new(path: PathBuf, current: Config, gate: RateGate) -> Self {
+    /// `gates`: each account's rate gate, by account name.
+    pub fn new(path: PathBuf, current: Config, gates: Vec<(String, RateGate)>) -> Self {
         Reloader {
             path,
             current,
-            gate,
+            gates,
         }
     }
 
@@ -72,20 +74,30 @@ impl Reloader {
     /// Apply `next` over the configuration in force.
     pub fn apply(&mut self, next: Config) -> ReloadOutcome {
         let mut out = ReloadOutcome::default();
-        let (old, new) = (&self.current.duvo, &next.duvo);
-        if old.rate_limit_per_minute != new.rate_limit_per_minute {
-            self.gate.set_rate(new.rate_limit_per_minute);
-            out.applied.push(format!(
-                "duvo.rate_limit_per_minute: {} -> {}",
-                old.rate_limit_per_minute, new.rate_limit_per_minute
-            ));
-        }
-        if old.rate_share != new.rate_share {
-            self.gate.set_share(new.rate_share);
-            out.applied.push(format!(
-                "duvo.rate_share: {} -> {}",
-                old.rate_share, new.rate_share
-            ));
+        let olds = self.current.duvo.account_configs();
+        for (name, new) in next.duvo.account_configs() {
+            // An account added or removed needs a restart (named below).
+            let (Some((_, old)), Some((_, gate))) = (
+                olds.iter().find(|(n, _)| *n == name),
+                self.gates.iter().find(|(n, _)| *n == name),
+            ) else {
+                continue;
+            };
+            let at = crate::duvo::config::DuvoConfig::account_at(&name);
+            if old.rate_limit_per_minute != new.rate_limit_per_minute {
+                gate.set_rate(new.rate_limit_per_minute);
+                out.applied.push(format!(
+                    "{at}.rate_limit_per_minute: {} -> {}",
+                    old.rate_limit_per_minute, new.rate_limit_per_minute
+                ));
+            }
+            if old.rate_share != new.rate_share {
+                gate.set_share(new.rate_share);
+                out.applied.push(format!(
+                    "{at}.rate_share: {} -> {}",
+                    old.rate_share, new.rate_share
+                ));
+            }
         }
         if self.current.log.level != next.log.level {
             match crate::telemetry::set_log_level(&next.log.level) {
@@ -109,6 +121,12 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<String> {
     let mut aligned = new.clone();
     aligned.duvo.rate_limit_per_minute = old.duvo.rate_limit_per_minute;
     aligned.duvo.rate_share = old.duvo.rate_share;
+    for a in &mut aligned.duvo.accounts {
+        if let Some(o) = old.duvo.accounts.iter().find(|o| o.name == a.name) {
+            a.rate_limit_per_minute = o.rate_limit_per_minute;
+            a.rate_share = o.rate_share;
+        }
+    }
     aligned.log.level = old.log.level.clone();
     let (Ok(toml::Value::Table(a)), Ok(toml::Value::Table(b))) =
         (toml::Value::try_from(old), toml::Value::try_from(&aligned))
@@ -181,7 +199,11 @@ queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
     fn applies_rate_and_share_and_names_sections_needing_a_restart() {
         let cur = Config::parse(BASE).unwrap();
         let gate = RateGate::new(RateGateConfig::default());
-        let mut r = Reloader::new("/nonexistent".into(), cur, gate.clone());
+        let mut r = Reloader::new(
+            "/nonexistent".into(),
+            cur,
+            vec![("default".into(), gate.clone())],
+        );
         let next = Config::parse(&BASE.replace(
             "[outbox]",
             "rate_limit_per_minute = 120\nrate_share = 0.5\n[outbox]\nhigh_water_events = 10\nlow_water_events = 5",
@@ -211,7 +233,11 @@ queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
         let path = dir.path().join("c.toml");
         std::fs::write(&path, BASE.replace("[outbox]", "burst = 0\n[outbox]")).unwrap();
         let gate = RateGate::new(RateGateConfig::default());
-        let mut r = Reloader::new(path, Config::parse(BASE).unwrap(), gate.clone());
+        let mut r = Reloader::new(
+            path,
+            Config::parse(BASE).unwrap(),
+            vec![("default".into(), gate.clone())],
+        );
         let e = r.reload().unwrap_err().to_string();
         assert!(e.contains("duvo.burst"), "{e}");
         assert_eq!(gate.config(), RateGateConfig::default());

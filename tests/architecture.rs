@@ -198,7 +198,8 @@ fn the_layers_depend_only_downwards() {
         );
     }
     // `config` assembles the components' sections; only the top (the
-    // wiring, the command line, the demo and SIGHUP reload) reads it.
+    // wiring, the command line, the demo, SIGHUP reload and the start-up
+    // queue check) reads it.
     let readers: BTreeSet<&str> = deps
         .iter()
         .filter(|(_, ds)| ds.iter().any(|d| under(d, "config")))
@@ -207,7 +208,7 @@ fn the_layers_depend_only_downwards() {
         .collect();
     assert_eq!(
         readers,
-        BTreeSet::from(["app", "cli", "demo", "reload"]),
+        BTreeSet::from(["app", "cli", "demo", "preflight", "reload"]),
         "modules that import config"
     );
 }
@@ -277,6 +278,7 @@ const LAYERS: &[&str] = &[
     "systemd",
     "config",
     "reload",
+    "preflight",
     "operator",
     "top",
     "app",

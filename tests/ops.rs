@@ -220,7 +220,7 @@ async fn sighup_reloads_rate_and_log_level_and_refuses_a_bad_file() {
         .unwrap();
     let child = scopeguard(child);
     assert!(wait_ready(admin).await, "bridge ready");
-    const RPM: &str = "duvo_bridge_rate_gate_effective_rpm";
+    const RPM: &str = "duvo_bridge_rate_gate_effective_rpm{account=\"default\"}";
     assert_eq!(scrape_metric(admin, RPM).await, Some(600.0));
 
     // A valid change: the rate applies to the gate, the level to the log.

@@ -85,12 +85,16 @@ async fn delivers_every_event_exactly_once_in_full_batches() {
     })
     .await;
     let metrics = scrape().await;
+    let created = format!(
+        "duvo_bridge_cases_created_total{{queue=\"{}\",account=\"default\"}} 1000",
+        sim.queues()[0]
+    );
     for needle in [
         "duvo_bridge_events_stored_total{source=\"oms\"} 1000",
-        "duvo_bridge_cases_created_total 1000",
+        created.as_str(),
         "duvo_bridge_outbox_flush_seconds_bucket",
         "duvo_bridge_end_to_end_seconds_count 1000",
-        "duvo_bridge_api_requests_total{endpoint=\"create_cases\",outcome=\"201\"}",
+        "duvo_bridge_api_requests_total{endpoint=\"create_cases\",outcome=\"201\",account=\"default\"}",
         "# HELP duvo_bridge_outbox_depth",
     ] {
         assert!(

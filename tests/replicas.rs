@@ -107,7 +107,11 @@ async fn three_replicas_share_one_key_without_early_retries_and_use_the_budget()
         "three replicas used {usage:.3} of the budget: {per_window:?}"
     );
     for (_, admin) in &ports {
-        let rpm_now = scrape_metric(*admin, "duvo_bridge_rate_gate_effective_rpm").await;
+        let rpm_now = scrape_metric(
+            *admin,
+            "duvo_bridge_rate_gate_effective_rpm{account=\"default\"}",
+        )
+        .await;
         let rpm_now = rpm_now.expect("effective rpm exported");
         assert!((rpm_now - rpm as f64 / 3.0).abs() < 1.0, "{rpm_now}");
     }

@@ -16,7 +16,7 @@
 //! (addresses, queue ids, templates, secrets present) run over the result.
 //! `duvo-bridge validate` prints every error and exits 64 (EX_USAGE).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -226,7 +226,50 @@ impl Config {
                 }
             }
         }
+        errors.extend(self.queue_accounts().err().unwrap_or_default());
         errors
+    }
+
+    /// Which account delivers each queue the sources name. A queue is in
+    /// one team, so naming it under two accounts, or naming an account
+    /// `[[duvo.accounts]]` does not define, is an error (all of them).
+    pub fn queue_accounts(&self) -> Result<BTreeMap<uuid::Uuid, String>, Vec<String>> {
+        let known: BTreeSet<String> = self
+            .duvo
+            .account_configs()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let mut map: BTreeMap<uuid::Uuid, (String, String)> = BTreeMap::new();
+        let mut errors = Vec::new();
+        for s in &self.sources {
+            for (at, queue, account) in s.targets() {
+                if !known.contains(&account) {
+                    errors.push(format!(
+                        "{at}.account {account:?} is not an account: define it in [[duvo.accounts]] (known: {})",
+                        known.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ));
+                    continue;
+                }
+                let Ok(q) = uuid::Uuid::parse_str(&queue) else {
+                    continue; // the source's own check names it
+                };
+                match map.get(&q) {
+                    Some((other_at, other)) if *other != account => errors.push(format!(
+                        "queue {q} is delivered by account {other:?} ({other_at}) and by {account:?} ({at}): a queue belongs to one team; use one account for it"
+                    )),
+                    Some(_) => {}
+                    None => {
+                        map.insert(q, (at, account));
+                    }
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(map.into_iter().map(|(q, (_, a))| (q, a)).collect())
+        } else {
+            Err(errors)
+        }
     }
 
     /// The configuration as TOML with secrets redacted (`--print-config`).

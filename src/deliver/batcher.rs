@@ -103,6 +103,8 @@ pub struct Batcher {
     cfg: DeliveryConfig,
     retry: RetryPolicy,
     clock: Arc<reconcile::ServerClock>,
+    /// The queues this batcher (its account) delivers.
+    scope: super::QueueScope,
 }
 
 impl Batcher {
@@ -124,7 +126,14 @@ impl Batcher {
             cfg,
             retry,
             clock: Arc::default(),
+            scope: super::QueueScope::All,
         }
+    }
+
+    /// Deliver only the queues of `scope` (one account among several).
+    pub fn with_scope(mut self, scope: super::QueueScope) -> Self {
+        self.scope = scope;
+        self
     }
 
     /// Run until `stop` is cancelled (no new batches are claimed after
@@ -136,7 +145,8 @@ impl Batcher {
         let slots = Arc::new(Semaphore::new(self.cfg.max_in_flight));
 
         match self.outbox.unsettled_batches() {
-            Ok(batches) => {
+            Ok(mut batches) => {
+                batches.retain(|b| self.scope.contains(&b.queue_id));
                 if !batches.is_empty() {
                     tracing::info!(
                         batches = batches.len(),
@@ -212,7 +222,7 @@ impl Batcher {
             let mut best: Option<(u64, Uuid)> = None;
             let mut next_due: Option<u64> = None;
             for s in self.outbox.ready_summary() {
-                if s.count == 0 {
+                if s.count == 0 || !self.scope.contains(&s.queue_id) {
                     continue;
                 }
                 let due = s.oldest_received_at_ms.saturating_add(linger);
@@ -301,7 +311,7 @@ impl Batcher {
                         let mut fb = ServerFeedback::from_info(&resp.rate, SystemTime::now());
                         fb.status = Some(resp.status.as_u16());
                         p.observe(&fb);
-                        count_request(&resp.status.as_u16().to_string());
+                        count_request(&self.gate.account(), &resp.status.as_u16().to_string());
                         let ids: Vec<Uuid> = resp.body.added_cases.iter().map(|c| c.id).collect();
                         let created_at = resp.body.added_cases.iter().map(|c| c.created_at).min();
                         if let Some(c) = created_at {
@@ -334,12 +344,14 @@ impl Batcher {
                             .status()
                             .map(|s| s.as_u16().to_string())
                             .unwrap_or_else(|| "transport_error".into());
-                        count_request(&outcome);
+                        count_request(&self.gate.account(), &outcome);
                         if e.may_have_committed() {
                             maybe_committed = Some(widen(maybe_committed, sent_at));
                         }
                         if e.status().map(|s| s.as_u16()) == Some(429) {
-                            metrics::counter!("duvo_bridge_api_rate_limited_total").increment(1);
+                            metrics::counter!("duvo_bridge_api_rate_limited_total",
+                                "account" => self.gate.account().to_string())
+                            .increment(1);
                         }
                         match classify(&e) {
                             Verdict::Invalid => {
@@ -530,9 +542,11 @@ impl Batcher {
         loop {
             match self.outbox.settle_delivered_at(b, ids, created_at).await {
                 Ok(()) => {
-                    metrics::counter!("duvo_bridge_batches_sent_total").increment(1);
+                    let account = self.gate.account().to_string();
+                    metrics::counter!("duvo_bridge_batches_sent_total", "account" => account.clone())
+                        .increment(1);
                     metrics::counter!("duvo_bridge_cases_created_total",
-                        "queue" => b.queue_id.to_string())
+                        "queue" => b.queue_id.to_string(), "account" => account)
                     .increment(ids.len() as u64);
                     metrics::histogram!("duvo_bridge_batch_size").record(ids.len() as f64);
                     let now = now_ms();
@@ -570,9 +584,10 @@ fn widen(
     }
 }
 
-fn count_request(outcome: &str) {
-    metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "create_cases", "outcome" => outcome.to_string())
-        .increment(1);
+fn count_request(account: &str, outcome: &str) {
+    metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "create_cases",
+        "outcome" => outcome.to_string(), "account" => account.to_string())
+    .increment(1);
 }
 
 /// Sleep; true when aborted instead.

@@ -15,13 +15,22 @@ use tokio_util::sync::CancellationToken;
 
 use super::gate::RateGate;
 
-/// File name inside the outbox directory.
+/// File name inside the outbox directory (the default account's; another
+/// account's adds `.<name>`: each key has its own deadlines).
 pub const FILE: &str = "duvo-api-deadline";
 
-/// The deadline kept by an earlier run, if it is still ahead.
-pub fn load(dir: &Path) -> Option<SystemTime> {
-    let path = dir.join(FILE);
-    let text = match std::fs::read_to_string(&path) {
+/// Where `account`'s deadline is kept in the outbox directory `dir`.
+pub fn path(dir: &Path, account: &str) -> PathBuf {
+    if account == crate::duvo::config::DEFAULT_ACCOUNT {
+        dir.join(FILE)
+    } else {
+        dir.join(format!("{FILE}.{account}"))
+    }
+}
+
+/// The deadline kept by an earlier run in `path`, if it is still ahead.
+pub fn load(path: &Path) -> Option<SystemTime> {
+    let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
@@ -38,8 +47,8 @@ pub fn load(dir: &Path) -> Option<SystemTime> {
 }
 
 /// Apply an earlier run's deadline to `gate` (before anything is sent).
-pub fn restore(gate: &RateGate, dir: &Path) {
-    if let Some(at) = load(dir) {
+pub fn restore(gate: &RateGate, path: &Path) {
+    if let Some(at) = load(path) {
         let secs = at
             .duration_since(SystemTime::now())
             .unwrap_or_default()
@@ -57,7 +66,7 @@ pub fn restore(gate: &RateGate, dir: &Path) {
 /// until `stop`.
 pub fn keep(
     gate: &RateGate,
-    dir: PathBuf,
+    path: PathBuf,
     stop: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut rx = gate.deadlines();
@@ -70,18 +79,19 @@ pub fn keep(
             let Some(at) = *rx.borrow_and_update() else {
                 continue;
             };
-            if let Err(e) = write(&dir, at).await {
+            if let Err(e) = write(&path, at).await {
                 tracing::warn!(error = %e, "cannot keep the API's retry-after deadline for a restart");
             }
         }
     }
 }
 
-async fn write(dir: &Path, at: SystemTime) -> std::io::Result<()> {
+async fn write(path: &Path, at: SystemTime) -> std::io::Result<()> {
     let ms = crate::clock::unix_ms(at);
-    let tmp = dir.join(format!("{FILE}.tmp"));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
     tokio::fs::write(&tmp, format!("{ms}\n")).await?;
-    tokio::fs::rename(&tmp, dir.join(FILE)).await
+    tokio::fs::rename(&tmp, path).await
 }
 
 #[cfg(test)]
@@ -94,7 +104,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let gate = RateGate::new(RateGateConfig::default());
         let stop = CancellationToken::new();
-        let keeper = tokio::spawn(keep(&gate, dir.path().into(), stop.clone()));
+        let keeper = tokio::spawn(keep(&gate, path(dir.path(), "default"), stop.clone()));
         let permit = gate.acquire(RequestClass::Create).await;
         permit.observe(
             &ServerFeedback {
@@ -105,7 +115,7 @@ mod tests {
         );
         let mut kept = None;
         for _ in 0..100 {
-            kept = load(dir.path());
+            kept = load(&path(dir.path(), "default"));
             if kept.is_some() {
                 break;
             }
@@ -119,7 +129,7 @@ mod tests {
 
         // The next run: its gate holds every request until the deadline.
         let next = RateGate::new(RateGateConfig::default());
-        restore(&next, dir.path());
+        restore(&next, &path(dir.path(), "default"));
         let early = tokio::time::timeout(
             Duration::from_millis(300),
             next.acquire(RequestClass::Create),
@@ -131,10 +141,10 @@ mod tests {
     #[test]
     fn past_or_unreadable_deadlines_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(load(dir.path()), None);
-        std::fs::write(dir.path().join(FILE), "12\n").unwrap();
-        assert_eq!(load(dir.path()), None, "long past");
-        std::fs::write(dir.path().join(FILE), "soon").unwrap();
-        assert_eq!(load(dir.path()), None);
+        assert_eq!(load(&path(dir.path(), "default")), None);
+        std::fs::write(path(dir.path(), "default"), "12\n").unwrap();
+        assert_eq!(load(&path(dir.path(), "default")), None, "long past");
+        std::fs::write(path(dir.path(), "default"), "soon").unwrap();
+        assert_eq!(load(&path(dir.path(), "default")), None);
     }
 }

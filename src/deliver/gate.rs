@@ -372,6 +372,8 @@ struct WindowEstimate {
 
 struct State {
     cfg: RateGateConfig,
+    /// The account this gate paces (the `account` label of its metrics).
+    account: Arc<str>,
     server_limit: Option<u64>,
     server_window: Duration,
     /// Reset instant of the latest server window seen.
@@ -422,6 +424,7 @@ impl State {
     fn new(cfg: RateGateConfig, now: Instant) -> Self {
         let mut s = State {
             cfg,
+            account: Arc::from(crate::duvo::config::DEFAULT_ACCOUNT),
             server_limit: None,
             server_window: DEFAULT_SERVER_WINDOW,
             last_reset: None,
@@ -477,7 +480,8 @@ impl State {
         self.interval = interval;
         self.track_interval = track_interval;
         self.poll_interval = poll_interval;
-        metrics::gauge!("duvo_bridge_rate_gate_effective_rpm").set(rpm);
+        metrics::gauge!("duvo_bridge_rate_gate_effective_rpm", "account" => self.account.to_string())
+            .set(rpm);
     }
 
     /// Burst tolerance of the shared bucket.
@@ -882,6 +886,23 @@ impl RateGate {
             notify: Notify::new(),
             deadline: tokio::sync::watch::Sender::new(None),
         }))
+    }
+
+    /// A gate for the key of `account` (the `account` label on its
+    /// metrics, and what the batcher and tracker using it label theirs with).
+    pub fn for_account(cfg: RateGateConfig, account: &str) -> Self {
+        let gate = RateGate::new(cfg);
+        {
+            let mut st = gate.0.lock();
+            st.account = Arc::from(account);
+            st.recompute_rate(Instant::now());
+        }
+        gate
+    }
+
+    /// The account this gate paces.
+    pub fn account(&self) -> Arc<str> {
+        self.0.lock().account.clone()
     }
 
     /// Send nothing before `until` (wall clock): a server deadline an

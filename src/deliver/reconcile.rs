@@ -176,6 +176,7 @@ pub async fn find_batch(
             clock.observe_date(sent, SystemTime::now(), date);
         }
         metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "reconcile",
+            "account" => gate.account().to_string(),
             "outcome" => match &res { Ok(r) => r.status.as_u16().to_string(), Err(e) => e.status().map_or("transport_error".into(), |s| s.as_u16().to_string()) })
         .increment(1);
         let page = match res {

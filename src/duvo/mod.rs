@@ -261,6 +261,13 @@ impl DuvoClient {
         self.send(rb).await
     }
 
+    /// `GET /queues/{id}`: whether the queue exists and this key may use it
+    /// (404, 403), before anything is sent to it.
+    pub async fn get_queue(&self, queue: Uuid) -> Result<ApiResponse<serde_json::Value>, ApiError> {
+        let rb = self.http.get(format!("{}/queues/{queue}", self.base));
+        self.send(rb).await
+    }
+
     /// `POST /queues/{id}/cases/bulk-retry`: failed cases back to pending.
     pub async fn bulk_retry(
         &self,

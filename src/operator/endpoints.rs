@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
+use crate::deliver::QueueScope;
 use crate::outbox::{DeadLetterSelector, EventFilter, EventId, Outbox, OutboxError};
 use crate::secret::Secret;
 use crate::track::redrive::{RedriveError, Redriver, RetryCases};
@@ -26,9 +27,10 @@ use crate::track::redrive::{RedriveError, Redriver, RetryCases};
 pub struct Operator {
     pub outbox: Outbox,
     pub token: Option<Secret>,
-    /// Re-drives failed cases in Duvo under the bridge's rate gate
-    /// (`POST /v1/cases/retry`); `None`: that endpoint answers 404.
-    pub redrive: Option<Redriver>,
+    /// Re-drives failed cases in Duvo under the rate gate of the account
+    /// whose scope holds the queue (`POST /v1/cases/retry`); none: that
+    /// endpoint answers 404.
+    pub redrive: Vec<(QueueScope, Redriver)>,
 }
 
 /// Largest operator request body (a replay or purge selector).
@@ -299,13 +301,6 @@ async fn op_purge(State(op): State<Operator>, body: Bytes) -> Response {
 /// failed cases, retries them in Duvo under the rate gate (so the answer
 /// can take a while on a busy key), and answers what was done.
 async fn op_cases_retry(State(op): State<Operator>, body: Bytes) -> Response {
-    let Some(redrive) = &op.redrive else {
-        return op_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "this bridge does not re-drive cases",
-        );
-    };
     let req: RetryCases = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -315,6 +310,17 @@ async fn op_cases_retry(State(op): State<Operator>, body: Bytes) -> Response {
                 format!("invalid body: {e}"),
             );
         }
+    };
+    let Some((_, redrive)) = op
+        .redrive
+        .iter()
+        .find(|(scope, _)| scope.contains(&req.queue))
+    else {
+        return op_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this bridge does not re-drive cases",
+        );
     };
     match redrive.run(req).await {
         Ok(out) => axum::Json(out).into_response(),
@@ -339,7 +345,7 @@ mod tests_support {
         let app = router(Operator {
             outbox,
             token: token.map(Secret::new),
-            redrive: None,
+            redrive: Vec::new(),
         });
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

@@ -36,6 +36,10 @@ pub struct Faults {
     /// so it can be replayed.
     #[serde(default = "yes")]
     pub reject_marked: bool,
+    /// API keys answered 401 as if revoked (a key rotated or withdrawn
+    /// mid-run); the rest of the simulator is unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_keys: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -53,6 +57,7 @@ impl Default for Faults {
             throttle_until_unix_ms: 0,
             throttle_http_date: false,
             reject_marked: true,
+            revoked_keys: Vec::new(),
         }
     }
 }
@@ -81,6 +86,10 @@ pub struct FaultsPatch {
     /// Refuse cases marked `"simulate":"reject"` (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reject_marked: Option<bool>,
+    /// Keys to answer 401 from now on (replaces the list; `[]` restores
+    /// every key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_keys: Option<Vec<String>>,
 }
 
 /// Why a patch was refused (nothing of it is applied then).
@@ -137,6 +146,9 @@ impl Faults {
         }
         if let Some(v) = p.reject_marked {
             self.reject_marked = v;
+        }
+        if let Some(v) = &p.revoked_keys {
+            self.revoked_keys = v.clone();
         }
         Ok(())
     }

@@ -309,6 +309,9 @@ fn authenticate(st: &SimState, h: &HeaderMap) -> Result<String, ApiFailure> {
     if !st.keys.contains_key(token) {
         return Err(ApiFailure::unauthorized("unknown API key"));
     }
+    if lock(&st.faults).revoked_keys.iter().any(|k| k == token) {
+        return Err(ApiFailure::unauthorized("this API key was revoked"));
+    }
     Ok(token.to_owned())
 }
 

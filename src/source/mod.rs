@@ -105,6 +105,47 @@ impl SourceConfig {
         }
     }
 
+    /// Every queue this source delivers to, with the account that does
+    /// it: (config key, queue id as written, account name).
+    pub fn targets(&self) -> Vec<(String, String, String)> {
+        let default = || crate::duvo::config::DEFAULT_ACCOUNT.to_string();
+        match self {
+            SourceConfig::Http(h) => vec![(
+                format!("sources.{}", h.name),
+                h.queue_id.clone(),
+                h.account.clone().unwrap_or_else(default),
+            )],
+            SourceConfig::Amqp(a) => vec![(
+                format!("sources.{}", a.name),
+                a.queue_id.clone(),
+                a.account.clone().unwrap_or_else(default),
+            )],
+            SourceConfig::Kafka(k) => {
+                let account = k.account.clone().unwrap_or_else(default);
+                let mut out = Vec::new();
+                // The source's own queue serves the topics without a route.
+                if k.topics
+                    .iter()
+                    .any(|t| !k.routes.iter().any(|r| &r.topic == t))
+                {
+                    out.push((
+                        format!("sources.{}", k.name),
+                        k.queue_id.clone(),
+                        account.clone(),
+                    ));
+                }
+                for r in &k.routes {
+                    out.push((
+                        format!("sources.{}.routes.{}", k.name, r.topic),
+                        r.queue_id.clone().unwrap_or_else(|| k.queue_id.clone()),
+                        r.account.clone().unwrap_or_else(|| account.clone()),
+                    ));
+                }
+                out
+            }
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             SourceConfig::Http(h) => &h.name,

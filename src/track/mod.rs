@@ -122,6 +122,8 @@ pub struct CaseTracker {
     outbox: Outbox,
     client: Arc<DuvoClient>,
     gate: RateGate,
+    /// The queues this tracker (its account) follows.
+    scope: crate::deliver::QueueScope,
     cfg: TrackerConfig,
     retry: RetryPolicy,
 }
@@ -174,9 +176,16 @@ impl CaseTracker {
             outbox,
             client,
             gate,
+            scope: crate::deliver::QueueScope::All,
             cfg,
             retry,
         }
+    }
+
+    /// Follow only the queues of `scope` (one account among several).
+    pub fn with_scope(mut self, scope: crate::deliver::QueueScope) -> Self {
+        self.scope = scope;
+        self
     }
 
     /// Run until `stop` is cancelled.
@@ -215,7 +224,8 @@ impl CaseTracker {
                 self.expire().await;
                 next_expiry = now + EXPIRY_EVERY;
             }
-            let tracked = self.outbox.tracked_queues();
+            let mut tracked = self.outbox.tracked_queues();
+            tracked.retain(|t| self.scope.contains(&t.queue_id));
             units.retain(|(q, _), _| tracked.iter().any(|t| t.queue_id == *q));
             last_speculative.retain(|q, _| tracked.iter().any(|t| t.queue_id == *q));
             let mut wake = next_expiry;
@@ -416,7 +426,11 @@ impl CaseTracker {
                         &ServerFeedback::from_info(&resp.rate, SystemTime::now())
                             .with_status(resp.status.as_u16()),
                     );
-                    count_request(stream, &resp.status.as_u16().to_string());
+                    count_request(
+                        &self.gate.account(),
+                        stream,
+                        &resp.status.as_u16().to_string(),
+                    );
                     resp.body.cases
                 }
                 Err(e) => {
@@ -429,6 +443,7 @@ impl CaseTracker {
                         None => drop(permit),
                     }
                     count_request(
+                        &self.gate.account(),
                         stream,
                         &e.status()
                             .map(|s| s.as_u16().to_string())
@@ -534,9 +549,10 @@ impl CaseTracker {
     }
 }
 
-fn count_request(stream: ListingStream, outcome: &str) {
-    metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "list_cases", "outcome" => outcome.to_string())
-        .increment(1);
+fn count_request(account: &str, stream: ListingStream, outcome: &str) {
+    metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "list_cases",
+        "outcome" => outcome.to_string(), "account" => account.to_string())
+    .increment(1);
     metrics::counter!("duvo_bridge_tracking_requests_total", "stream" => stream.as_str())
         .increment(1);
 }

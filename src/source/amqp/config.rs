@@ -62,6 +62,10 @@ pub struct AmqpSourceConfig {
     pub consumer_tag: String,
     /// Duvo queue the cases go to.
     pub queue_id: String,
+    /// The Duvo account (`[[duvo.accounts]]` name) whose key and budget
+    /// deliver these cases; default: `[duvo]` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     /// Title template: `{/json/pointer}` fields, `{/ptr|fallback}`.
     #[serde(default = "crate::mapping::default_title")]
     pub title: String,
@@ -162,6 +166,7 @@ impl AmqpSourceConfig {
             prefetch: default_amqp_prefetch(),
             consumer_tag: String::new(),
             queue_id: queue_id.to_string(),
+            account: None,
             title: crate::mapping::default_title(),
             title_fallback: crate::mapping::default_title_fallback(),
             labels: Default::default(),

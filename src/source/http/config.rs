@@ -26,6 +26,10 @@ pub struct HttpSourceConfig {
     pub listen: String,
     /// Duvo queue the cases go to.
     pub queue_id: String,
+    /// The Duvo account (`[[duvo.accounts]]` name) whose key and budget
+    /// deliver these cases; default: `[duvo]` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     /// Title template: `{/json/pointer}` fields, `{/ptr|fallback}`.
     #[serde(default = "crate::mapping::default_title")]
     pub title: String,
@@ -166,6 +170,7 @@ impl HttpSourceConfig {
             name: name.to_string(),
             listen: "127.0.0.1:0".into(),
             queue_id: queue_id.to_string(),
+            account: None,
             title: crate::mapping::default_title(),
             title_fallback: crate::mapping::default_title_fallback(),
             labels: Default::default(),

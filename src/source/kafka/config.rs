@@ -38,6 +38,9 @@ pub struct KafkaRoute {
     /// Duvo queue for this topic's cases.
     #[serde(default)]
     pub queue_id: Option<String>,
+    /// Account delivering this topic's cases (default: the source's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     /// Title template for this topic.
     #[serde(default)]
     pub title: Option<String>,
@@ -84,6 +87,10 @@ pub struct KafkaSourceConfig {
     pub group_instance_id_env: Option<String>,
     /// Duvo queue the cases go to (per topic: `routes`).
     pub queue_id: String,
+    /// The Duvo account (`[[duvo.accounts]]` name) whose key and budget
+    /// deliver these cases; default: `[duvo]` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     /// Title template: `{/json/pointer}` fields, `{/ptr|fallback}`.
     #[serde(default = "crate::mapping::default_title")]
     pub title: String,
@@ -203,6 +210,7 @@ impl KafkaSourceConfig {
             group_instance_id: None,
             group_instance_id_env: None,
             queue_id: queue_id.to_string(),
+            account: None,
             title: crate::mapping::default_title(),
             title_fallback: crate::mapping::default_title_fallback(),
             labels: Default::default(),
