@@ -24,6 +24,7 @@ pub mod raw_json;
 pub mod reload;
 pub mod report;
 pub mod retry;
+pub mod routing;
 pub mod secret;
 pub mod shutdown;
 pub mod sim;

@@ -194,6 +194,10 @@ fn describe_all() {
         "Events the API refused for good, kept in the dead-letter tree."
     );
     describe_counter!(
+        "duvo_bridge_events_routed_total",
+        "Events mapped by a route, by source and route (`default`: the source's own queue)."
+    );
+    describe_counter!(
         "duvo_bridge_dead_letters_replayed_total",
         "Dead letters put back as new events by an operator (`outbox dead-letters replay`)."
     );

@@ -160,24 +160,25 @@ async fn each_account_delivers_its_queues_with_its_key_and_a_revoked_key_holds_b
         assert_eq!(per_queue.get(qi), Some(&500), "{per_queue:?}");
     }
     assert!(orders.values().all(|n| *n == 1), "exactly once");
-    // Each account's requests carry its own key: the metrics say who sent what.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // Each account's requests carry its own key: the metrics say who sent
+    // what (counted right after the outbox settles: allow a moment).
+    let scrape = || async {
+        reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
     for (account, queue) in [("default", q[0]), ("b", q[1]), ("c", q[2])] {
         let line = format!(
-            "duvo_bridge_cases_created_total{{account=\"{account}\",queue=\"{queue}\"}} 500"
-        );
-        let alt = format!(
             "duvo_bridge_cases_created_total{{queue=\"{queue}\",account=\"{account}\"}} 500"
         );
-        assert!(
-            metrics.contains(&line) || metrics.contains(&alt),
-            "{account}: {line} in\n{metrics}"
-        );
+        let seen = wait_until(Duration::from_secs(5), || async {
+            scrape().await.contains(&line)
+        })
+        .await;
+        assert!(seen, "{account}: {line} in\n{}", scrape().await);
     }
 
     // Account c's key is revoked: its events wait; a and b go on.
@@ -284,4 +285,127 @@ async fn a_queue_its_account_cannot_use_is_named_before_anything_is_acknowledged
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("\"nope\" is not an account"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_stream_is_routed_by_content_to_each_queue_and_account_exactly_once() {
+    let sim = three_key_sim().await;
+    let q = sim.queues();
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, http) = (free_port(), [free_port(), free_port(), free_port()]);
+    let config = dir.path().join("bridge.toml");
+    // One source, no default queue: returns (by a header) to account b,
+    // B2B orders (by a field) to account c, web orders to the default.
+    let base = three_account_config(&sim, dir.path(), admin, http, 3600);
+    let head = &base[..base.find("[[sources]]").unwrap()];
+    let text = format!(
+        r#"{head}
+[[sources]]
+type = "http"
+name = "oms"
+listen = "127.0.0.1:{port}"
+title = "Order {{/order_id}}"
+[[sources.routes]]
+name = "returns"
+header = "X-Order-Kind"
+equals = "return"
+queue_id = "{q1}"
+account = "b"
+title = "Return {{/order_id}}"
+[[sources.routes]]
+name = "b2b"
+pointer = "/customer/segment"
+one_of = ["b2b", "wholesale"]
+queue_id = "{q2}"
+account = "c"
+[[sources.routes]]
+name = "web"
+pointer = "/channel"
+prefix = "web"
+queue_id = "{q0}"
+"#,
+        port = http[0],
+        q0 = q[0],
+        q1 = q[1],
+        q2 = q[2],
+    );
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("bridge.log");
+    let _bridge = spawn_bridge_with(&config, KEYS[0], &log, &key_env());
+    assert!(wait_ready(admin).await, "bridge ready");
+    let c = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/v1/events", http[0]);
+    let mut want: HashMap<String, (uuid::Uuid, &str)> = HashMap::new();
+    for batch in 0..10 {
+        // Returns come in their own requests (the header is per request).
+        let returns: Vec<serde_json::Value> = (0..10)
+            .map(|i| serde_json::json!({"order_id": format!("R-{batch}-{i}"), "channel": "web"}))
+            .collect();
+        for r in &returns {
+            want.insert(
+                format!("Return {}", r["order_id"].as_str().unwrap()),
+                (q[1], "returns"),
+            );
+        }
+        let r = c
+            .post(&url)
+            .header("X-Order-Kind", "return")
+            .json(&returns)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let mixed: Vec<serde_json::Value> = (0..20)
+            .map(|i| {
+                let id = format!("M-{batch}-{i}");
+                if i % 2 == 0 {
+                    want.insert(format!("Order {id}"), (q[2], "b2b"));
+                    serde_json::json!({"order_id": id, "customer": {"segment": if i % 4 == 0 { "b2b" } else { "wholesale" }}})
+                } else {
+                    want.insert(format!("Order {id}"), (q[0], "web"));
+                    serde_json::json!({"order_id": id, "channel": "web-shop"})
+                }
+            })
+            .collect();
+        let r = c.post(&url).json(&mixed).send().await.unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    // An event no route takes, and no default: the whole request is
+    // refused and nothing of it stored.
+    let r = c
+        .post(&url)
+        .json(&serde_json::json!([{"order_id": "X-1", "channel": "web"}, {"order_id": "X-2", "channel": "phone"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "no_route");
+    assert_eq!(body["index"], 1);
+
+    expect_cases(&sim, want.len() as u64, 30).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cases = sim.cases();
+    assert_eq!(
+        cases.len(),
+        want.len(),
+        "exactly once, nothing of the refused request"
+    );
+    for case in &cases {
+        let (queue, route) = want
+            .get(&case.title)
+            .unwrap_or_else(|| panic!("unexpected case {}", case.title));
+        assert_eq!(case.queue_id, *queue, "{} via {route}", case.title);
+    }
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (route, n) in [("returns", 100), ("b2b", 100), ("web", 100)] {
+        let line =
+            format!("duvo_bridge_events_routed_total{{source=\"oms\",route=\"{route}\"}} {n}");
+        assert!(metrics.contains(&line), "{line}");
+    }
 }

@@ -1240,3 +1240,80 @@ async fn a_broker_restart_while_flowing_loses_nothing_and_reports_every_failure(
     rabbit.exchanges.push(exchange);
     rabbit.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_queue_is_routed_by_header_and_content_each_message_once() {
+    use lapin::types::ShortString;
+    let _broker = BROKER.read().await;
+    let queue = unique("routes");
+    let mut rabbit = Rabbit::connect(URI).await;
+    rabbit.queue(&queue, FieldTable::default()).await;
+    let mut msgs = Vec::new();
+    for i in 0..30usize {
+        let mut o = order(i);
+        let mut props = BasicProperties::default().with_message_id(format!("r-{i}").into());
+        match i % 3 {
+            1 => {
+                let mut h = FieldTable::default();
+                h.insert(
+                    ShortString::from("X-Kind"),
+                    AMQPValue::LongString("return".into()),
+                );
+                props = props.with_headers(h);
+            }
+            2 => o["channel"] = "b2b".into(),
+            _ => {}
+        }
+        msgs.push((serde_json::to_vec(&o).unwrap(), props));
+    }
+    rabbit.publish(&queue, msgs).await;
+    let mut sc = sim_config();
+    sc.queues = (0..3).map(|_| uuid::Uuid::new_v4()).collect();
+    let queues = sc.queues.clone();
+    let sq = queues.clone();
+    let q = queue.clone();
+    let h = Harness::start(sc, move |cfg| {
+        let mut a = amqp_source(URI, &q, cfg);
+        a.queue_id = queues[0].to_string();
+        a.routes = vec![
+            duvo_bridge::routing::RouteConfig {
+                name: Some("returns".into()),
+                header: Some("x-kind".into()),
+                equals: Some("return".into()),
+                queue_id: Some(queues[1].to_string()),
+                title: Some("Return {/order_id}".into()),
+                ..Default::default()
+            },
+            duvo_bridge::routing::RouteConfig {
+                pointer: Some("/channel".into()),
+                one_of: Some(vec!["b2b".into(), "wholesale".into()]),
+                queue_id: Some(queues[2].to_string()),
+                ..Default::default()
+            },
+        ];
+        cfg.sources.push(SourceConfig::Amqp(a));
+    })
+    .await;
+    let ok = wait_until(Duration::from_secs(20), || async {
+        h.sim.stats().cases_created >= 30
+    })
+    .await;
+    assert!(ok, "{:?}", h.sim.stats());
+    let sim = h.stop().await;
+    assert_exactly_once(&sim, 30);
+    for c in sim.cases() {
+        let data: serde_json::Value = serde_json::from_str(c.data.as_deref().unwrap()).unwrap();
+        let i: usize = data["amount"].as_u64().unwrap() as usize;
+        let want = sq[i % 3];
+        assert_eq!(c.queue_id, want, "order {i} routed to its queue");
+        if i % 3 == 1 {
+            assert!(
+                c.title.starts_with("Return "),
+                "the route's title: {}",
+                c.title
+            );
+        }
+    }
+    assert_eq!(rabbit.ready(&queue).await, 0);
+    rabbit.cleanup().await;
+}

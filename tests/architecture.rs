@@ -266,6 +266,7 @@ const LAYERS: &[&str] = &[
     "duvo",
     "raw_json",
     "mapping",
+    "routing",
     "admin",
     "shutdown",
     "telemetry",

@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::admin::Health;
-use crate::mapping::{Mapper, MappingConfig};
+use crate::mapping::MappingConfig;
 use crate::outbox::{AppendOutcome, Outbox};
+use crate::routing::{RouteConfig, Router};
 pub use amqp::config::{AmqpSourceConfig, UndecodablePolicy};
 pub use http::config::HttpSourceConfig;
 pub use kafka::config::{KafkaSourceConfig, KafkaUndecodablePolicy};
@@ -42,28 +42,21 @@ pub trait Source: Send {
     fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, anyhow::Result<()>>;
 }
 
-/// Compile a source's mapping and parse its target queue; the start-up
-/// checks every source makes (`validate` reports the same problems).
+/// Compile a source's routes over its mapping and default queue; the
+/// start-up checks every source makes (`validate` reports the same
+/// problems, all of them).
 pub(crate) fn routing(
     source_name: &str,
     mapping: &MappingConfig,
     queue_id: &str,
-) -> Result<(Mapper, Uuid), SourceError> {
-    let conf_err = |message: String| SourceError::Config {
-        source_name: source_name.to_string(),
-        message,
-    };
-    let mapper = Mapper::new(mapping).map_err(|errs| {
-        conf_err(
-            errs.iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
-    let queue_id = Uuid::parse_str(queue_id)
-        .map_err(|_| conf_err(format!("queue_id {queue_id:?} is not a UUID")))?;
-    Ok((mapper, queue_id))
+    routes: &[RouteConfig],
+) -> Result<Router, SourceError> {
+    Router::new(&format!("sources.{source_name}"), mapping, queue_id, routes).map_err(|errs| {
+        SourceError::Config {
+            source_name: source_name.to_string(),
+            message: errs.join("; "),
+        }
+    })
 }
 
 /// One intake. `type` selects the kind.
@@ -109,41 +102,35 @@ impl SourceConfig {
     /// it: (config key, queue id as written, account name).
     pub fn targets(&self) -> Vec<(String, String, String)> {
         let default = || crate::duvo::config::DEFAULT_ACCOUNT.to_string();
-        match self {
-            SourceConfig::Http(h) => vec![(
-                format!("sources.{}", h.name),
-                h.queue_id.clone(),
-                h.account.clone().unwrap_or_else(default),
-            )],
-            SourceConfig::Amqp(a) => vec![(
-                format!("sources.{}", a.name),
-                a.queue_id.clone(),
-                a.account.clone().unwrap_or_else(default),
-            )],
+        let (name, queue_id, account, routes, uses_default) = match self {
+            SourceConfig::Http(h) => (&h.name, &h.queue_id, &h.account, &h.routes, true),
+            SourceConfig::Amqp(a) => (&a.name, &a.queue_id, &a.account, &a.routes, true),
             SourceConfig::Kafka(k) => {
-                let account = k.account.clone().unwrap_or_else(default);
-                let mut out = Vec::new();
-                // The source's own queue serves the topics without a route.
-                if k.topics
-                    .iter()
-                    .any(|t| !k.routes.iter().any(|r| &r.topic == t))
-                {
-                    out.push((
-                        format!("sources.{}", k.name),
-                        k.queue_id.clone(),
-                        account.clone(),
-                    ));
-                }
-                for r in &k.routes {
-                    out.push((
-                        format!("sources.{}.routes.{}", k.name, r.topic),
-                        r.queue_id.clone().unwrap_or_else(|| k.queue_id.clone()),
-                        r.account.clone().unwrap_or_else(|| account.clone()),
-                    ));
-                }
-                out
+                // Every topic with a topic-only route of its own never
+                // reaches the source's queue.
+                let all_routed = k.topics.iter().all(|t| {
+                    k.routes.iter().any(|r| {
+                        r.topic.as_deref() == Some(t.as_str())
+                            && r.pointer.is_none()
+                            && r.header.is_none()
+                    })
+                });
+                (&k.name, &k.queue_id, &k.account, &k.routes, !all_routed)
             }
+        };
+        let account = account.clone().unwrap_or_else(default);
+        let mut out = Vec::new();
+        if uses_default && !queue_id.is_empty() {
+            out.push((format!("sources.{name}"), queue_id.clone(), account.clone()));
         }
+        for (n, r) in routes.iter().enumerate() {
+            out.push((
+                format!("sources.{name}.routes.{}", r.display_name(n)),
+                r.queue_id.clone().unwrap_or_else(|| queue_id.clone()),
+                r.account.clone().unwrap_or_else(|| account.clone()),
+            ));
+        }
+        out
     }
 
     pub fn name(&self) -> &str {
@@ -155,22 +142,19 @@ impl SourceConfig {
     }
 }
 
-/// What every source has: a target queue, a mapping, and an optional JSON
-/// pointer naming a producer-supplied id (`(key name, value)`).
+/// What every source has: a default queue (or routes), a mapping, and an
+/// optional JSON pointer naming a producer-supplied id (`(key name,
+/// value)`).
 pub(crate) fn check_routing(
     at: &str,
     queue_id: &str,
     mapping: &MappingConfig,
+    routes: &[RouteConfig],
     id_field: (&str, Option<&str>),
     errors: &mut Vec<String>,
 ) {
-    if Uuid::parse_str(queue_id).is_err() {
-        errors.push(format!("{at}.queue_id {queue_id:?} is not a UUID"));
-    }
-    if let Err(errs) = Mapper::new(mapping) {
-        for e in errs {
-            errors.push(format!("{at}.{e}"));
-        }
+    if let Err(errs) = Router::new(at, mapping, queue_id, routes) {
+        errors.extend(errs);
     }
     if let (key, Some(p)) = id_field
         && !p.starts_with('/')

@@ -60,8 +60,15 @@ pub struct AmqpSourceConfig {
     /// Consumer tag; empty lets the broker choose one.
     #[serde(default)]
     pub consumer_tag: String,
-    /// Duvo queue the cases go to.
+    /// Duvo queue the cases go to: the default route. Empty (left out)
+    /// with `routes`: a message no route matches is rejected (to the
+    /// queue's dead-letter exchange, if it has one).
+    #[serde(default)]
     pub queue_id: String,
+    /// Content-based routes (`[[sources.routes]]`), first match wins, on a
+    /// JSON pointer of the message or one of its headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::routing::RouteConfig>,
     /// The Duvo account (`[[duvo.accounts]]` name) whose key and budget
     /// deliver these cases; default: `[duvo]` itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +173,7 @@ impl AmqpSourceConfig {
             prefetch: default_amqp_prefetch(),
             consumer_tag: String::new(),
             queue_id: queue_id.to_string(),
+            routes: Vec::new(),
             account: None,
             title: crate::mapping::default_title(),
             title_fallback: crate::mapping::default_title_fallback(),
@@ -264,6 +272,7 @@ impl AmqpSourceConfig {
             &at,
             &a.queue_id,
             &a.mapping(),
+            &a.routes,
             ("message_id_field", a.message_id_field.as_deref()),
             &mut errors,
         );

@@ -46,19 +46,17 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 pub mod config;
 
 pub use config::{AmqpSourceConfig, UndecodablePolicy};
 
 use super::{Source, SourceContext, SourceError};
-use crate::duvo::NewCase;
 use crate::encoding::base64;
-use crate::mapping::Mapper;
 use crate::outbox::{NewEvent, Origin};
 use crate::raw_json::RawEvent;
 use crate::retry::RetryPolicy;
+use crate::routing::{Inputs, Router};
 use crate::secret::{amqp_uri_password, scrub_password};
 
 /// How long to wait before polling again while the outbox is over high water.
@@ -86,8 +84,7 @@ pub enum AmqpError {
 /// down at start-up shows as not ready instead of failing the process.
 pub struct AmqpSource {
     cfg: AmqpSourceConfig,
-    mapper: Mapper,
-    queue_id: Uuid,
+    router: Router,
     redacted_uri: String,
     /// The password, to scrub it from any error text a library produces.
     password: Option<String>,
@@ -115,7 +112,7 @@ impl AmqpSource {
             source_name: cfg.name.clone(),
             message,
         };
-        let (mapper, queue_id) = super::routing(&cfg.name, &cfg.mapping(), &cfg.queue_id)?;
+        let router = super::routing(&cfg.name, &cfg.mapping(), &cfg.queue_id, &cfg.routes)?;
         let parsed = cfg
             .uri
             .expose()
@@ -130,8 +127,7 @@ impl AmqpSource {
         Ok(AmqpSource {
             redacted_uri: cfg.redacted_uri(),
             password,
-            mapper,
-            queue_id,
+            router,
             cfg,
             reconnect: RetryPolicy {
                 initial: Duration::from_millis(200),
@@ -575,19 +571,43 @@ impl AmqpSource {
 
     /// Map one delivery to an outbox event, or say why it is refused.
     fn decode(&self, d: &Delivery, received_at_ms: u64, max_case_bytes: usize) -> Decoded {
-        let (case, json): (NewCase, Option<RawEvent<'_>>) = match std::str::from_utf8(&d.data) {
-            Ok(text) => match RawEvent::parse(text) {
-                Ok(ev) => (self.mapper.map(&ev), Some(ev)),
-                _ => match self.cfg.on_undecodable {
-                    UndecodablePolicy::Wrap => (self.mapper.map_text(text), None),
-                    UndecodablePolicy::Reject => return Decoded::Reject("not_json_object"),
+        // Text for a wrapped payload (not JSON, or not UTF-8).
+        let (json, wrapped): (Option<RawEvent<'_>>, Option<String>) =
+            match std::str::from_utf8(&d.data) {
+                Ok(text) => match RawEvent::parse(text) {
+                    Ok(ev) => (Some(ev), None),
+                    _ => match self.cfg.on_undecodable {
+                        UndecodablePolicy::Wrap => (None, Some(text.to_string())),
+                        UndecodablePolicy::Reject => return Decoded::Reject("not_json_object"),
+                    },
                 },
-            },
-            Err(_) => match self.cfg.on_undecodable {
-                UndecodablePolicy::Wrap => (self.mapper.map_text(&base64(&d.data)), None),
-                UndecodablePolicy::Reject => return Decoded::Reject("not_utf8"),
-            },
+                Err(_) => match self.cfg.on_undecodable {
+                    UndecodablePolicy::Wrap => (None, Some(base64(&d.data))),
+                    UndecodablePolicy::Reject => return Decoded::Reject("not_utf8"),
+                },
+            };
+        let headers = d.properties.headers();
+        let header = |name: &str| {
+            headers.as_ref().and_then(|t| {
+                t.inner()
+                    .iter()
+                    .find(|(k, _)| k.as_str().eq_ignore_ascii_case(name))
+                    .and_then(|(_, v)| amqp_value_id(v))
+            })
         };
+        let Some(target) = self.router.route(&Inputs {
+            event: json.as_ref(),
+            header: &header,
+            topic: None,
+        }) else {
+            return Decoded::Reject("no_route");
+        };
+        let case = match (&json, &wrapped) {
+            (Some(ev), _) => target.mapper.map(ev),
+            (None, Some(text)) => target.mapper.map_text(text),
+            (None, None) => unreachable!("a payload is JSON or wrapped"),
+        };
+        crate::routing::count_routed(&self.cfg.name, &target.route);
         let size = serde_json::to_vec(&case).map(|v| v.len()).unwrap_or(0);
         if size > max_case_bytes {
             return Decoded::Reject("event_too_large");
@@ -608,7 +628,7 @@ impl AmqpSource {
         Decoded::Case(Box::new(NewEvent {
             source: self.cfg.name.clone(),
             identity: Some(identity),
-            queue_id: self.queue_id,
+            queue_id: target.queue_id,
             case,
             received_at_ms,
             origin: Some(origin),
@@ -691,6 +711,7 @@ fn amqp_value_id(v: &AMQPValue) -> Option<String> {
         AMQPValue::LongInt(n) => n.to_string(),
         AMQPValue::LongUInt(n) => n.to_string(),
         AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Boolean(b) => b.to_string(),
         _ => return None,
     };
     (!s.is_empty()).then_some(s)
@@ -746,7 +767,7 @@ mod tests {
             "r",
             "amqp://guest:s3cr3t-pw@127.0.0.1:5672/%2f",
             "q",
-            Uuid::nil(),
+            uuid::Uuid::nil(),
         );
         assert_eq!(cfg.redacted_uri(), "amqp://guest:***@127.0.0.1:5672/%2f");
         assert!(!format!("{cfg:?}").contains("s3cr3t"));

@@ -24,8 +24,14 @@ pub struct HttpSourceConfig {
     /// Address to listen on.
     #[serde(default = "default_http_listen")]
     pub listen: String,
-    /// Duvo queue the cases go to.
+    /// Duvo queue the cases go to: the default route. Empty (left out)
+    /// with `routes`: an event no route matches is refused (422 `no_route`).
+    #[serde(default)]
     pub queue_id: String,
+    /// Content-based routes (`[[sources.routes]]`), first match wins, on a
+    /// JSON pointer of the event or a request header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::routing::RouteConfig>,
     /// The Duvo account (`[[duvo.accounts]]` name) whose key and budget
     /// deliver these cases; default: `[duvo]` itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +176,7 @@ impl HttpSourceConfig {
             name: name.to_string(),
             listen: "127.0.0.1:0".into(),
             queue_id: queue_id.to_string(),
+            routes: Vec::new(),
             account: None,
             title: crate::mapping::default_title(),
             title_fallback: crate::mapping::default_title_fallback(),
@@ -276,6 +283,7 @@ impl HttpSourceConfig {
             &at,
             &h.queue_id,
             &h.mapping(),
+            &h.routes,
             ("event_id_field", h.event_id_field.as_deref()),
             &mut errors,
         );

@@ -26,17 +26,16 @@ use futures::future::BoxFuture;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use uuid::Uuid;
 
 use super::decode::{BodyFormat, decode_events};
 use super::{Source, SourceContext, SourceError};
 pub mod config;
 
 use crate::listener::ListenerLimits;
-use crate::mapping::Mapper;
 use crate::outbox::{EventId, NewEvent, Origin};
 use crate::raw_json::RawEvent;
 use crate::report::callback_policy::CallbackPolicy;
+use crate::routing::{Inputs, Router as Routes};
 use crate::secret::Secret;
 pub use config::HttpSourceConfig;
 use config::check_http_url;
@@ -53,8 +52,7 @@ pub struct HttpSource {
     cfg: HttpSourceConfig,
     listener: TcpListener,
     addr: SocketAddr,
-    mapper: Arc<Mapper>,
-    queue_id: Uuid,
+    router: Arc<Routes>,
     token: Option<Secret>,
 }
 
@@ -66,7 +64,7 @@ impl HttpSource {
             source_name: cfg.name.clone(),
             message,
         };
-        let (mapper, queue_id) = super::routing(&cfg.name, &cfg.mapping(), &cfg.queue_id)?;
+        let router = super::routing(&cfg.name, &cfg.mapping(), &cfg.queue_id, &cfg.routes)?;
         let token = cfg.auth_token().map_err(conf_err)?;
         let listener = TcpListener::bind(&cfg.listen)
             .await
@@ -84,8 +82,7 @@ impl HttpSource {
             cfg,
             listener,
             addr,
-            mapper: Arc::new(mapper),
-            queue_id,
+            router: Arc::new(router),
             token,
         })
     }
@@ -99,8 +96,7 @@ impl HttpSource {
 struct HttpState {
     name: Arc<str>,
     cfg: Arc<HttpSourceConfig>,
-    mapper: Arc<Mapper>,
-    queue_id: Uuid,
+    router: Arc<Routes>,
     token: Option<Secret>,
     ctx: SourceContext,
     /// Body bytes being read or decoded, one permit per byte.
@@ -122,17 +118,19 @@ impl Source for HttpSource {
                 cfg,
                 listener,
                 addr,
-                mapper,
-                queue_id,
+                router: routes,
                 token,
             } = *self;
             let health_key = format!("source:{}", cfg.name);
             ctx.health.set_ready(&health_key);
-            tracing::info!(source = %cfg.name, %addr, queue = %queue_id, "HTTP source listening");
+            let queues: Vec<String> = routes
+                .targets()
+                .map(|t| format!("{}={}", t.route, t.queue_id))
+                .collect();
+            tracing::info!(source = %cfg.name, %addr, routes = %queues.join(" "), "HTTP source listening");
             let state = HttpState {
                 name: Arc::from(cfg.name.as_str()),
-                mapper,
-                queue_id,
+                router: routes,
                 token,
                 ctx: ctx.clone(),
                 inflight: Arc::new(Semaphore::new(cfg.max_inflight_bytes)),
@@ -285,7 +283,13 @@ async fn post_events(State(state): State<HttpState>, headers: HeaderMap, body: B
         },
         None => None,
     };
-    let batch = match to_new_events(&state, &events, key_prefix.as_deref(), callback_url) {
+    let batch = match to_new_events(
+        &state,
+        &headers,
+        &events,
+        key_prefix.as_deref(),
+        callback_url,
+    ) {
         Ok(b) => b,
         Err(refusal) => return *refusal,
     };
@@ -509,6 +513,7 @@ fn request_options(
 /// request when one case is too large for the API.
 fn to_new_events(
     state: &HttpState,
+    headers: &HeaderMap,
     events: &[RawEvent<'_>],
     key_prefix: Option<&str>,
     callback_url: Option<String>,
@@ -516,8 +521,32 @@ fn to_new_events(
     let src = &*state.name;
     let received_at_ms = crate::clock::now_ms();
     let mut batch = Vec::with_capacity(events.len());
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let mut routes = Vec::with_capacity(events.len());
     for (i, ev) in events.iter().enumerate() {
-        let case = state.mapper.map(ev);
+        let Some(target) = state.router.route(&Inputs {
+            event: Some(ev),
+            header: &header,
+            topic: None,
+        }) else {
+            count_rejected(src, "no_route");
+            return Err(Box::new((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                axum::Json(json!({
+                    "error": "no_route",
+                    "message": format!("event #{i} matches none of source {src}'s routes and the source has no default queue_id; nothing was stored"),
+                    "index": i,
+                })),
+            )
+                .into_response()));
+        };
+        routes.push(target.route.clone());
+        let case = target.mapper.map(ev);
         let size = serde_json::to_vec(&case).map(|v| v.len()).unwrap_or(0);
         if size > state.ctx.max_case_bytes {
             count_rejected(src, "event_too_large");
@@ -544,7 +573,7 @@ fn to_new_events(
         batch.push(NewEvent {
             source: src.to_string(),
             identity,
-            queue_id: state.queue_id,
+            queue_id: target.queue_id,
             case,
             received_at_ms,
             origin: Some(Origin::Http {
@@ -552,6 +581,9 @@ fn to_new_events(
                 callback_ref: None,
             }),
         });
+    }
+    for r in &routes {
+        crate::routing::count_routed(src, r);
     }
     Ok(batch)
 }

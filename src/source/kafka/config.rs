@@ -28,35 +28,9 @@ pub enum KafkaUndecodablePolicy {
     DeadLetter,
 }
 
-/// Per-topic routing: the cases of records from `topic` go to this queue
-/// with this mapping. Keys left out are taken from the source.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaRoute {
-    /// A topic from `topics` (exact name).
-    pub topic: String,
-    /// Duvo queue for this topic's cases.
-    #[serde(default)]
-    pub queue_id: Option<String>,
-    /// Account delivering this topic's cases (default: the source's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub account: Option<String>,
-    /// Title template for this topic.
-    #[serde(default)]
-    pub title: Option<String>,
-    /// Title when the template renders empty (and for wrapped non-JSON).
-    #[serde(default)]
-    pub title_fallback: Option<String>,
-    /// Labels for this topic (replace the source's labels).
-    #[serde(default)]
-    pub labels: Option<std::collections::BTreeMap<String, String>>,
-    /// Static priority for this topic.
-    #[serde(default)]
-    pub priority: Option<Priority>,
-    /// JSON pointer whose value overrides `priority`.
-    #[serde(default)]
-    pub priority_field: Option<String>,
-}
+/// A route of a Kafka source: [`crate::routing::RouteConfig`] (a `topic`
+/// alone is the per-topic route; a pointer or header tests the record).
+pub type KafkaRoute = crate::routing::RouteConfig;
 
 /// Kafka source: a consumer-group member (librdkafka) reading `topics`.
 /// Offsets are stored only once every record below them is fsync'd in the
@@ -85,7 +59,10 @@ pub struct KafkaSourceConfig {
     /// of a StatefulSet), for replicas that share one config file.
     #[serde(default)]
     pub group_instance_id_env: Option<String>,
-    /// Duvo queue the cases go to (per topic: `routes`).
+    /// Duvo queue the cases go to: the default route (per topic or by
+    /// content: `routes`). Empty (left out) with `routes`: a record no route
+    /// matches goes to `dead_letter_topic` (required then).
+    #[serde(default)]
     pub queue_id: String,
     /// The Duvo account (`[[duvo.accounts]]` name) whose key and budget
     /// deliver these cases; default: `[duvo]` itself.
@@ -106,8 +83,9 @@ pub struct KafkaSourceConfig {
     /// JSON pointer whose value (none/medium/high) overrides `priority`.
     #[serde(default)]
     pub priority_field: Option<String>,
-    /// Per-topic queue and mapping (`[[sources.routes]]`); topics without a
-    /// route use the keys above.
+    /// Routes (`[[sources.routes]]`), first match wins: by `topic`, by a
+    /// JSON pointer of the record or by a record header; records no route
+    /// matches use the keys above.
     #[serde(default)]
     pub routes: Vec<KafkaRoute>,
     /// Record header carrying a producer-supplied id used for dedupe
@@ -242,21 +220,8 @@ impl KafkaSourceConfig {
 
     /// A route's mapping and queue id, with the source's keys filled in.
     pub fn route_mapping(&self, r: &KafkaRoute) -> (MappingConfig, String) {
-        let m = MappingConfig {
-            title: r.title.clone().unwrap_or_else(|| self.title.clone()),
-            title_fallback: r
-                .title_fallback
-                .clone()
-                .unwrap_or_else(|| self.title_fallback.clone()),
-            labels: r.labels.clone().unwrap_or_else(|| self.labels.clone()),
-            priority: r.priority.or(self.priority),
-            priority_field: r
-                .priority_field
-                .clone()
-                .or_else(|| self.priority_field.clone()),
-        };
         (
-            m,
+            r.mapping(&self.mapping()),
             r.queue_id.clone().unwrap_or_else(|| self.queue_id.clone()),
         )
     }
@@ -339,22 +304,24 @@ impl KafkaSourceConfig {
             &at,
             &k.queue_id,
             &k.mapping(),
+            &k.routes,
             ("message_id_field", k.message_id_field.as_deref()),
             &mut errors,
         );
-        let mut routed = BTreeSet::new();
-        for r in &k.routes {
-            let rat = format!("{at}.routes.{}", r.topic);
-            if !k.topics.contains(&r.topic) || r.topic.starts_with('^') {
+        for (n, r) in k.routes.iter().enumerate() {
+            let rat = format!("{at}.routes.{}", r.display_name(n));
+            if let Some(t) = &r.topic
+                && (!k.topics.contains(t) || t.starts_with('^'))
+            {
                 errors.push(format!(
                     "{rat}: the topic is not listed (by exact name) in {at}.topics"
                 ));
             }
-            if !routed.insert(r.topic.as_str()) {
-                errors.push(format!("{rat}: a topic has at most one route"));
-            }
-            let (mapping, queue_id) = k.route_mapping(r);
-            check_routing(&rat, &queue_id, &mapping, ("", None), &mut errors);
+        }
+        if k.queue_id.is_empty() && !k.routes.is_empty() && k.dead_letter_topic.is_none() {
+            errors.push(format!(
+                "{at}: without a queue_id, a record no route matches has nowhere to go: set queue_id (the default route) or dead_letter_topic"
+            ));
         }
         if matches!(&k.message_id_header, Some(h) if h.is_empty()) {
             errors.push(format!("{at}.message_id_header must not be empty"));

@@ -34,7 +34,6 @@ pub mod client;
 pub mod context;
 pub mod offsets;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +47,6 @@ use rdkafka::message::{
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
-use uuid::Uuid;
 
 pub mod config;
 
@@ -63,10 +61,10 @@ use crate::encoding::base64;
 use crate::kafka::{
     LogContext, Scrubber, check_librdkafka, describe_config_error, with_source_coordinates,
 };
-use crate::mapping::Mapper;
 use crate::outbox::{NewEvent, Origin};
 use crate::raw_json::RawEvent;
 use crate::retry::RetryPolicy;
+use crate::routing::{Inputs, Router};
 
 /// How often backpressure is re-checked while partitions are paused.
 const PAUSE_POLL: Duration = Duration::from_millis(100);
@@ -84,19 +82,12 @@ const STEP_BACK: i64 = 1000;
 /// Longest wait for a partition's log start when a hole is found.
 const WATERMARK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the records of one topic go.
-struct Route {
-    mapper: Mapper,
-    queue_id: Uuid,
-}
-
 /// The Kafka intake. The consumer is created in [`Source::run`]; librdkafka
 /// reconnects by itself, and a fatal client error restarts the consumer
 /// with backoff.
 pub struct KafkaSource {
     cfg: KafkaSourceConfig,
-    default_route: Route,
-    routes: HashMap<String, Route>,
+    router: Router,
     scrubber: Scrubber,
     restart: RetryPolicy,
 }
@@ -141,13 +132,7 @@ impl KafkaSource {
             source_name: cfg.name.clone(),
             message,
         };
-        let (mapper, queue_id) = super::routing(&cfg.name, &cfg.mapping(), &cfg.queue_id)?;
-        let mut routes = HashMap::new();
-        for r in &cfg.routes {
-            let (mapping, queue_id) = cfg.route_mapping(r);
-            let (mapper, queue_id) = super::routing(&cfg.name, &mapping, &queue_id)?;
-            routes.insert(r.topic.clone(), Route { mapper, queue_id });
-        }
+        let router = super::routing(&cfg.name, &cfg.mapping(), &cfg.queue_id, &cfg.routes)?;
         let errors = check_librdkafka(&cfg.librdkafka);
         if !errors.is_empty() {
             return Err(conf_err(errors.join("; ")));
@@ -158,8 +143,7 @@ impl KafkaSource {
             .map_err(|e| conf_err(describe_config_error(&e, &cfg.librdkafka)))?;
         Ok(KafkaSource {
             scrubber: Scrubber::new(&cfg.librdkafka),
-            default_route: Route { mapper, queue_id },
-            routes,
+            router,
             cfg,
             restart: RetryPolicy {
                 initial: Duration::from_millis(500),
@@ -786,7 +770,6 @@ impl KafkaSource {
         received_at_ms: u64,
         max_case_bytes: usize,
     ) -> What {
-        let route = self.routes.get(topic).unwrap_or(&self.default_route);
         let wrap = self.cfg.on_undecodable == KafkaUndecodablePolicy::Wrap;
         let refuse = |reason: &'static str| {
             if self.cfg.dead_letter_topic.is_some() {
@@ -798,19 +781,41 @@ impl KafkaSource {
                 What::Skip(reason)
             }
         };
-        let (case, json): (NewCase, Option<RawEvent<'_>>) = match m.payload() {
+        let (json, wrapped): (Option<RawEvent<'_>>, Option<String>) = match m.payload() {
             // A tombstone (null value) carries nothing to make a case of.
             None => return refuse("null_value"),
             Some(bytes) => match std::str::from_utf8(bytes) {
                 Ok(text) => match RawEvent::parse(text) {
-                    Ok(ev) => (route.mapper.map(&ev), Some(ev)),
-                    _ if wrap => (route.mapper.map_text(text), None),
+                    Ok(ev) => (Some(ev), None),
+                    _ if wrap => (None, Some(text.to_string())),
                     _ => return refuse("not_json_object"),
                 },
-                Err(_) if wrap => (route.mapper.map_text(&base64(bytes)), None),
+                Err(_) if wrap => (None, Some(base64(bytes))),
                 Err(_) => return refuse("not_utf8"),
             },
         };
+        let header = |name: &str| {
+            m.headers().and_then(|hs| {
+                hs.iter()
+                    .find(|h| h.key.eq_ignore_ascii_case(name))
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(str::to_owned)
+            })
+        };
+        let Some(route) = self.router.route(&Inputs {
+            event: json.as_ref(),
+            header: &header,
+            topic: Some(topic),
+        }) else {
+            return refuse("no_route");
+        };
+        let case: NewCase = match (&json, &wrapped) {
+            (Some(ev), _) => route.mapper.map(ev),
+            (None, Some(text)) => route.mapper.map_text(text),
+            (None, None) => unreachable!("a payload is JSON or wrapped"),
+        };
+        crate::routing::count_routed(&self.cfg.name, &route.route);
         if !case_fits(&case, max_case_bytes) {
             return refuse("event_too_large");
         }
@@ -1112,7 +1117,7 @@ mod tests {
         NewEvent {
             source: "k".into(),
             identity: Some(identity),
-            queue_id: Uuid::nil(),
+            queue_id: uuid::Uuid::nil(),
             case: NewCase {
                 title: "t".into(),
                 data: None,
@@ -1184,7 +1189,7 @@ mod tests {
             "127.0.0.1:1",
             "g",
             &["orders"],
-            Uuid::nil(),
+            uuid::Uuid::nil(),
         ))
         .unwrap();
         let ctx = SourceContext {
