@@ -228,6 +228,50 @@ queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
     }
 
     #[test]
+    fn each_accounts_rate_applies_to_its_own_gate() {
+        let with_b = |rate: u32, extra: &str| {
+            BASE.replace(
+                "[outbox]",
+                &format!(
+                    "[[duvo.accounts]]\nname = \"b\"\napi_key = \"dv_reload_test_key_b00000000000000\"\nrate_limit_per_minute = {rate}\n{extra}[outbox]"
+                ),
+            )
+        };
+        let (a, b) = (
+            RateGate::new(RateGateConfig::default()),
+            RateGate::new(RateGateConfig::default()),
+        );
+        let gates = vec![
+            ("default".to_string(), a.clone()),
+            ("b".to_string(), b.clone()),
+        ];
+        let mut r = Reloader::new(
+            "/nonexistent".into(),
+            Config::parse(&with_b(300, "")).unwrap(),
+            gates,
+        );
+        let out = r.apply(Config::parse(&with_b(60, "")).unwrap());
+        assert_eq!(
+            out.applied,
+            vec!["duvo.accounts.b.rate_limit_per_minute: 300 -> 60".to_string()]
+        );
+        assert!(out.needs_restart.is_empty(), "{out:?}");
+        assert_eq!(b.config().rate_per_minute, 60);
+        assert_eq!(
+            a.config().rate_per_minute,
+            300,
+            "the other account keeps its rate"
+        );
+        // A new account is a restart.
+        let more = with_b(60, "").replace(
+            "[outbox]",
+            "[[duvo.accounts]]\nname = \"c\"\napi_key = \"dv_reload_test_key_c00000000000000\"\n[outbox]",
+        );
+        let out = r.apply(Config::parse(&more).unwrap());
+        assert_eq!(out.needs_restart, vec!["duvo".to_string()]);
+    }
+
+    #[test]
     fn an_invalid_file_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
