@@ -645,3 +645,72 @@ async fn failed_and_rejected_records_are_reported_to_the_failure_topic_keyed_by_
     assert_eq!(again.len(), 21);
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_routed_by_header_and_content_and_the_unrouted_dead_lettered() {
+    let m = mock(1, &[("orders-mixed", 1), ("orders-mixed.dlq", 1)]);
+    let bs = m.bootstrap_servers();
+    let p = producer(&bs);
+    let mut recs = Vec::new();
+    for i in 0..12usize {
+        let id = format!("ORD-{i:06}");
+        recs.push(match i % 3 {
+            0 => Rec {
+                headers: vec![("Kind".into(), "return".into())],
+                ..Rec::json(&id, &json!({"order_id": id, "channel": "web"}))
+            },
+            1 => Rec::json(&id, &json!({"order_id": id, "channel": "b2b"})),
+            _ => Rec::json(&id, &json!({"order_id": id, "channel": "phone"})),
+        });
+    }
+    produce(&p, "orders-mixed", &recs).await;
+
+    let mut sc = sim_config();
+    sc.queues = (0..2).map(|_| uuid::Uuid::new_v4()).collect();
+    let sim = start_sim(sc).await;
+    let q = sim.queues();
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = kafka_source("k-routes", &bs, "g-routes", &["orders-mixed"], q[0]);
+    src.queue_id = String::new(); // no default route: unrouted records are dead letters
+    src.dead_letter_topic = Some("orders-mixed.dlq".into());
+    src.routes = vec![
+        duvo_bridge::routing::RouteConfig {
+            name: Some("returns".into()),
+            header: Some("kind".into()),
+            equals: Some("return".into()),
+            queue_id: Some(q[0].to_string()),
+            title: Some("Return {/order_id}".into()),
+            ..Default::default()
+        },
+        duvo_bridge::routing::RouteConfig {
+            topic: Some("orders-mixed".into()),
+            pointer: Some("/channel".into()),
+            equals: Some("b2b".into()),
+            queue_id: Some(q[1].to_string()),
+            ..Default::default()
+        },
+    ];
+    let bridge = Bridge::start(kafka_bridge_config(&sim, dir.path(), vec![src])).await;
+    expect_cases(&sim, 8, 60).await;
+    let dead = read_topic(&bs, "orders-mixed.dlq", 4, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cases = sim.cases();
+    assert_eq!(cases.len(), 8, "exactly once");
+    for c in &cases {
+        let data: serde_json::Value = serde_json::from_str(c.data.as_deref().unwrap()).unwrap();
+        match data["channel"].as_str().unwrap() {
+            "web" => {
+                assert_eq!(c.queue_id, q[0]);
+                assert!(c.title.starts_with("Return "), "{}", c.title);
+            }
+            "b2b" => assert_eq!(c.queue_id, q[1]),
+            other => panic!("a {other} record became a case"),
+        }
+    }
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|m| header(m, "duvo-bridge-error") == Some("no_route"))
+    );
+    bridge.stop().await;
+}
