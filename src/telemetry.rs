@@ -22,9 +22,14 @@ static LOG_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new
 pub fn init_logging(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(quiet_payload_logs());
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let installed = match cfg.format {
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter)
@@ -38,6 +43,15 @@ pub fn init_logging(cfg: &LogConfig) {
     if installed.is_ok() {
         let _ = LOG_FILTER.set(handle);
     }
+}
+
+/// lapin logs a returned message whole (its body: a failure report, the
+/// original event, personal data) at warn; the AMQP reporter logs the
+/// return itself, with ids only. So that target only logs errors.
+fn quiet_payload_logs() -> tracing_subscriber::filter::Directive {
+    "lapin::returned_messages=error"
+        .parse()
+        .expect("a valid directive")
 }
 
 /// Why [`set_log_level`] did not apply a level.
@@ -56,10 +70,12 @@ pub enum LogLevelError {
 
 /// Replace the log filter at run time (SIGHUP with a changed `log.level`).
 pub fn set_log_level(level: &str) -> Result<(), LogLevelError> {
-    let filter = EnvFilter::try_new(level).map_err(|err| LogLevelError::Parse {
-        level: level.to_string(),
-        err,
-    })?;
+    let filter = EnvFilter::try_new(level)
+        .map_err(|err| LogLevelError::Parse {
+            level: level.to_string(),
+            err,
+        })?
+        .add_directive(quiet_payload_logs());
     LOG_FILTER
         .get()
         .ok_or(LogLevelError::NotInstalled)?

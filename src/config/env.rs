@@ -27,9 +27,14 @@ pub fn apply(
     table: &mut toml::Table,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Vec<String>, Vec<String>> {
+    // The prefix in any case too (`duvo_bridge__log__level`): a lower-case
+    // one silently ignored would look applied and not be.
     let mut vars: Vec<(String, String)> = vars
         .into_iter()
-        .filter(|(k, _)| k.starts_with(PREFIX))
+        .filter(|(k, _)| {
+            k.get(..PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+        })
         .collect();
     vars.sort();
     let mut applied = Vec::new();
@@ -182,7 +187,7 @@ name = "rabbit-eu"
             &mut t,
             vars(&[
                 ("DUVO_BRIDGE__DUVO__RATE_LIMIT_PER_MINUTE", "120"),
-                ("DUVO_BRIDGE__LOG__LEVEL", "debug"),
+                ("duvo_bridge__log__level", "debug"),
                 ("DUVO_BRIDGE__SOURCES__0__LISTEN", "0.0.0.0:8080"),
                 ("DUVO_BRIDGE__SOURCES__RABBIT_EU__PREFETCH", "50"),
                 ("DUVO_BRIDGE__SOURCES__OMS__LABELS__TEAM", "ops"),

@@ -1,4 +1,4 @@
-//! Wire types of the Duvo cases API (see `shared/duvo-cases-api.md`).
+//! Wire types of the Duvo cases API (see `docs/duvo-cases-api.md`).
 //!
 //! Both the client and the simulator use these, so a change to the contract is
 //! made once and both sides follow. Unknown fields are tolerated on input

@@ -1,7 +1,7 @@
 //! The local Duvo simulator (`duvo-bridge sim`).
 //!
 //! Every test, benchmark and demo trusts it to behave like the production
-//! cases API, so it enforces `shared/duvo-cases-api.md` strictly: bearer auth
+//! cases API, so it enforces `docs/duvo-cases-api.md` strictly: bearer auth
 //! (401/403/404), validation (400/413), a fixed-window per-key rate limit with
 //! `x-ratelimit-*` on every answer to a valid key and `retry-after` on 429,
 //! idempotency keys (replay / 409), list and search with filters, a simulated
