@@ -153,14 +153,19 @@ async fn one(a: &AccountClient, queue: Uuid) -> QueueCheck {
         Ok(r) => (Some(r.status.as_u16()), Some(&r.rate)),
         Err(e) => (e.status().map(|s| s.as_u16()), e.rate()),
     };
+    // The gate learns only a 429 from this check (its retry-after must
+    // hold everyone). A success's window figures would make it trust a
+    // window it has not probed with a create: someone else may spend it
+    // before the first batch, and a burst sent on stale figures meets
+    // 429s with more requests already on the way.
     if let Some(p) = permit {
         match rate {
-            Some(rate) => {
+            Some(rate) if status == Some(429) => {
                 let mut fb = ServerFeedback::from_info(rate, SystemTime::now());
                 fb.status = status;
                 p.observe(&fb);
             }
-            None => drop(p),
+            _ => drop(p),
         }
     }
     metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "get_queue",
