@@ -154,19 +154,18 @@ async fn one(a: &AccountClient, queue: Uuid) -> QueueCheck {
         Err(e) => (e.status().map(|s| s.as_u16()), e.rate()),
     };
     // The gate learns only a 429 from this check (its retry-after must
-    // hold everyone). A success's window figures would make it trust a
-    // window it has not probed with a create: someone else may spend it
-    // before the first batch, and a burst sent on stale figures meets
-    // 429s with more requests already on the way.
+    // hold everyone); any other answer settles the permit with its status
+    // alone. A success's window figures would make it trust a window it
+    // has not probed with a create: someone else may spend it before the
+    // first batch, and a burst sent on stale figures meets 429s with more
+    // requests already on the way.
     if let Some(p) = permit {
-        match rate {
-            Some(rate) if status == Some(429) => {
-                let mut fb = ServerFeedback::from_info(rate, SystemTime::now());
-                fb.status = status;
-                p.observe(&fb);
-            }
-            _ => drop(p),
-        }
+        let mut fb = match rate {
+            Some(rate) if status == Some(429) => ServerFeedback::from_info(rate, SystemTime::now()),
+            _ => ServerFeedback::default(),
+        };
+        fb.status = status;
+        p.observe(&fb);
     }
     metrics::counter!("duvo_bridge_api_requests_total", "endpoint" => "get_queue",
         "outcome" => status.map_or("transport_error".into(), |s| s.to_string()),
