@@ -83,6 +83,7 @@ pub fn outbox_config(cfg: &Config) -> OutboxConfig {
         min_free_disk_bytes: cfg.outbox.min_free_disk_mb.saturating_mul(1024 * 1024),
         retention: Duration::from_secs(cfg.outbox.retention_hours * 3600),
         cache_capacity_bytes: cfg.outbox.cache_mb.saturating_mul(1024 * 1024),
+        compact_min_bytes: cfg.outbox.compact_min_mb.saturating_mul(1024 * 1024),
         tracking: cfg.tracking.policy(report_sources),
         accept_data_loss: cfg.outbox.accept_data_loss,
         background_load: true,

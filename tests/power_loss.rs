@@ -623,3 +623,145 @@ async fn damage_is_named_by_verify_and_an_unopenable_outbox_is_refused() {
         "{stderr}"
     );
 }
+
+/// Compactions (the outbox copied into a new generation and switched to)
+/// asked for over and over while events flow, with SIGKILL + power cuts at
+/// random moments, some inside a copy or its switch: every acknowledged
+/// event is one case, and the outbox opens after every cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_during_compactions_lose_nothing_acknowledged() {
+    let mut rng = seeded_rng();
+    const CHUNKS: usize = 120;
+    const PER_CHUNK: usize = 50;
+    let (dir, m) = mount();
+    let mnt = dir.path().join("mnt");
+    let mut sc = sim_config();
+    sc.rate_limit = 1200;
+    let sim = start_sim(sc).await;
+    let q = sim.queues()[0];
+    let (http, admin) = (free_port(), free_port());
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        bridge_toml(&sim, &mnt, admin, 1200, &http_source_toml(http, q)),
+    )
+    .unwrap();
+    let log = dir.path().join("bridge.log");
+    let key = sim.api_keys()[0].clone();
+    let token = "compact-token-0123456789";
+    let env = [
+        ("DUVO_BRIDGE__ADMIN__TOKEN_ENV", "POWER_ADMIN_TOKEN"),
+        ("POWER_ADMIN_TOKEN", token),
+    ];
+    let spawn = || spawn_bridge_with(&config, &key, &log, &env);
+    let mut bridge = spawn();
+    assert!(wait_ready(admin).await, "bridge ready");
+
+    let poster = tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        for c in 0..CHUNKS {
+            let body: Vec<_> = (0..PER_CHUNK)
+                .map(|j| json!({ "order_id": format!("C-{c}-{j}") }))
+                .collect();
+            loop {
+                let r = client
+                    .post(format!("http://127.0.0.1:{http}/v1/events"))
+                    .header("Idempotency-Key", format!("compact-{c}"))
+                    .json(&body)
+                    .send()
+                    .await;
+                if matches!(&r, Ok(r) if r.status() == 202) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let compactor = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut done = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client
+                    .post(format!("http://127.0.0.1:{admin}/v1/outbox/compact"))
+                    .bearer_auth(token)
+                    .send()
+                    .await;
+                if matches!(&r, Ok(r) if r.status() == 200) {
+                    done += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            done
+        })
+    };
+    for cut in 1..=5 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        bridge.kill().unwrap(); // SIGKILL
+        bridge.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let dropped = m.fs.cut();
+        eprintln!(
+            "cut #{cut}: dropped {dropped}; generation {:?}; {} cases so far",
+            duvo_bridge::outbox::compact::current_generation(&mnt.join("outbox")),
+            sim.stats().cases_created
+        );
+        bridge = spawn();
+        if !wait_ready(admin).await {
+            let _ = bridge.kill();
+            panic!(
+                "bridge ready after cut #{cut}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+    poster.await.unwrap();
+    let total = CHUNKS * PER_CHUNK;
+    let delivered = wait_until(Duration::from_secs(120), || async {
+        sim.stats().cases_created as usize >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let compactions = compactor.await.unwrap();
+    send_signal(&bridge, "TERM");
+    bridge.wait().unwrap();
+    let per = cases_per_order(&sim);
+    let missing: Vec<String> = (0..CHUNKS)
+        .flat_map(|c| (0..PER_CHUNK).map(move |j| format!("C-{c}-{j}")))
+        .filter(|k| !per.contains_key(k))
+        .collect();
+    let dups: Vec<_> = per.iter().filter(|(_, n)| **n > 1).collect();
+    let generation = duvo_bridge::outbox::compact::current_generation(&mnt.join("outbox")).unwrap();
+    eprintln!(
+        "compactions={compactions} generation={generation} cases={} missing={} duplicates={}",
+        per.values().sum::<usize>(),
+        missing.len(),
+        dups.len()
+    );
+    if !delivered || !missing.is_empty() {
+        eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    assert!(
+        compactions >= 5,
+        "only {compactions} compactions were carried out"
+    );
+    assert!(
+        generation >= 5,
+        "generation {generation}: the switches did not stick"
+    );
+    assert!(
+        missing.is_empty(),
+        "lost: {} e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(dups.is_empty(), "duplicated: {dups:?}");
+    assert_eq!(per.len(), total, "nothing else became a case");
+}

@@ -61,6 +61,8 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
 }
 
+const NO_SOURCES: &str = "no [[sources]] configured: the bridge would have nothing to do";
+
 /// Every problem found in a configuration.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
@@ -113,6 +115,7 @@ impl Config {
     /// with the rest.
     fn from_table(table: toml::Table, mut errors: Vec<String>) -> Result<Config, ConfigErrors> {
         let mut cfg = Config::default();
+        let mut unparsed_sources = 0;
 
         fn section<T: serde::de::DeserializeOwned + Default>(
             table: &toml::Table,
@@ -121,13 +124,7 @@ impl Config {
         ) -> T {
             match table.get(name) {
                 None => T::default(),
-                Some(v) => match v.clone().try_into::<T>() {
-                    Ok(t) => t,
-                    Err(e) => {
-                        errors.push(format!("[{name}]: {}", one_line(&e.to_string())));
-                        T::default()
-                    }
-                },
+                Some(v) => deserialize_all(v, &format!("[{name}]"), errors).unwrap_or_default(),
             }
         }
         for key in table.keys() {
@@ -158,26 +155,31 @@ impl Config {
             None => {}
             Some(toml::Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
-                    match item.clone().try_into::<SourceConfig>() {
-                        Ok(s) => cfg.sources.push(s),
-                        Err(e) => {
-                            let name = item
-                                .get("name")
-                                .and_then(|n| n.as_str())
-                                .map(|n| format!(" ({n})"))
-                                .unwrap_or_default();
-                            errors.push(format!(
-                                "[[sources]] #{}{name}: {}",
-                                i + 1,
-                                one_line(&e.to_string())
-                            ));
-                        }
+                    // Numbered from 0 like the environment overrides
+                    // (`DUVO_BRIDGE__SOURCES__0__...`).
+                    let name = item
+                        .get("name")
+                        .and_then(|n| n.as_str())
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default();
+                    match deserialize_all::<SourceConfig>(
+                        item,
+                        &format!("sources.{i}{name}"),
+                        &mut errors,
+                    ) {
+                        Some(s) => cfg.sources.push(s),
+                        None => unparsed_sources += 1,
                     }
                 }
             }
             Some(_) => errors.push("`sources` must be an array of tables ([[sources]])".into()),
         }
-        errors.extend(cfg.check());
+        // "No sources" would be wrong when some were written but refused.
+        errors.extend(
+            cfg.check()
+                .into_iter()
+                .filter(|e| unparsed_sources == 0 || e != NO_SOURCES),
+        );
         if errors.is_empty() {
             Ok(cfg)
         } else {
@@ -209,7 +211,7 @@ impl Config {
             listens.push(("admin.listen".into(), &self.admin.listen));
         }
         if self.sources.is_empty() {
-            errors.push("no [[sources]] configured: the bridge would have nothing to do".into());
+            errors.push(NO_SOURCES.into());
         }
         let mut names = BTreeSet::new();
         for s in &self.sources {
@@ -293,6 +295,78 @@ fn parse_table(text: &str) -> Result<toml::Table, ConfigErrors> {
             .unwrap_or_default();
         ConfigErrors(vec![format!("TOML syntax{at}: {}", one_line(e.message()))])
     })
+}
+
+/// Deserialise `value` as `T`, reporting every key serde refuses (each
+/// error prefixed with `at`), not only the first: serde stops at its first
+/// error, so when the whole table fails, its keys are tried one at a time on
+/// top of the ones accepted so far. An error while a key is read (its type,
+/// an unknown key, a bad variant) belongs to that key; a missing required
+/// key only shows once every key is in, and is reported then. Returns what
+/// the accepted keys make when that deserialises (so the semantic checks
+/// see what was written), `None` otherwise.
+fn deserialize_all<T: serde::de::DeserializeOwned>(
+    value: &toml::Value,
+    at: &str,
+    errors: &mut Vec<String>,
+) -> Option<T> {
+    let first = match value.clone().try_into::<T>() {
+        Ok(t) => return Some(t),
+        Err(e) => e,
+    };
+    let Some(table) = value.as_table() else {
+        errors.push(format!("{at}: {}", one_line(&first.to_string())));
+        return None;
+    };
+    let missing = |e: &toml::de::Error| e.to_string().starts_with("missing field");
+    let mut accepted = toml::Table::new();
+    let mut refused = BTreeSet::new();
+    // A tagged enum's tag first (`type` of a source): without it every
+    // other key would only meet "missing field `type`".
+    let mut keys: Vec<(&String, &toml::Value)> = table.iter().collect();
+    keys.sort_by_key(|(k, _)| k.as_str() != "type");
+    for (key, v) in keys {
+        let mut candidate = accepted.clone();
+        candidate.insert(key.clone(), v.clone());
+        match toml::Value::Table(candidate).try_into::<T>() {
+            Err(e) if !missing(&e) => {
+                errors.push(format!(
+                    "{at}: {}",
+                    one_line(&with_key(&e.to_string(), key))
+                ));
+                refused.insert(key.clone());
+            }
+            _ => {
+                accepted.insert(key.clone(), v.clone());
+            }
+        }
+    }
+    match toml::Value::Table(accepted).try_into::<T>() {
+        // With keys refused this is not what was written, but the other
+        // keys still get their semantic checks.
+        Ok(t) => Some(t),
+        Err(e) => {
+            // A required key that is absent, not one that was refused.
+            let named = e
+                .to_string()
+                .split('`')
+                .nth(1)
+                .is_some_and(|k| refused.contains(k));
+            if refused.is_empty() || !named {
+                errors.push(format!("{at}: {}", one_line(&e.to_string())));
+            }
+            None
+        }
+    }
+}
+
+/// serde's message for one key, naming the key when serde did not.
+fn with_key(message: &str, key: &str) -> String {
+    if message.contains(&format!("`{key}`")) {
+        message.to_string()
+    } else {
+        format!("{key}: {message}")
+    }
 }
 
 /// The values of secret-holding keys anywhere in `v` (`key` is the key

@@ -111,7 +111,7 @@ name = "p"
         "queue_id \"not-a-uuid\"",
         "sources.oms.title",
         "used twice",
-        "[[sources]] #3",
+        "sources.2 (p)",
     ] {
         assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
     }
@@ -417,4 +417,59 @@ fn no_config_error_quotes_a_secret_value() {
     assert!(!printed.contains("hunter22"), "{printed}");
     assert!(!printed.contains("abc123xyz"), "{printed}");
     assert!(printed.contains("oms.example/cb"), "{printed}");
+}
+
+#[test]
+fn every_bad_key_of_a_section_is_reported_not_only_the_first() {
+    let bad = r#"
+[duvo]
+api_key = "dv_x"
+rate_limit_per_minute = "lots"
+typo_key = 1
+rate_share = "half"
+[outbox]
+cache_mb = "big"
+high_water_events = -1
+[[sources]]
+type = "http"
+name = "oms"
+queue_id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
+listen = 8080
+nonsense = true
+title = 5
+"#;
+    let errs = Config::parse(bad).unwrap_err().0;
+    let all = errs.join("\n");
+    for needle in [
+        "rate_limit_per_minute",
+        "typo_key",
+        "rate_share",
+        "cache_mb",
+        "high_water_events",
+        "sources.0 (oms)",
+        "listen",
+        "nonsense",
+        "title",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    // One line per bad key, and the source that exists is not "missing".
+    assert_eq!(errs.len(), 8, "{all}");
+    assert!(!all.contains("no [[sources]]"), "{all}");
+}
+
+#[test]
+fn a_source_that_does_not_parse_is_not_reported_as_no_sources() {
+    let errs = Config::parse(&format!(
+        "{}\n[[sources]]\ntype = \"carrier-pigeon\"\nname = \"coop\"\n",
+        "[duvo]\napi_key = \"dv_x\""
+    ))
+    .unwrap_err()
+    .0;
+    let all = errs.join("\n");
+    assert!(
+        all.contains("sources.0 (coop): unknown variant `carrier-pigeon`"),
+        "{all}"
+    );
+    assert!(!all.contains("no [[sources]]"), "{all}");
 }

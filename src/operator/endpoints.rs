@@ -47,6 +47,7 @@ pub fn router(op: Operator) -> Router {
         .route("/v1/outbox/dead-letters", get(op_dead_letters))
         .route("/v1/outbox/dead-letters/replay", post(op_replay))
         .route("/v1/outbox/dead-letters/purge", post(op_purge))
+        .route("/v1/outbox/compact", post(op_compact))
         .route("/v1/cases/retry", post(op_cases_retry))
         // Checked before any handler runs, so before a body is read.
         .layer(axum::middleware::from_fn_with_state(op.clone(), op_auth))
@@ -108,6 +109,12 @@ async fn blocking_json<T: Serialize + Send + 'static>(
 
 async fn op_stats(State(op): State<Operator>) -> Response {
     blocking_json(move || op.outbox.census()).await
+}
+
+/// Copy the outbox into a fresh file now, giving back the disk it no
+/// longer needs (what the bridge does by itself past `compact_min_mb`).
+async fn op_compact(State(op): State<Operator>) -> Response {
+    blocking_json(move || op.outbox.compact()).await
 }
 
 /// `GET /v1/outbox/events` query: the filter and a limit (flat: a

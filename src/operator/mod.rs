@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::outbox::{
     Census, DeadLetter, DeadLetterSelector, EVENT_STATES, EventFilter, EventId, Outbox,
-    OutboxConfig, OutboxError, Replayed, durable::MARKER_FILE,
+    OutboxConfig, OutboxError, Replayed, compact::Compacted, durable::MARKER_FILE,
 };
 
 /// Where the command looks: a stopped bridge's directory or a running one.
@@ -109,6 +109,16 @@ pub enum OutboxCommand {
         /// Print the census as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Copy the outbox's records into a fresh file and delete the old
+    /// one, giving back the disk settled and purged events left (a running
+    /// bridge does it by itself past `[outbox] compact_min_mb`; this is
+    /// for now). Prints sizes before and after.
+    Compact {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        token: TokenArg,
     },
     /// One event's whole record as JSON.
     Inspect {
@@ -489,6 +499,18 @@ impl Conn {
         }
     }
 
+    async fn compact(&self) -> anyhow::Result<Compacted> {
+        match self {
+            Conn::Local(o) => Ok(blocking(o, |o| o.compact()).await?),
+            Conn::Admin { .. } => {
+                let b = self
+                    .call(reqwest::Method::POST, "/v1/outbox/compact", &[], None)
+                    .await?;
+                Ok(serde_json::from_slice(&b)?)
+            }
+        }
+    }
+
     async fn purge(&self, sel: DeadLetterSelector) -> anyhow::Result<Vec<EventId>> {
         match self {
             Conn::Local(o) => Ok(o.purge_dead_letters(&sel).await?),
@@ -543,8 +565,10 @@ async fn open_stopped(path: &Path) -> anyhow::Result<Outbox> {
 /// exclusive `flock` on its `db` file): `Outbox::open` would wait 10 s
 /// for a bridge that is stopping. A bridge that just stopped gets 2 s.
 async fn wait_unlocked(path: &Path) -> anyhow::Result<()> {
+    use crate::outbox::compact::{current_generation, generation_dir};
     use std::os::fd::AsRawFd;
-    let Ok(file) = std::fs::File::open(path.join("db")) else {
+    let sled_dir = generation_dir(path, current_generation(path).unwrap_or(0));
+    let Ok(file) = std::fs::File::open(sled_dir.join("db")) else {
         return Ok(()); // let open say what is wrong
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -580,6 +604,20 @@ pub async fn run(cmd: OutboxCommand) -> anyhow::Result<i32> {
             } else {
                 print!("{}", render_census(&c));
             }
+            Ok(0)
+        }
+        OutboxCommand::Compact { target, token } => {
+            let c = Conn::open(&target, &token).await?.compact().await?;
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            println!(
+                "compacted: {:.1} MiB -> {:.1} MiB ({} records, generation {}, writers held {} ms, {} ms in all)",
+                mib(c.bytes_before),
+                mib(c.bytes_after),
+                c.records,
+                c.generation,
+                c.pause_ms,
+                c.took_ms
+            );
             Ok(0)
         }
         OutboxCommand::Inspect { id, target, token } => {

@@ -31,6 +31,15 @@ pub struct OutboxSection {
     /// Waiting events are read back from disk when their batch is built,
     /// so a small cache costs little. Default: 8.
     pub cache_mb: u64,
+    /// Give disk back: once the database file is at least this big (MiB)
+    /// and four times the size of what it holds (settled events keep a
+    /// small record for `retention_hours`; sled reuses freed space but
+    /// never shrinks its file), the outbox copies its records into a fresh
+    /// file and deletes the old one, while it runs (writers wait only for
+    /// the last keys written during the copy, typically milliseconds). It
+    /// needs free space for the copy, about twice the records. 0 turns it
+    /// off. Default: 256.
+    pub compact_min_mb: u64,
     /// Not a file key: `run --accept-outbox-loss` sets it, for the one
     /// start after an outbox was found to have lost data.
     #[serde(skip)]
@@ -47,6 +56,7 @@ impl Default for OutboxSection {
             min_free_disk_mb: 256,
             retention_hours: 24,
             cache_mb: 8,
+            compact_min_mb: 256,
             accept_data_loss: false,
         }
     }

@@ -131,6 +131,10 @@ pub struct Marker {
     /// A commit sequence sled held durably when the marker was written:
     /// sled opening with a lower one has lost committed writes.
     pub commit_seq: u64,
+    /// Which copy of the database is current (`compact`): 0 is sled's
+    /// files in the outbox directory, N is `sled-N/`.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Marker {
@@ -210,6 +214,7 @@ pub(crate) fn free_bytes(dir: &Path) -> io::Result<u64> {
 pub(crate) struct Identity {
     pub outbox_id: Uuid,
     pub commit_seq: u64,
+    pub generation: u64,
 }
 
 fn read_u64(db: &sled::Db, key: &[u8]) -> Result<Option<u64>, OutboxError> {
@@ -236,6 +241,7 @@ pub(crate) fn check_identity(
     db: &sled::Db,
     dir: &Path,
     dir_sync: &mut DirSync,
+    generation: u64,
     accept_loss: bool,
 ) -> Result<Identity, OutboxError> {
     let marker = Marker::read(dir).map_err(|e| OutboxError::DataLost {
@@ -301,12 +307,14 @@ pub(crate) fn check_identity(
     Marker {
         outbox_id,
         commit_seq,
+        generation,
     }
     .write(dir)
     .map_err(|e| OutboxError::Flush(format!("cannot write the outbox marker: {e}")))?;
     Ok(Identity {
         outbox_id,
         commit_seq,
+        generation,
     })
 }
 
@@ -342,6 +350,7 @@ mod tests {
         let m = Marker {
             outbox_id: Uuid::new_v4(),
             commit_seq: 41,
+            generation: 0,
         };
         m.write(dir.path()).unwrap();
         assert_eq!(Marker::read(dir.path()).unwrap(), Some(m));

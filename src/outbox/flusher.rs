@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 
 use super::Inner;
-use super::durable::{DirSync, META_COMMIT_SEQ, Marker};
+use super::durable::{META_COMMIT_SEQ, Marker};
 use super::types::OutboxError;
 
 /// Minimum interval between two reads of the database size.
@@ -148,7 +148,7 @@ pub(crate) async fn run(shared: Arc<FlushShared>, weak: Weak<Inner>) {
             let start = Instant::now();
             let result = flush_and_fsync(&inner);
             let elapsed = start.elapsed();
-            let bytes = refresh_size.then(|| inner.db.size_on_disk());
+            let bytes = refresh_size.then(|| inner.st().db.size_on_disk());
             // Drop the handle here, before the waiters are woken, so a
             // caller that drops the outbox right after its append returned
             // really closes the database.
@@ -192,15 +192,16 @@ const MARKER_EVERY: Duration = Duration::from_secs(1);
 /// sled's flush, then an fsync of every file sled writes. Only when all of
 /// it succeeded are the writes issued before it durable.
 fn flush_and_fsync(inner: &Inner) -> Result<(), String> {
+    // The stores first, then the durability lock: the order a compaction's
+    // switch takes them in.
+    let st = inner.st();
     let mut d = super::lock(&inner.durability);
     let seq = d.commit_seq + 1;
-    inner
-        .db
+    st.db
         .insert(META_COMMIT_SEQ, &seq.to_be_bytes())
         .map_err(|e| e.to_string())?;
-    inner.db.flush().map_err(|e| e.to_string())?;
-    let stats = d
-        .dir_sync
+    st.db.flush().map_err(|e| e.to_string())?;
+    let stats = super::lock(&st.dir_sync)
         .sync()
         .map_err(|e| format!("fsync of the outbox files failed: {e}"))?;
     metrics::counter!("duvo_bridge_outbox_fsyncs_total")
@@ -221,6 +222,7 @@ fn update_marker(d: &mut Durability, dir: &std::path::Path) {
     let m = Marker {
         outbox_id: d.outbox_id,
         commit_seq: d.commit_seq,
+        generation: d.generation,
     };
     match m.write(dir) {
         Ok(()) => {
@@ -239,7 +241,8 @@ fn update_marker(d: &mut Durability, dir: &std::path::Path) {
 /// What the flusher needs to make writes durable and prove it later.
 #[derive(Debug)]
 pub(crate) struct Durability {
-    pub(crate) dir_sync: DirSync,
+    /// The generation the marker names (changed only by a compaction).
+    pub(crate) generation: u64,
     pub(crate) outbox_id: uuid::Uuid,
     /// Commit sequence of the last group commit that succeeded.
     pub(crate) commit_seq: u64,

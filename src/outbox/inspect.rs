@@ -160,7 +160,7 @@ impl Outbox {
             taken_at_ms: now,
             ..Census::default()
         };
-        for item in inner.events.scan_prefix([EVENT_PREFIX]) {
+        for item in inner.st().events.scan_prefix([EVENT_PREFIX]) {
             let (key, value) = item?;
             let ev: EventCensus<'_> = match decode_borrowed(&key, &value) {
                 Ok(ev) => ev,
@@ -195,7 +195,7 @@ impl Outbox {
         c.oldest_waiting_age_secs = c
             .oldest_waiting_received_at_ms
             .map(|t| now.saturating_sub(t) as f64 / 1000.0);
-        for item in inner.events.scan_prefix([BATCH_PREFIX]) {
+        for item in inner.st().events.scan_prefix([BATCH_PREFIX]) {
             let (key, value) = item?;
             match decode::<BatchRecord>(&key, &value) {
                 Ok(b) => {
@@ -207,7 +207,7 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        for item in inner.events.scan_prefix([REPORT_PREFIX]) {
+        for item in inner.st().events.scan_prefix([REPORT_PREFIX]) {
             let (key, value) = item?;
             match decode::<Report>(&key, &value) {
                 Ok(r) => *c.pending_reports.entry(r.source).or_default() += 1,
@@ -215,7 +215,7 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        for item in inner.events.scan_prefix([DEAD_REPORT_PREFIX]) {
+        for item in inner.st().events.scan_prefix([DEAD_REPORT_PREFIX]) {
             let (key, value) = item?;
             match decode::<DeadReport>(&key, &value) {
                 Ok(_) => c.dead_reports += 1,
@@ -223,7 +223,7 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        for item in inner.dead.iter() {
+        for item in inner.st().dead.iter() {
             let (key, value) = item?;
             match decode::<DeadLetter>(&key, &value) {
                 Ok(d) => {
@@ -234,7 +234,7 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        c.bytes_on_disk = inner.db.size_on_disk().unwrap_or(0);
+        c.bytes_on_disk = inner.st().db.size_on_disk().unwrap_or(0);
         Ok(c)
     }
 
@@ -244,7 +244,7 @@ impl Outbox {
     /// token.
     pub fn inspect_event(&self, id: EventId) -> Result<Option<serde_json::Value>, OutboxError> {
         let key = event_key(id.0);
-        let Some(raw) = self.inner.events.get(key)? else {
+        let Some(raw) = self.inner.st().events.get(key)? else {
             return Ok(None);
         };
         let rec: EventRecord = decode(&key, &raw)?;
@@ -270,7 +270,7 @@ impl Outbox {
         let start = event_key(filter.after.map_or(0, |a| a.0.saturating_add(1)));
         let end = event_key(u64::MAX);
         let mut out = Vec::new();
-        for item in self.inner.events.range(start..=end) {
+        for item in self.inner.st().events.range(start..=end) {
             if out.len() >= limit {
                 break;
             }
@@ -327,7 +327,7 @@ impl Outbox {
         for d in &letters {
             let origin = self
                 .read_event(d.id.0)?
-                .and_then(|rec| callbacks::resolve(&self.inner.events, rec.origin.as_ref()));
+                .and_then(|rec| callbacks::resolve(&self.inner.st().events, rec.origin.as_ref()));
             events.push(NewEvent {
                 source: d.source.clone(),
                 identity: Some(format!("{REPLAY_IDENTITY_PREFIX}{}", d.id)),
@@ -342,7 +342,7 @@ impl Outbox {
         for d in &letters {
             batch.remove(&d.id.0.to_be_bytes()[..]);
         }
-        self.inner.dead.apply_batch(batch)?;
+        self.inner.st().dead.apply_batch(batch)?;
         self.inner.flush.wait_durable().await?;
         let replayed: Vec<Replayed> = letters
             .iter()
@@ -373,7 +373,7 @@ impl Outbox {
         for d in &letters {
             batch.remove(&d.id.0.to_be_bytes()[..]);
         }
-        self.inner.dead.apply_batch(batch)?;
+        self.inner.st().dead.apply_batch(batch)?;
         self.inner.flush.wait_durable().await?;
         let ids: Vec<EventId> = letters.iter().map(|d| d.id).collect();
         tracing::info!(count = ids.len(), ids = ?ids, "dead letters purged");

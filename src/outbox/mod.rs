@@ -20,6 +20,7 @@
 //! The on-disk layout is described in [`record`].
 
 mod callbacks;
+pub mod compact;
 pub mod config;
 pub mod durable;
 mod flusher;
@@ -86,9 +87,11 @@ impl std::fmt::Debug for Outbox {
 
 pub(crate) struct Inner {
     cfg: OutboxConfig,
-    pub(crate) db: sled::Db,
-    events: sled::Tree,
-    dead: sled::Tree,
+    /// The current generation's database; lent to every sled call by
+    /// [`Inner::st`], taken for writing only by a compaction's switch.
+    stores: parking_lot::RwLock<compact::Stores>,
+    /// One compaction at a time.
+    compact_lock: Mutex<()>,
     flush: Arc<FlushShared>,
     /// The flusher's fsync descriptors and commit sequence (only the
     /// flusher locks it, on the blocking pool).
@@ -134,6 +137,16 @@ impl Drop for Inner {
     }
 }
 
+impl Inner {
+    /// The current generation's database, for one sled call (a statement):
+    /// held for reading, so a compaction's switch waits until no call is
+    /// in progress. Recursive, so a call made while another is held never
+    /// waits behind a switch that waits for it.
+    pub(crate) fn st(&self) -> parking_lot::RwLockReadGuard<'_, compact::Stores> {
+        self.stores.read_recursive()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves no half-done state in
     // memory that matters more than availability: disk is the truth.
@@ -142,14 +155,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Everything `open` computes on the blocking pool before the event scan.
 struct Opened {
-    db: sled::Db,
-    events: sled::Tree,
-    dead: sled::Tree,
+    stores: compact::Stores,
     index: ReadyIndex,
     reports: ReportIndex,
     corrupt: u64,
     bytes: u64,
-    dir_sync: durable::DirSync,
     identity: durable::Identity,
     load: EventLoad,
 }
@@ -177,12 +187,11 @@ impl Outbox {
         let flush = Arc::new(FlushShared::new(opened.bytes));
         let inner = Arc::new(Inner {
             cfg,
-            db: opened.db,
-            events: opened.events,
-            dead: opened.dead,
+            stores: parking_lot::RwLock::new(opened.stores),
+            compact_lock: Mutex::new(()),
             flush: flush.clone(),
             durability: Mutex::new(flusher::Durability {
-                dir_sync: opened.dir_sync,
+                generation: opened.identity.generation,
                 outbox_id: opened.identity.outbox_id,
                 commit_seq: opened.identity.commit_seq,
                 marker_seq: opened.identity.commit_seq,
@@ -208,6 +217,7 @@ impl Outbox {
             disk_checked_ms: AtomicU64::new(0),
         });
         tokio::spawn(flusher::run(flush, Arc::downgrade(&inner)));
+        tokio::spawn(compact::run(Arc::downgrade(&inner)));
         let outbox = Outbox { inner };
         metrics::gauge!("duvo_bridge_outbox_bytes").set(opened.bytes as f64);
         if background {
@@ -260,7 +270,7 @@ impl Outbox {
         let mut broken_members = 0u64;
         let mut last = None;
         let range = record::event_key(load.from)..record::event_key(load.first_new_id);
-        for item in inner.events.range(range) {
+        for item in inner.st().events.range(range) {
             let (key, value) = item?;
             // sled 0.34 counts a page against `cache_mb` only once 64
             // accesses have queued up in its shard (page id mod 256), and an
@@ -269,7 +279,7 @@ impl Outbox {
             // paged out. One lookup per record touches each leaf ~16 times
             // (a leaf holds up to 16 records), so the queues fill and the
             // cache evicts as it goes (BENCHMARKS.md, footprint).
-            inner.events.contains_key(&key)?;
+            inner.st().events.contains_key(&key)?;
             let Some(id) = key_u64(&key) else {
                 continue;
             };
@@ -341,7 +351,7 @@ impl Outbox {
             }
         }
         if n_orphans > 0 {
-            inner.events.apply_batch(orphans)?;
+            inner.st().events.apply_batch(orphans)?;
             load.orphaned += n_orphans;
         }
         load.loaded += entries.len() as u64;
@@ -378,14 +388,15 @@ impl Outbox {
         if load.orphaned > 0 || !load.broken.is_empty() {
             let mut sb = sled::Batch::default();
             rebuilt = rebuild_batches(
-                &inner.events,
+                &inner.st().events,
                 inner.outbox_id,
                 std::mem::take(&mut load.broken),
                 &mut sb,
             )?;
-            inner.events.apply_batch(sb)?;
-            inner.db.flush()?;
-            lock(&inner.durability).dir_sync.sync().map_err(|e| {
+            inner.st().events.apply_batch(sb)?;
+            let st = inner.st();
+            st.db.flush()?;
+            lock(&st.dir_sync).sync().map_err(|e| {
                 OutboxError::Flush(format!("fsync of the outbox files failed: {e}"))
             })?;
         }
@@ -467,14 +478,14 @@ impl Outbox {
                         continue;
                     }
                     let key = identity_key(identity);
-                    if let Some(raw) = inner.events.get(&key)? {
+                    if let Some(raw) = inner.st().events.get(&key)? {
                         let first: u64 = self.decode_logged(&key, &raw)?;
                         outcomes.push(AppendOutcome::Duplicate(EventId(first)));
                         duplicates += 1;
                         continue;
                     }
                 }
-                let id = inner.db.generate_id()?;
+                let id = inner.st().generate_id()?;
                 batch.insert(&event_key(id)[..], bytes);
                 if let Some(c) = callback {
                     callbacks.acquire(c);
@@ -488,8 +499,8 @@ impl Outbox {
             }
             let stored = entries.len() as u64;
             if stored > 0 {
-                let _c = callbacks.write(&inner.callback_lock, &inner.events, &mut batch)?;
-                inner.events.apply_batch(batch)?;
+                let _c = callbacks.write(&inner.callback_lock, &inner.st().events, &mut batch)?;
+                inner.st().events.apply_batch(batch)?;
                 let mut ix = lock(&inner.index);
                 for (queue_id, entry) in entries {
                     ix.push(queue_id, entry);
@@ -513,13 +524,23 @@ impl Outbox {
     /// Whether an event with `identity` is known (within retention): what
     /// `append` would answer `Duplicate` for.
     pub fn identity_known(&self, identity: &str) -> Result<bool, OutboxError> {
-        Ok(self.inner.events.contains_key(identity_key(identity))?)
+        Ok(self
+            .inner
+            .st()
+            .events
+            .contains_key(identity_key(identity))?)
     }
 
     /// The first known identity starting with `prefix` (identities are
     /// ordered bytewise), if any.
     pub fn first_identity_with_prefix(&self, prefix: &str) -> Result<Option<String>, OutboxError> {
-        match self.inner.events.scan_prefix(identity_key(prefix)).next() {
+        match self
+            .inner
+            .st()
+            .events
+            .scan_prefix(identity_key(prefix))
+            .next()
+        {
             Some(kv) => {
                 let (k, _) = kv?;
                 Ok(Some(String::from_utf8_lossy(&k[1..]).into_owned()))
@@ -626,7 +647,7 @@ impl Outbox {
         max_body_bytes: usize,
     ) -> Result<(Batch, usize), (OutboxError, Option<u64>)> {
         let inner = &self.inner;
-        let batch_id = inner.db.generate_id().map_err(|e| (e.into(), None))?;
+        let batch_id = inner.st().generate_id().map_err(|e| (e.into(), None))?;
         let mut sb = sled::Batch::default();
         let mut events = Vec::with_capacity(taken.len());
         let mut cases_bytes = 0u64;
@@ -675,7 +696,11 @@ impl Outbox {
             &batch_key(batch_id)[..],
             encode(&rec).map_err(|e| (e, None))?,
         );
-        inner.events.apply_batch(sb).map_err(|e| (e.into(), None))?;
+        inner
+            .st()
+            .events
+            .apply_batch(sb)
+            .map_err(|e| (e.into(), None))?;
         let kept = events.len();
         let batch = Batch {
             id: batch_id,
@@ -696,7 +721,7 @@ impl Outbox {
     /// others; it stays on disk.
     pub fn unsettled_batches(&self) -> Result<Vec<Batch>, OutboxError> {
         let mut out = Vec::new();
-        for item in self.inner.events.scan_prefix([BATCH_PREFIX]) {
+        for item in self.inner.st().events.scan_prefix([BATCH_PREFIX]) {
             let (key, value) = item?;
             let Some(batch_id) = key_u64(&key) else {
                 continue;
@@ -748,6 +773,7 @@ impl Outbox {
             .ok_or(OutboxError::UnknownBatch(batch_id))?;
         rec.attempts = rec.attempts.saturating_add(1);
         self.inner
+            .st()
             .events
             .insert(&batch_key(batch_id)[..], encode(&rec)?)?;
         Ok(rec.attempts)
@@ -825,7 +851,7 @@ impl Outbox {
                     .unwrap_or_else(|| chrono::Utc::now() - chrono::Duration::seconds(60));
                 for stream in ListingStream::ALL {
                     let wk = watermark_key(rec.queue_id, stream);
-                    match self.inner.events.get(wk)? {
+                    match self.inner.st().events.get(wk)? {
                         None => sb.insert(&wk[..], encode(&Watermark { updated_at: start })?),
                         // Every transition of these cases is at or after
                         // their creation. A watermark already past it (the
@@ -843,7 +869,7 @@ impl Outbox {
                 }
             }
             sb.remove(&batch_key(batch.id)[..]);
-            self.inner.events.apply_batch(sb)?;
+            self.inner.st().events.apply_batch(sb)?;
             if !rewinds.is_empty() {
                 let mut r = lock(&self.inner.rewinds);
                 for (stream, c) in rewinds {
@@ -937,7 +963,7 @@ impl Outbox {
             let mut sb = sled::Batch::default();
             let mut halves = Vec::with_capacity(2);
             for ids in [a, b] {
-                let new_id = self.inner.db.generate_id()?;
+                let new_id = self.inner.st().generate_id()?;
                 let mut events = Vec::with_capacity(ids.len());
                 for id in &ids {
                     let mut ev = self.read_existing_event(*id)?;
@@ -967,7 +993,7 @@ impl Outbox {
                 });
             }
             sb.remove(&batch_key(batch.id)[..]);
-            self.inner.events.apply_batch(sb)?;
+            self.inner.st().events.apply_batch(sb)?;
             halves
         };
         self.inner.flush.wait_durable().await?;
@@ -1047,7 +1073,7 @@ impl Outbox {
             };
             let (ek, xk, bk) = (event_key(id), expiry_key(now, id), batch_key(batch.id));
             let dk = id.to_be_bytes();
-            (&self.inner.events, &self.inner.dead).transaction(
+            (&self.inner.st().events, &self.inner.st().dead).transaction(
                 |(events, dead)| -> ConflictableTransactionResult<(), OutboxError> {
                     events.insert(&ek[..], ev_bytes.as_slice())?;
                     events.insert(&xk[..], expiry_bytes.as_slice())?;
@@ -1072,7 +1098,7 @@ impl Outbox {
     /// counted and skipped (they stay on disk).
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, OutboxError> {
         let mut out = Vec::new();
-        for item in self.inner.dead.iter() {
+        for item in self.inner.st().dead.iter() {
             let (key, value) = item?;
             match self.decode_logged(&key, &value) {
                 Ok(d) => out.push(d),
@@ -1097,7 +1123,7 @@ impl Outbox {
         let mut sb = sled::Batch::default();
         let mut callbacks = CallbackRefs::default();
         let mut pending = 0usize;
-        for item in inner.events.range(range) {
+        for item in inner.st().events.range(range) {
             let (key, _) = item?;
             sb.remove(key.clone());
             pending += 1;
@@ -1109,7 +1135,7 @@ impl Outbox {
                         if let Some(identity) = &ev.identity {
                             let ik = identity_key(identity);
                             // Only if the identity still points at this event.
-                            if let Some(raw) = inner.events.get(&ik)? {
+                            if let Some(raw) = inner.st().events.get(&ik)? {
                                 if let Ok(owner) = self.decode_logged::<u64>(&ik, &raw) {
                                     if owner == id {
                                         sb.remove(ik);
@@ -1131,16 +1157,16 @@ impl Outbox {
                 let mut chunk = std::mem::take(&mut sb);
                 let _c = std::mem::take(&mut callbacks).write(
                     &inner.callback_lock,
-                    &inner.events,
+                    &inner.st().events,
                     &mut chunk,
                 )?;
-                inner.events.apply_batch(chunk)?;
+                inner.st().events.apply_batch(chunk)?;
                 pending = 0;
             }
         }
         if pending > 0 {
-            let _c = callbacks.write(&inner.callback_lock, &inner.events, &mut sb)?;
-            inner.events.apply_batch(sb)?;
+            let _c = callbacks.write(&inner.callback_lock, &inner.st().events, &mut sb)?;
+            inner.st().events.apply_batch(sb)?;
         }
         Ok(removed)
     }
@@ -1272,7 +1298,7 @@ impl Outbox {
 
     fn read_event(&self, id: u64) -> Result<Option<EventRecord>, OutboxError> {
         let key = event_key(id);
-        match self.inner.events.get(key)? {
+        match self.inner.st().events.get(key)? {
             Some(raw) => self.decode_logged(&key, &raw).map(Some),
             None => Ok(None),
         }
@@ -1285,7 +1311,7 @@ impl Outbox {
 
     fn read_batch(&self, batch_id: u64) -> Result<Option<BatchRecord>, OutboxError> {
         let key = batch_key(batch_id);
-        match self.inner.events.get(key)? {
+        match self.inner.st().events.get(key)? {
             Some(raw) => self.decode_logged(&key, &raw).map(Some),
             None => Ok(None),
         }
@@ -1362,17 +1388,10 @@ pub fn batch_idempotency_key(outbox_id: Uuid, batch_id: u64) -> String {
 /// Open sled and rebuild the indexes (blocking: runs on the blocking pool).
 fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     let started = std::time::Instant::now();
-    let db = open_when_released(|| {
-        sled::Config::new()
-            .path(&cfg.path)
-            .cache_capacity(cfg.cache_capacity_bytes)
-            // We flush explicitly (group commit); sled's own periodic
-            // flusher would only add fsyncs nobody waits for.
-            .flush_every_ms(None)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-    })
-    .map_err(|e| match e {
+    // The marker names the generation to open (compaction); a marker that
+    // cannot be read is refused by the identity check below.
+    let generation = compact::current_generation(&cfg.path).unwrap_or(0);
+    let stores = compact::Stores::open(cfg, generation).map_err(|e| match e {
         // Another process holds it: not damage.
         e if is_lock_held(&e) => OutboxError::InUse {
             path: cfg.path.clone(),
@@ -1388,10 +1407,19 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     // Before anything is read: a database that lost its data is refused
     // here, not recovered as if it were new.
     let sled_open_ms = started.elapsed().as_millis() as u64;
-    let mut dir_sync = durable::DirSync::new(&cfg.path);
-    let identity = durable::check_identity(&db, &cfg.path, &mut dir_sync, cfg.accept_data_loss)?;
-    let events = db.open_tree(EVENTS_TREE)?;
-    let dead = db.open_tree(DEAD_LETTERS_TREE)?;
+    let identity = durable::check_identity(
+        &stores.db,
+        &cfg.path,
+        &mut lock(&stores.dir_sync),
+        generation,
+        cfg.accept_data_loss,
+    )?;
+    // A copy a crash left half made, or a generation it left behind.
+    if let Err(e) = compact::remove_other_generations(&cfg.path, generation) {
+        tracing::warn!(error = %e, "cannot remove an unused outbox generation");
+    }
+    let db = &stores.db;
+    let events = stores.events.clone();
     let mut corrupt = 0u64;
     let mut note_corrupt = |e: &OutboxError| {
         corrupt += 1;
@@ -1403,7 +1431,7 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
     let first_new_id = if events.is_empty() {
         0
     } else {
-        db.generate_id()?
+        stores.generate_id()?
     };
     let opened_at_ms = crate::clock::now_ms();
 
@@ -1453,15 +1481,13 @@ fn open_blocking(cfg: &OutboxConfig) -> Result<Opened, OutboxError> {
         total_ms = started.elapsed().as_millis() as u64,
         "outbox opened"
     );
+    drop(events);
     Ok(Opened {
-        db,
-        events,
-        dead,
+        stores,
         index,
         reports,
         corrupt,
         bytes,
-        dir_sync,
         identity,
         load: EventLoad {
             batch_ids,
@@ -1515,7 +1541,8 @@ fn is_lock_held(e: &sled::Error) -> bool {
 /// marker check) for inspection and tests, once a just-closed outbox has
 /// released it.
 pub fn open_raw(path: &std::path::Path) -> sled::Result<sled::Db> {
-    open_when_released(|| sled::open(path))
+    let dir = compact::generation_dir(path, compact::current_generation(path).unwrap_or(0));
+    open_when_released(|| sled::open(&dir))
 }
 
 /// The event load: what it needs from the open, and how far it got.
@@ -1601,6 +1628,7 @@ mod tests {
         // Garbage written behind the outbox's back.
         outbox
             .inner
+            .st()
             .events
             .insert(event_key(ids[1].0), &b"\x01garbage"[..])
             .unwrap();

@@ -229,7 +229,7 @@ impl Outbox {
     /// A pending report, `None` once settled.
     pub fn report(&self, id: u64) -> Result<Option<Report>, OutboxError> {
         let key = report_key(id);
-        match self.inner.events.get(key)? {
+        match self.inner.st().events.get(key)? {
             Some(raw) => self.decode_logged(&key, &raw).map(Some),
             None => Ok(None),
         }
@@ -241,7 +241,7 @@ impl Outbox {
         let _t = lock(&self.inner.track_lock);
         let mut r = self.report(id)?.ok_or(OutboxError::UnknownReport(id))?;
         r.attempts = r.attempts.saturating_add(1);
-        self.inner.events.insert(report_key(id), encode(&r)?)?;
+        self.inner.st().events.insert(report_key(id), encode(&r)?)?;
         Ok(r.attempts)
     }
 
@@ -253,7 +253,7 @@ impl Outbox {
             let Some(r) = self.report(id)? else {
                 return Err(OutboxError::UnknownReport(id));
             };
-            self.inner.events.remove(report_key(id))?;
+            self.inner.st().events.remove(report_key(id))?;
             lock(&self.inner.reports).remove(&r.source, id);
         }
         self.publish_reports();
@@ -277,7 +277,7 @@ impl Outbox {
             let mut sb = sled::Batch::default();
             sb.remove(&report_key(id)[..]);
             sb.insert(&dead_report_key(id)[..], encode(&dead)?);
-            self.inner.events.apply_batch(sb)?;
+            self.inner.st().events.apply_batch(sb)?;
             lock(&self.inner.reports).remove(&source, id);
         }
         self.publish_reports();
@@ -288,7 +288,7 @@ impl Outbox {
     /// skipped (they stay on disk).
     pub fn dead_reports(&self) -> Result<Vec<DeadReport>, OutboxError> {
         let mut out = Vec::new();
-        for item in self.inner.events.scan_prefix([DEAD_REPORT_PREFIX]) {
+        for item in self.inner.st().events.scan_prefix([DEAD_REPORT_PREFIX]) {
             let (key, value) = item?;
             match self.decode_logged(&key, &value) {
                 Ok(d) => out.push(d),
@@ -309,6 +309,7 @@ impl Outbox {
     #[cfg(test)]
     pub(crate) fn insert_report_for_test(&self, report: &Report) {
         self.inner
+            .st()
             .events
             .insert(report_key(report.id), encode(report).unwrap())
             .unwrap();

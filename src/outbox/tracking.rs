@@ -190,7 +190,7 @@ impl Outbox {
             let mut moves = Vec::new();
             for case_id in case_ids {
                 let ck = case_key(*case_id);
-                let Some(raw) = self.inner.events.get(ck)? else {
+                let Some(raw) = self.inner.st().events.get(ck)? else {
                     not += 1;
                     continue;
                 };
@@ -219,7 +219,7 @@ impl Outbox {
                 sb.insert(&event_key(id)[..], encode(&ev)?);
                 followed += 1;
             }
-            self.inner.events.apply_batch(sb)?;
+            self.inner.st().events.apply_batch(sb)?;
             self.apply_moves(&moves);
         }
         self.inner.flush.wait_durable().await?;
@@ -240,7 +240,7 @@ impl Outbox {
         stream: ListingStream,
     ) -> Result<Option<DateTime<Utc>>, OutboxError> {
         let key = watermark_key(queue_id, stream);
-        match self.inner.events.get(key)? {
+        match self.inner.st().events.get(key)? {
             Some(raw) => Ok(Some(
                 self.decode_logged::<Watermark>(&key, &raw)?.updated_at,
             )),
@@ -288,7 +288,7 @@ impl Outbox {
             let mut moves = Vec::new();
             for case in cases {
                 let ck = case_key(case.id);
-                let Some(raw) = self.inner.events.get(ck)? else {
+                let Some(raw) = self.inner.st().events.get(ck)? else {
                     continue;
                 };
                 let id: u64 = match self.decode_logged(&ck, &raw) {
@@ -365,7 +365,7 @@ impl Outbox {
                 sb.insert(&event_key(id)[..], encode(&ev)?);
             }
             let wk = watermark_key(queue_id, stream);
-            let current = match self.inner.events.get(wk)? {
+            let current = match self.inner.st().events.get(wk)? {
                 Some(raw) => self
                     .decode_logged::<Watermark>(&wk, &raw)
                     .ok()
@@ -380,8 +380,9 @@ impl Outbox {
                     })?,
                 );
             }
-            let _c = callbacks.write(&self.inner.callback_lock, &self.inner.events, &mut sb)?;
-            self.inner.events.apply_batch(sb)?;
+            let _c =
+                callbacks.write(&self.inner.callback_lock, &self.inner.st().events, &mut sb)?;
+            self.inner.st().events.apply_batch(sb)?;
             self.apply_moves(&moves);
         }
         outcome.reports = reports.len() as u64;
@@ -423,10 +424,10 @@ impl Outbox {
         now_ms: u64,
     ) -> Result<Report, OutboxError> {
         Ok(Report {
-            id: self.inner.db.generate_id()?,
+            id: self.inner.st().generate_id()?,
             source: ev.source.clone(),
             event_id: EventId(id),
-            origin: callbacks::resolve(&self.inner.events, ev.origin.as_ref()),
+            origin: callbacks::resolve(&self.inner.st().events, ev.origin.as_ref()),
             queue_id: ev.queue_id,
             case_id,
             status,
@@ -461,7 +462,7 @@ impl Outbox {
             let mut callbacks = CallbackRefs::default();
             let mut moves = Vec::new();
             let mut seen = 0usize;
-            for item in self.inner.events.range(range) {
+            for item in self.inner.st().events.range(range) {
                 if seen >= max {
                     break;
                 }
@@ -520,8 +521,9 @@ impl Outbox {
             if seen == 0 {
                 return Ok(out);
             }
-            let _c = callbacks.write(&self.inner.callback_lock, &self.inner.events, &mut sb)?;
-            self.inner.events.apply_batch(sb)?;
+            let _c =
+                callbacks.write(&self.inner.callback_lock, &self.inner.st().events, &mut sb)?;
+            self.inner.st().events.apply_batch(sb)?;
             self.apply_moves(&moves);
         }
         out.reports = reports.len() as u64;

@@ -391,6 +391,9 @@ pub struct OutboxConfig {
     pub retention: Duration,
     /// sled page cache size (`[outbox] cache_mb`; 8 MiB by default).
     pub cache_capacity_bytes: u64,
+    /// Compact (copy into a fresh file) once the file is this big and four
+    /// times its records (`[outbox] compact_min_mb`); 0: never by itself.
+    pub compact_min_bytes: u64,
     /// Case tracking and reports; `None`: off.
     pub tracking: Option<TrackingPolicy>,
     /// Open even if the database holds less than its marker says was
@@ -417,6 +420,7 @@ impl OutboxConfig {
             min_free_disk_bytes: 256 * 1024 * 1024,
             retention: Duration::from_secs(24 * 3600),
             cache_capacity_bytes: 8 * 1024 * 1024,
+            compact_min_bytes: 256 * 1024 * 1024,
             tracking: None,
             accept_data_loss: false,
             background_load: false,

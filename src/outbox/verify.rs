@@ -75,13 +75,16 @@ impl VerifyReport {
 pub fn verify(dir: &Path) -> Result<VerifyReport, OutboxError> {
     // A bridge just stopped may still be letting go of the lock; one that
     // runs keeps it (verify is for a stopped bridge's directory).
-    let db = super::open_when_released(|| sled::Config::new().path(dir).open()).map_err(|e| {
-        if super::is_lock_held(&e) {
-            OutboxError::InUse { path: dir.into() }
-        } else {
-            e.into()
-        }
-    })?;
+    let sled_dir =
+        super::compact::generation_dir(dir, super::compact::current_generation(dir).unwrap_or(0));
+    let db =
+        super::open_when_released(|| sled::Config::new().path(&sled_dir).open()).map_err(|e| {
+            if super::is_lock_held(&e) {
+                OutboxError::InUse { path: dir.into() }
+            } else {
+                e.into()
+            }
+        })?;
     let events = db.open_tree(EVENTS_TREE)?;
     let dead = db.open_tree(DEAD_LETTERS_TREE)?;
     let mut r = VerifyReport::default();
