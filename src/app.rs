@@ -380,7 +380,7 @@ fn build_accounts(cfg: &Config) -> anyhow::Result<Vec<Account>> {
         };
         if several {
             tracing::info!(account = %name, rate_per_minute = d.rate_limit_per_minute,
-                queues = ?owners.iter().filter(|(_, a)| **a == name).map(|(q, _)| q.to_string()).collect::<Vec<_>>(),
+                queues = %owners.iter().filter(|(_, a)| **a == name).map(|(q, _)| q.to_string()).collect::<Vec<_>>().join(","),
                 "Duvo account");
         }
         out.push(Account {

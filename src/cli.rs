@@ -164,13 +164,13 @@ pub fn main() -> i32 {
             crate::telemetry::init_logging(&cfg.log);
             if !overrides.is_empty() {
                 // Names only: a value may be a secret.
-                tracing::info!(variables = ?overrides, "configuration overridden from the environment");
+                tracing::info!(variables = %overrides.join(","), "configuration overridden from the environment");
             }
             match rt.block_on(crate::app::run(cfg, Some(config))) {
                 Ok(()) => 0,
                 Err(e) => {
+                    // Logging writes to stderr already: one line, not two.
                     tracing::error!(error = format!("{e:#}"), "duvo-bridge stopped");
-                    eprintln!("duvo-bridge: {e:#}");
                     if e.chain().any(|c| {
                         c.downcast_ref::<crate::preflight::QueuesRefused>()
                             .is_some()

@@ -198,6 +198,10 @@ fn describe_all() {
         "Appends that matched an existing identity."
     );
     describe_counter!(
+        "duvo_bridge_outbox_compactions_total",
+        "Compactions: the outbox copied into a fresh file to give disk back."
+    );
+    describe_counter!(
         "duvo_bridge_outbox_corrupt_records_total",
         "Outbox records whose checksum did not match."
     );

@@ -409,3 +409,44 @@ impl Drop for Guard {
         }
     }
 }
+
+/// A second bridge on an outbox another one holds says so in one line
+/// naming the path and the rule (one bridge per outbox directory), once,
+/// never as a raw OS error, and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_bridge_on_the_same_outbox_says_so_once_in_plain_words() {
+    let sim = start_sim(sim_config()).await;
+    let first = HttpBridge::new(&sim, 600);
+    let _running = first.spawn();
+    assert!(wait_ready(first.admin).await, "first bridge ready");
+    // Its own ports, the first one's outbox.
+    let second = HttpBridge::new(&sim, 600);
+    let toml = std::fs::read_to_string(&second.config).unwrap().replace(
+        &second.dir.path().join("outbox").display().to_string(),
+        &first.dir.path().join("outbox").display().to_string(),
+    );
+    std::fs::write(&second.config, toml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_duvo-bridge"))
+        .args(["run", "--config"])
+        .arg(&second.config)
+        .env("DUVO_API_KEY", &second.key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("is in use by another process"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(&first.dir.path().join("outbox").display().to_string()),
+        "{err}"
+    );
+    assert!(
+        lines[0].contains("one bridge per outbox directory"),
+        "{err}"
+    );
+    assert!(!err.contains("Os {"), "{err}");
+}

@@ -364,8 +364,11 @@ impl Batcher {
                                     Some(401 | 403 | 404 | 409)
                                 );
                                 if level_error {
-                                    tracing::error!(batch = b.id, attempt, error = %e, queue = %b.queue_id,
-                                        "Duvo refused the request for a reason splitting cannot fix; retrying with backoff");
+                                    let status = e.status().map_or(0, |s| s.as_u16());
+                                    tracing::error!(batch = b.id, attempt, status, queue = %b.queue_id,
+                                        account = %self.gate.account(),
+                                        "{}; the events wait in the outbox and are retried with backoff",
+                                        refusal_fix(status));
                                 } else {
                                     tracing::warn!(batch = b.id, attempt, error = %e, "transient failure; retrying with the same idempotency key");
                                 }
@@ -568,6 +571,22 @@ impl Batcher {
                 }
             }
         }
+    }
+}
+
+/// What an operator should do about a refusal splitting cannot fix.
+fn refusal_fix(status: u16) -> &'static str {
+    match status {
+        401 => {
+            "Duvo refused the API key (401): set a valid key for this account (duvo.api_key_env or [[duvo.accounts]])"
+        }
+        403 => {
+            "the API key may not create cases in this queue (403): grant it access, or deliver the queue with the account that owns it"
+        }
+        404 => {
+            "the queue does not exist for this API key (404): check the source's queue_id (`duvo-bridge validate --online` checks every queue)"
+        }
+        _ => "Duvo refused the request with a conflict (409)",
     }
 }
 

@@ -52,6 +52,8 @@ const MAX_ROUNDS: usize = 6;
 pub(crate) const COMPACT_RATIO: u64 = 4;
 /// How often the outbox looks at its size.
 const CHECK_EVERY: Duration = Duration::from_secs(30);
+/// The longest the records go uncounted while the file is big enough.
+const RECOUNT_EVERY: Duration = Duration::from_secs(600);
 
 /// One generation's sled database and its trees. Every sled call of the
 /// outbox goes through [`super::Inner::st`], which lends it.
@@ -502,9 +504,12 @@ fn copy_and_switch(
 /// file is [`COMPACT_RATIO`] times its records and at least
 /// `compact_min_bytes`, with room on the filesystem for the copy. Counting
 /// the records reads them all, so it is done again only once the file grew
-/// by half since the last count.
+/// by half since the last count, or [`RECOUNT_EVERY`] after it (records
+/// shrink without the file changing: settled events lose their payload,
+/// retention purges them).
 pub(crate) async fn run(weak: std::sync::Weak<Inner>) {
     let mut counted_at: u64 = 0;
+    let mut counted = Instant::now();
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
         let Some(inner) = weak.upgrade() else {
@@ -512,9 +517,11 @@ pub(crate) async fn run(weak: std::sync::Weak<Inner>) {
         };
         let min = inner.cfg.compact_min_bytes;
         let size = inner.flush.bytes_on_disk.load(Ordering::Relaxed);
-        if min == 0 || size < min || size < counted_at.saturating_add(counted_at / 2) {
+        let grown = size >= counted_at.saturating_add(counted_at / 2);
+        if min == 0 || size < min || !(grown || counted.elapsed() >= RECOUNT_EVERY) {
             continue;
         }
+        counted = Instant::now();
         let outbox = Outbox { inner };
         let ob = outbox.clone();
         let decided =

@@ -376,7 +376,7 @@ impl Outbox {
         self.inner.st().dead.apply_batch(batch)?;
         self.inner.flush.wait_durable().await?;
         let ids: Vec<EventId> = letters.iter().map(|d| d.id).collect();
-        tracing::info!(count = ids.len(), ids = ?ids, "dead letters purged");
+        tracing::info!(count = ids.len(), ids = %ids.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), "dead letters purged");
         metrics::counter!("duvo_bridge_dead_letters_purged_total").increment(ids.len() as u64);
         Ok(ids)
     }

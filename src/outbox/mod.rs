@@ -1227,7 +1227,7 @@ impl Outbox {
                 if low {
                     tracing::error!(free_bytes = free, min_free_bytes = inner.cfg.min_free_disk_bytes,
                         path = %inner.cfg.path.display(),
-                        "outbox filesystem nearly full: intake paused until space is back");
+                        "outbox filesystem nearly full: intake paused until space is back (free space there or grow the volume; delivery goes on, and intake resumes by itself)");
                 } else {
                     tracing::info!(
                         free_bytes = free,

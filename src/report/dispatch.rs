@@ -529,7 +529,7 @@ async fn send_once(
         return (Some(dest), Outcome::Failed { error, attempt });
     }
     tracing::info!(report = id, source = %report.source, event = %report.event_id,
-        case = ?report.case_id, status = %report.status, attempt,
+        case = report.case_id.map(tracing::field::display), status = %report.status, attempt,
         "failure report acknowledged");
     loop {
         match outbox.settle_report(id).await {

@@ -207,7 +207,18 @@ async fn post_faults(State(st): State<Arc<SimState>>, body: Bytes) -> Response {
         return ApiFailure::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
             .into_response("sim");
     }
-    tracing::info!(faults = ?*f, "simulator faults changed");
+    // Plain fields; revoked keys only counted (they are keys).
+    tracing::info!(
+        error_ratio = f.error_ratio,
+        error_status = f.error_status,
+        latency_ms = f.latency_ms,
+        outage = f.outage,
+        drop_after_commit_ratio = f.drop_after_commit_ratio,
+        throttle_until_unix_ms = f.throttle_until_unix_ms,
+        reject_marked = f.reject_marked,
+        revoked_keys = f.revoked_keys.len(),
+        "simulator faults changed"
+    );
     let snapshot = f.clone();
     drop(f);
     json(StatusCode::OK, &snapshot).unwrap_or_else(|e| e.into_response("sim"))

@@ -615,7 +615,7 @@ impl KafkaSource {
         for o in outcomes.iter_mut() {
             tracing::debug!(
                 source = src, topic = %o.tp.0, partition = o.tp.1, first = o.first,
-                records = o.records, store = ?o.store, seek = ?o.seek, "kafka: batch handled"
+                records = o.records, store = o.store, seek = o.seek, "kafka: batch handled"
             );
             // The first batch of a partition since it was assigned starts
             // where the group committed; anywhere past that is a hole too.
@@ -671,7 +671,7 @@ impl KafkaSource {
                     tracing::warn!(
                         source = src, topic = %o.tp.0, partition = o.tp.1,
                         expected = gap.expected, next = gap.next, skipped = gap.next - gap.expected,
-                        from = ?o.seek,
+                        from = o.seek,
                         "kafka: offsets missing; reading the partition again"
                     );
                 }
