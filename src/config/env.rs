@@ -225,3 +225,94 @@ name = "rabbit-eu"
         assert!(!all.contains("secret-"), "{all}");
     }
 }
+
+/// Where an applied override landed, to name its variable in the errors
+/// about that key (and keep its value out of them).
+#[derive(Debug)]
+pub struct Site {
+    name: String,
+    raw: String,
+    /// How an error about the key starts when serde refused it
+    /// (`[duvo]`, `sources.0 `), and how a semantic check names it
+    /// (`duvo.rate_limit_per_minute`, `sources.oms.listen`).
+    parse_prefix: String,
+    dotted: Option<String>,
+    key: String,
+}
+
+/// The site of the applied override `name` (value `raw`) in `table`.
+pub fn site(table: &toml::Table, name: &str, raw: &str) -> Option<Site> {
+    let path: Vec<String> = name
+        .get(PREFIX.len()..)?
+        .split("__")
+        .map(|p| p.to_ascii_lowercase())
+        .collect();
+    let (parse_prefix, dotted, key) = if path[0] == "sources" {
+        let items = table.get("sources")?.as_array()?;
+        let index = match path.get(1)?.parse::<usize>() {
+            Ok(i) => i,
+            Err(_) => items.iter().position(|s| {
+                s.get("name")
+                    .and_then(|n| n.as_str())
+                    .is_some_and(|n| n.to_ascii_lowercase().replace('-', "_") == path[1])
+            })?,
+        };
+        let key = path.get(2)?.clone();
+        let source_name = items.get(index)?.get("name").and_then(|n| n.as_str());
+        (
+            format!("sources.{index} "),
+            source_name.map(|n| format!("sources.{n}.{key}")),
+            key,
+        )
+    } else {
+        let key = path.get(1)?.clone();
+        (
+            format!("[{}]", path[0]),
+            Some(format!("{}.{key}", path[0])),
+            key,
+        )
+    };
+    Some(Site {
+        name: name.to_string(),
+        raw: raw.to_string(),
+        parse_prefix,
+        dotted,
+        key,
+    })
+}
+
+/// `error`, naming the override variable it is about (if one is) and with
+/// that variable's value taken out.
+pub fn attribute(error: String, sites: &[Site]) -> String {
+    for s in sites {
+        // The key serde refused, not one in a list of expected keys.
+        let k = &s.key;
+        let refused = error.starts_with(&s.parse_prefix)
+            && [
+                format!("in `{k}`"),
+                format!("): {k}:"),
+                format!("]: {k}:"),
+                format!("unknown field `{k}`"),
+            ]
+            .iter()
+            .any(|p| error.contains(p.as_str()));
+        let checked = s
+            .dotted
+            .as_ref()
+            .is_some_and(|d| error.contains(d.as_str()));
+        if refused || checked {
+            let mut e = error;
+            if !s.raw.is_empty() {
+                for quoted in [
+                    format!("`{}`", s.raw),
+                    format!("\"{}\"", s.raw),
+                    format!("(got {})", s.raw),
+                ] {
+                    e = e.replace(&quoted, "(the variable's value)");
+                }
+            }
+            return format!("{e} (set by environment variable {})", s.name);
+        }
+    }
+    error
+}

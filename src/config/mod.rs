@@ -99,11 +99,31 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("cannot read {}: {e}", path.display())]))?;
         let mut table = parse_table(&text)?;
-        let (applied, env_errors) = match env::apply(&mut table, vars) {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        let (applied, env_errors) = match env::apply(&mut table, vars.iter().cloned()) {
             Ok(applied) => (applied, Vec::new()),
             Err(errors) => (Vec::new(), errors),
         };
-        Config::from_table(table, env_errors).map(|c| (c, applied))
+        let sites: Vec<env::Site> = applied
+            .iter()
+            .filter_map(|name| {
+                let raw = vars
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.as_str())?;
+                env::site(&table, name, raw)
+            })
+            .collect();
+        Config::from_table(table, env_errors)
+            .map(|c| (c, applied))
+            .map_err(|ConfigErrors(errors)| {
+                ConfigErrors(
+                    errors
+                        .into_iter()
+                        .map(|e| env::attribute(e, &sites))
+                        .collect(),
+                )
+            })
     }
 
     /// Parse and validate TOML text, collecting every error.

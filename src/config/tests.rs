@@ -473,3 +473,42 @@ fn a_source_that_does_not_parse_is_not_reported_as_no_sources() {
     );
     assert!(!all.contains("no [[sources]]"), "{all}");
 }
+
+#[test]
+fn an_override_the_file_refuses_is_named_by_its_variable_without_its_value() {
+    let vars = vec![
+        ("DUVO_BRIDGE__DUVO__BURST".to_string(), "plenty".to_string()),
+        (
+            "DUVO_BRIDGE__SOURCES__0__LISTEN".to_string(),
+            "8181".to_string(),
+        ),
+        ("DUVO_BRIDGE__DUVO__RATE_SHARE".to_string(), "7".to_string()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, format!("{GOOD}\n")).unwrap();
+    let errs = Config::load_with_env(&path, vars).unwrap_err().0;
+    let all = errs.join("\n");
+    for (var, key) in [
+        ("DUVO_BRIDGE__DUVO__BURST", "burst"),
+        ("DUVO_BRIDGE__SOURCES__0__LISTEN", "listen"),
+        ("DUVO_BRIDGE__DUVO__RATE_SHARE", "rate_share"),
+    ] {
+        let line = errs
+            .iter()
+            .find(|e| e.contains(var))
+            .unwrap_or_else(|| panic!("no error names {var}:\n{all}"));
+        assert!(line.contains(key), "{line}");
+    }
+    for value in ["plenty", "8181", "got 7"] {
+        assert!(!all.contains(value), "{value:?} echoed:\n{all}");
+    }
+    // Only the errors about those keys name a variable.
+    assert_eq!(
+        errs.iter()
+            .filter(|e| e.contains("environment variable"))
+            .count(),
+        3,
+        "{all}"
+    );
+}
