@@ -450,3 +450,40 @@ async fn a_second_bridge_on_the_same_outbox_says_so_once_in_plain_words() {
     );
     assert!(!err.contains("Os {"), "{err}");
 }
+
+/// Logs never hold an event's payload, at any level: the bridge at
+/// `trace` (every dependency too) takes an event, delivers it, and its log
+/// holds the ids but never the producer's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_log_line_holds_a_payload_even_at_trace() {
+    let sim = start_sim(sim_config()).await;
+    let hb = HttpBridge::new(&sim, 600);
+    let mut bridge = spawn_bridge_with(&hb.config, &hb.key, &hb.log, &[("RUST_LOG", "trace")]);
+    assert!(wait_ready(hb.admin).await, "bridge ready");
+    let marker = "ZEBRA-7f3c-PAYLOAD-MARKER";
+    let r = post_events(
+        &reqwest::Client::new(),
+        format!("127.0.0.1:{}", hb.http).parse().unwrap(),
+        &json!({ "order_id": "ORD-T1", "note": marker }),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            sim.stats().cases_created >= 1
+        })
+        .await,
+        "delivered"
+    );
+    send_signal(&bridge, "TERM");
+    bridge.wait().unwrap();
+    let log = std::fs::read_to_string(&hb.log).unwrap();
+    assert!(
+        log.lines().count() > 100,
+        "trace logging was on: {} lines",
+        log.lines().count()
+    );
+    let leaked: Vec<&str> = log.lines().filter(|l| l.contains(marker)).collect();
+    assert!(leaked.is_empty(), "payload in the log: {leaked:?}");
+}
