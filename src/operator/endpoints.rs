@@ -461,6 +461,6 @@ mod openapi_tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 7, "the operator endpoints");
+        assert_eq!(checked, 8, "the operator endpoints");
     }
 }

@@ -37,8 +37,9 @@ pub struct OutboxSection {
     /// never shrinks its file), the outbox copies its records into a fresh
     /// file and deletes the old one, while it runs (writers wait only for
     /// the last keys written during the copy, typically milliseconds). It
-    /// needs free space for the copy, about twice the records. 0 turns it
-    /// off. Default: 256.
+    /// needs free space for the copy, about twice the records, and memory
+    /// once (sled keeps what the copy used until a restart: ~150 MiB for
+    /// 3.7M records). 0 turns it off. Default: 256.
     pub compact_min_mb: u64,
     /// Not a file key: `run --accept-outbox-loss` sets it, for the one
     /// start after an outbox was found to have lost data.
