@@ -1083,8 +1083,14 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.settled {
-            let mut st = self.inner.lock();
-            st.in_flight = st.in_flight.saturating_sub(1);
+            {
+                let mut st = self.inner.lock();
+                st.in_flight = st.in_flight.saturating_sub(1);
+            }
+            // A waiter may be holding back only because this request was in
+            // flight (the probe of an unknown window): without a wake-up it
+            // would sleep until some unrelated change.
+            self.inner.notify.notify_waiters();
         }
     }
 }
@@ -1233,5 +1239,25 @@ mod tests {
             ..ServerFeedback::default()
         });
         assert_eq!(gate.stats().remaining_estimate, Some(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_probe_wakes_the_request_waiting_behind_it() {
+        let gate = RateGate::new(RateGateConfig::default());
+        // Nothing is known of the window: the first request is the probe,
+        // the second waits for its answer.
+        let probe = gate.acquire(RequestClass::Create).await;
+        let g = gate.clone();
+        let second = tokio::spawn(async move { g.acquire(RequestClass::Create).await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !second.is_finished(),
+            "the second request waits for the probe"
+        );
+        // The probe's request failed in transport: no answer, the permit is
+        // dropped. The waiter goes on without any other change to the gate.
+        drop(probe);
+        let granted = tokio::time::timeout(Duration::from_secs(60), second).await;
+        assert!(granted.is_ok(), "the waiter was never woken");
     }
 }
