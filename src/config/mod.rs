@@ -350,10 +350,9 @@ fn deserialize_all<T: serde::de::DeserializeOwned>(
         candidate.insert(key.clone(), v.clone());
         match toml::Value::Table(candidate).try_into::<T>() {
             Err(e) if !missing(&e) => {
-                errors.push(format!(
-                    "{at}: {}",
-                    one_line(&with_key(&e.to_string(), key))
-                ));
+                let message = with_key(&e.to_string(), key);
+                let message = did_you_mean(&message).unwrap_or(message);
+                errors.push(format!("{at}: {}", one_line(&message)));
                 refused.insert(key.clone());
             }
             _ => {
@@ -378,6 +377,37 @@ fn deserialize_all<T: serde::de::DeserializeOwned>(
             None
         }
     }
+}
+
+/// For serde's "unknown field (or variant) `x`, expected one of `a`,
+/// `b`": the expected name nearest to the one written (`topics` for
+/// `topic`, `queue_id` for `queue-id`, `kafka` for `kafak`), told right
+/// after the name written, before the long list: the message with
+/// "(did you mean `...`?)". None when no expected name is near enough to
+/// be a likely typo.
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message
+        .split_once("unknown field `")
+        .or_else(|| message.split_once("unknown variant `"))?
+        .1;
+    let (written, rest) = rest.split_once('`')?;
+    let expected = rest.split("expected").nth(1)?;
+    let normal = |k: &str| k.to_ascii_lowercase().replace('-', "_");
+    let w = normal(written);
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|k| (strsim::damerau_levenshtein(&w, &normal(k)), k))
+        .filter(|(d, k)| *d <= (k.len() / 4).clamp(1, 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| {
+            message.replacen(
+                &format!("`{written}`"),
+                &format!("`{written}` (did you mean `{k}`?)"),
+                1,
+            )
+        })
 }
 
 /// serde's message for one key, naming the key when serde did not.

@@ -512,3 +512,56 @@ fn an_override_the_file_refuses_is_named_by_its_variable_without_its_value() {
         "{all}"
     );
 }
+
+#[test]
+fn an_unknown_key_near_a_known_one_is_suggested() {
+    let errs = Config::parse(
+        r#"
+[duvo]
+api_key = "dv_x"
+rate_limit_per_minut = 100
+[[sources]]
+type = "kafka"
+name = "orders"
+brokers = "127.0.0.1:9092"
+group_id = "g"
+topic = ["orders"]
+queue-id = "7b0c8a52-4a1f-4c57-9b7e-2f0f7c1d9a11"
+colour = "blue"
+[[sources]]
+type = "kafak"
+name = "other"
+"#,
+    )
+    .unwrap_err()
+    .0;
+    let all = errs.join("\n");
+    let line = |key: &str| {
+        errs.iter()
+            .find(|e| {
+                e.contains(&format!("unknown field `{key}`"))
+                    || e.contains(&format!("unknown variant `{key}`"))
+            })
+            .unwrap_or_else(|| panic!("no line for {key} in:\n{all}"))
+            .clone()
+    };
+    assert!(
+        line("rate_limit_per_minut")
+            .contains("`rate_limit_per_minut` (did you mean `rate_limit_per_minute`?)"),
+        "{all}"
+    );
+    assert!(
+        line("topic").contains("`topic` (did you mean `topics`?)"),
+        "{all}"
+    );
+    assert!(
+        line("queue-id").contains("`queue-id` (did you mean `queue_id`?)"),
+        "{all}"
+    );
+    assert!(
+        line("kafak").contains("`kafak` (did you mean `kafka`?)"),
+        "{all}"
+    );
+    // Nothing is near `colour`: no guess.
+    assert!(!line("colour").contains("did you mean"), "{all}");
+}
