@@ -795,23 +795,13 @@ async fn sigkill_mid_flow_and_restart_loses_nothing_and_duplicates_nothing() {
     let config = dir.path().join("bridge.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"
-[duvo]
-base_url = "{base}"
-api_key_env = "DUVO_API_KEY"
-rate_limit_per_minute = 3000
-timeout_secs = 5
-[outbox]
-path = "{outbox}"
-[delivery]
-linger_ms = 50
-retry_initial_ms = 20
-retry_max_ms = 500
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-grace_period_secs = 2
+        bridge_toml(
+            &sim,
+            dir.path(),
+            admin,
+            3000,
+            &format!(
+                r#"
 [[sources]]
 type = "amqp"
 name = "rabbit"
@@ -821,9 +811,8 @@ prefetch = 50
 queue_id = "{queue_id}"
 title = "Order {{/order_id}}"
 "#,
-            base = sim.base_url(),
-            outbox = dir.path().join("outbox").display(),
-            queue_id = sim.queues()[0],
+                queue_id = sim.queues()[0],
+            ),
         ),
     )
     .unwrap();

@@ -493,23 +493,13 @@ async fn sigkill_of_the_binary_loses_nothing_and_duplicates_nothing() {
     let config = dir.path().join("bridge.toml");
     std::fs::write(
         &config,
-        format!(
-            r#"
-[duvo]
-base_url = "{base}"
-api_key_env = "DUVO_API_KEY"
-rate_limit_per_minute = 1200
-timeout_secs = 5
-[outbox]
-path = "{outbox}"
-[delivery]
-linger_ms = 50
-retry_initial_ms = 20
-retry_max_ms = 500
-[admin]
-listen = "127.0.0.1:{admin}"
-[shutdown]
-grace_period_secs = 2
+        bridge_toml(
+            &sim,
+            dir.path(),
+            admin,
+            1200,
+            &format!(
+                r#"
 [[sources]]
 type = "kafka"
 name = "orders"
@@ -525,9 +515,8 @@ max_batch = 200
 "heartbeat.interval.ms" = 500
 "auto.commit.interval.ms" = 1000
 "#,
-            base = sim.base_url(),
-            outbox = dir.path().join("outbox").display(),
-            queue = sim.queues()[0],
+                queue = sim.queues()[0],
+            ),
         ),
     )
     .unwrap();
