@@ -33,21 +33,8 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged_and_duplicates_not
         let mut acknowledged = 0usize;
         for c in 0..CHUNKS {
             let body = json!(orders(c * PER..(c + 1) * PER));
-            loop {
-                let r = client
-                    .post(format!("http://127.0.0.1:{http}/v1/events"))
-                    .header("Idempotency-Key", format!("chunk-{c}"))
-                    .json(&body)
-                    .send()
-                    .await;
-                if let Ok(r) = r
-                    && r.status() == 202
-                {
-                    acknowledged += PER;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
+            post_until_accepted(&client, http, &format!("chunk-{c}"), &body).await;
+            acknowledged += PER;
         }
         acknowledged
     });

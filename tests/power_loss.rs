@@ -270,18 +270,7 @@ max_batch = 200
                     let body: Vec<_> = (0..PER_CHUNK)
                         .map(|j| json!({ "order_id": format!("H-{c}-{j}") }))
                         .collect();
-                    loop {
-                        let r = client
-                            .post(format!("http://127.0.0.1:{http}/v1/events"))
-                            .header("Idempotency-Key", format!("power-{c}"))
-                            .json(&body)
-                            .send()
-                            .await;
-                        if matches!(&r, Ok(r) if r.status() == 202) {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    post_until_accepted(&client, http, &format!("power-{c}"), &json!(body)).await;
                 }
             })
         })
@@ -666,18 +655,7 @@ async fn power_cuts_during_compactions_lose_nothing_acknowledged() {
             let body: Vec<_> = (0..PER_CHUNK)
                 .map(|j| json!({ "order_id": format!("C-{c}-{j}") }))
                 .collect();
-            loop {
-                let r = client
-                    .post(format!("http://127.0.0.1:{http}/v1/events"))
-                    .header("Idempotency-Key", format!("compact-{c}"))
-                    .json(&body)
-                    .send()
-                    .await;
-                if matches!(&r, Ok(r) if r.status() == 202) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            post_until_accepted(&client, http, &format!("compact-{c}"), &json!(body)).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });

@@ -147,6 +147,29 @@ pub async fn post_events(
     rb.send().await.expect("bridge answers")
 }
 
+/// POST `body` to the HTTP intake on 127.0.0.1:`port` with
+/// `Idempotency-Key: key` until it answers 202, as a producer retrying
+/// through the bridge's kills, restarts and power cuts would.
+pub async fn post_until_accepted(
+    client: &reqwest::Client,
+    port: u16,
+    key: &str,
+    body: &serde_json::Value,
+) {
+    loop {
+        let r = client
+            .post(format!("http://127.0.0.1:{port}/v1/events"))
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await;
+        if matches!(&r, Ok(r) if r.status() == 202) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
