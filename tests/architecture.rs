@@ -347,3 +347,56 @@ fn architecture_md_names_every_module_once_per_paragraph() {
         }
     }
 }
+
+/// The docs name the tests that check each claim (`tests/gate.rs::name`,
+/// `deliver::gate::tests::name`); a renamed or deleted test must not leave
+/// a claim pointing at nothing.
+#[test]
+fn every_test_the_docs_name_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let defines = |text: &str, name: &str| {
+        text.match_indices(&format!("fn {name}")).any(|(i, m)| {
+            !text[i + m.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+        })
+    };
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for doc in [
+        "ARCHITECTURE.md",
+        "RELIABILITY.md",
+        "BENCHMARKS.md",
+        "README.md",
+    ] {
+        let text = read(&root.join(doc));
+        for token in text.split('`').skip(1).step_by(2) {
+            let found = if let Some((file, name)) = token
+                .strip_prefix("tests/")
+                .and_then(|t| t.split_once(".rs::"))
+            {
+                defines(&read(&root.join(format!("tests/{file}.rs"))), name)
+            } else if let Some((module, name)) = token.split_once("::tests::") {
+                // The module's own file or anything under its directory.
+                let path = root.join("src").join(module.replace("::", "/"));
+                let mut files = Vec::new();
+                if path.is_dir() {
+                    walk(&path, &mut files);
+                }
+                files.push(path.with_extension("rs"));
+                files.iter().any(|f| defines(&read(f), name))
+            } else {
+                continue;
+            };
+            checked += 1;
+            if !found {
+                missing.push(format!("{doc}: {token}"));
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} test names found in the docs");
+    assert_eq!(
+        missing,
+        Vec::<String>::new(),
+        "tests the docs name that do not exist"
+    );
+}
