@@ -245,8 +245,7 @@ impl Watch {
     /// the sentinel.
     fn finish(mut self) -> Result<Vec<HashSet<IVec>>, OutboxError> {
         self.stop()?;
-        let mut d = lock(&self.dirty);
-        Ok(d.iter_mut().map(std::mem::take).collect())
+        Ok(self.take())
     }
 
     fn stop(&mut self) -> Result<(), OutboxError> {
@@ -302,7 +301,12 @@ fn copy_keys(
 
 /// The default tree and every named tree of `db`, in a fixed order.
 fn trees_of(db: &sled::Db) -> Result<Vec<sled::Tree>, OutboxError> {
-    let mut names: Vec<IVec> = db.tree_names();
+    open_trees(db, db.tree_names())
+}
+
+/// The trees `names` of `db` (opened, created if new), sorted by name: the
+/// same order for every database given the same names.
+fn open_trees(db: &sled::Db, mut names: Vec<IVec>) -> Result<Vec<sled::Tree>, OutboxError> {
     names.sort();
     names
         .into_iter()
@@ -420,18 +424,7 @@ fn copy_and_switch(
     dir: &Path,
 ) -> Result<(u64, u64, Duration), OutboxError> {
     let new_db = sled_config(&inner.cfg, dir).open()?;
-    let mut new_trees = Vec::with_capacity(old_trees.len());
-    for name in {
-        let mut n = old_db.tree_names();
-        n.sort();
-        n
-    } {
-        new_trees.push(if name.as_ref() == b"__sled__default" {
-            (*new_db).clone()
-        } else {
-            new_db.open_tree(name)?
-        });
-    }
+    let new_trees = open_trees(&new_db, old_db.tree_names())?;
     let mut records = 0u64;
     let mut recopied = 0;
     for (from, to) in old_trees.iter().zip(&new_trees) {
@@ -495,6 +488,12 @@ fn copy_and_switch(
     std::fs::File::open(&inner.cfg.path)
         .and_then(|f| f.sync_all())
         .map_err(|e| io_error("fsync of the outbox directory", e))?;
+    drop(new_trees);
+    // Everything that can fail is done before the marker names the new
+    // generation: after that, an error would make the caller delete the
+    // generation the next start opens.
+    let mut fresh = Stores::from_db(new_db, generation, dir.to_path_buf())?;
+    fresh.dir_sync = Mutex::new(new_sync);
     {
         let mut d = lock(&inner.durability);
         let marker = Marker {
@@ -512,9 +511,6 @@ fn copy_and_switch(
         }
         d.generation = generation;
     }
-    drop(new_trees);
-    let mut fresh = Stores::from_db(new_db, generation, dir.to_path_buf())?;
-    fresh.dir_sync = Mutex::new(new_sync);
     let old = std::mem::replace(&mut *stores, fresh);
     drop(stores);
     let pause = pause_started.elapsed();
