@@ -394,26 +394,55 @@ max_batch = 200
     }
     expected.extend((0..AMQP_N).map(|i| format!("A-{i}")));
     expected.extend((0..KAFKA_N).map(|i| format!("K-{i}")));
-    let missing: Vec<&String> = expected.iter().filter(|k| !per.contains_key(*k)).collect();
-    let dups: HashMap<&String, &usize> = per.iter().filter(|(_, n)| **n > 1).collect();
+    let count = Count::of(&per, expected);
     eprintln!(
         "cases={} expected={total} missing={} duplicates={} dropped per cut {dropped:?} {:?}",
         per.values().sum::<usize>(),
-        missing.len(),
-        dups.len(),
+        count.missing.len(),
+        count.dups.len(),
         m.fs.stats()
     );
-    if !done || !missing.is_empty() {
+    if !done || !count.missing.is_empty() {
         eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
     }
-    assert!(
-        missing.is_empty(),
-        "lost: {} e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    assert!(dups.is_empty(), "duplicated: {dups:?}");
-    assert_eq!(per.len(), total, "nothing else became a case");
+    count.assert_each_once(&per, total);
+}
+
+/// What became of the orders a test produced, counted on the simulator.
+struct Count {
+    /// Orders that never became a case.
+    missing: Vec<String>,
+    /// Orders that became more than one case, with how many.
+    dups: Vec<(String, usize)>,
+}
+
+impl Count {
+    fn of(per: &HashMap<String, usize>, expected: impl IntoIterator<Item = String>) -> Count {
+        Count {
+            missing: expected
+                .into_iter()
+                .filter(|k| !per.contains_key(k))
+                .collect(),
+            dups: per
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(k, n)| (k.clone(), *n))
+                .collect(),
+        }
+    }
+
+    /// Nothing lost, nothing duplicated, nothing else a case.
+    fn assert_each_once(&self, per: &HashMap<String, usize>, total: usize) {
+        let missing = &self.missing;
+        assert!(
+            missing.is_empty(),
+            "lost: {} e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        assert!(self.dups.is_empty(), "duplicated: {:?}", self.dups);
+        assert_eq!(per.len(), total, "nothing else became a case");
+    }
 }
 
 /// From outside: the binary refuses an outbox that lost its data with exit
@@ -711,19 +740,18 @@ async fn power_cuts_during_compactions_lose_nothing_acknowledged() {
     send_signal(&bridge, "TERM");
     bridge.wait().unwrap();
     let per = cases_per_order(&sim);
-    let missing: Vec<String> = (0..CHUNKS)
-        .flat_map(|c| (0..PER_CHUNK).map(move |j| format!("C-{c}-{j}")))
-        .filter(|k| !per.contains_key(k))
-        .collect();
-    let dups: Vec<_> = per.iter().filter(|(_, n)| **n > 1).collect();
+    let count = Count::of(
+        &per,
+        (0..CHUNKS).flat_map(|c| (0..PER_CHUNK).map(move |j| format!("C-{c}-{j}"))),
+    );
     let generation = duvo_bridge::outbox::compact::current_generation(&mnt.join("outbox")).unwrap();
     eprintln!(
         "compactions={compactions} generation={generation} cases={} missing={} duplicates={}",
         per.values().sum::<usize>(),
-        missing.len(),
-        dups.len()
+        count.missing.len(),
+        count.dups.len()
     );
-    if !delivered || !missing.is_empty() {
+    if !delivered || !count.missing.is_empty() {
         eprintln!("{}", std::fs::read_to_string(&log).unwrap_or_default());
     }
     assert!(
@@ -734,12 +762,5 @@ async fn power_cuts_during_compactions_lose_nothing_acknowledged() {
         generation >= 5,
         "generation {generation}: the switches did not stick"
     );
-    assert!(
-        missing.is_empty(),
-        "lost: {} e.g. {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    assert!(dups.is_empty(), "duplicated: {dups:?}");
-    assert_eq!(per.len(), total, "nothing else became a case");
+    count.assert_each_once(&per, total);
 }

@@ -565,9 +565,8 @@ async fn open_stopped(path: &Path) -> anyhow::Result<Outbox> {
 /// exclusive `flock` on its `db` file): `Outbox::open` would wait 10 s
 /// for a bridge that is stopping. A bridge that just stopped gets 2 s.
 async fn wait_unlocked(path: &Path) -> anyhow::Result<()> {
-    use crate::outbox::compact::{current_generation, generation_dir};
     use std::os::fd::AsRawFd;
-    let sled_dir = generation_dir(path, current_generation(path).unwrap_or(0));
+    let sled_dir = crate::outbox::compact::current_dir(path);
     let Ok(file) = std::fs::File::open(sled_dir.join("db")) else {
         return Ok(()); // let open say what is wrong
     };

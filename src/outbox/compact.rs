@@ -128,6 +128,13 @@ pub fn current_generation(root: &Path) -> std::io::Result<u64> {
     Ok(Marker::read(root)?.map_or(0, |m| m.generation))
 }
 
+/// Where the current generation's sled files are, for the tools that open
+/// them without [`super::Outbox::open`]. An unreadable marker counts as
+/// generation 0 here: the open that follows reports what is wrong.
+pub fn current_dir(root: &Path) -> PathBuf {
+    generation_dir(root, current_generation(root).unwrap_or(0))
+}
+
 /// Delete every generation but `current`: a copy a crash left half made,
 /// or the previous generation a crash left behind after the switch.
 pub(crate) fn remove_other_generations(root: &Path, current: u64) -> std::io::Result<()> {

@@ -1541,7 +1541,7 @@ fn is_lock_held(e: &sled::Error) -> bool {
 /// marker check) for inspection and tests, once a just-closed outbox has
 /// released it.
 pub fn open_raw(path: &std::path::Path) -> sled::Result<sled::Db> {
-    let dir = compact::generation_dir(path, compact::current_generation(path).unwrap_or(0));
+    let dir = compact::current_dir(path);
     open_when_released(|| sled::open(&dir))
 }
 

@@ -75,8 +75,7 @@ impl VerifyReport {
 pub fn verify(dir: &Path) -> Result<VerifyReport, OutboxError> {
     // A bridge just stopped may still be letting go of the lock; one that
     // runs keeps it (verify is for a stopped bridge's directory).
-    let sled_dir =
-        super::compact::generation_dir(dir, super::compact::current_generation(dir).unwrap_or(0));
+    let sled_dir = super::compact::current_dir(dir);
     let db =
         super::open_when_released(|| sled::Config::new().path(&sled_dir).open()).map_err(|e| {
             if super::is_lock_held(&e) {
